@@ -1,0 +1,253 @@
+"""Building a frozen CLIP model: open_clip names and tags, local weight files, or random weights.
+
+``load_clip`` is the one entry point. It knows three kinds of ``pretrained``:
+
+* an open_clip tag (``openai``, ``laion2b_s34b_b88k``, ...): downloaded by open_clip; offline this
+  fails with one :class:`PretrainedUnavailableError` that names ``--pretrained PATH`` as the way out;
+* a local file: an OpenAI TorchScript ``.pt`` archive (or an OpenAI-format state dict), read through
+  open_clip's OpenAI loader, or an open_clip ``.bin``/``.pt``/``.safetensors`` state dict;
+* ``random``: random initialisation from a fixed seed, for tests and benchmarks only.
+
+OpenAI's weights were trained with QuickGELU. open_clip only warns when they are loaded into a GELU
+config, and every feature changes; here the QuickGELU variant is always built for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+import torch.nn as nn
+
+from .text_tower import text_tower
+
+log = logging.getLogger(__name__)
+
+TINY_CLIP = "tiny-clip"
+"""A two-layer, 64-wide CLIP registered with open_clip, with the real tokenizer: tests run in seconds."""
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+_registered = False
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """Named pretrained weights could not be fetched (typically: no internet on this machine)."""
+
+
+@dataclass
+class LoadedClip:
+    """A frozen open_clip model with what is needed to feed it.
+
+    Attributes:
+        model: the open_clip ``CLIP``/``CustomTextCLIP``, in eval mode, every parameter frozen.
+        preprocess: the evaluation image transform (PIL image -> normalised tensor).
+        tokenizer: ``list[str] -> LongTensor (n, context_length)``; truncates at the context length.
+        name: the open_clip architecture name actually built (``-quickgelu`` resolved).
+        pretrained: what the weights came from: a tag, a file path, or ``random``.
+    """
+
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    name: str
+    pretrained: str
+
+    @property
+    def identity(self) -> str:
+        """A short human-readable description of the weights, for metadata and logs."""
+        return f"{self.name}/{self.pretrained}"
+
+
+def register_model_configs() -> None:
+    """Register protext's own architecture configs (``tiny-clip``) with open_clip, once."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """True for a TorchScript zip (OpenAI's released ``.pt`` files), which ``torch.load`` refuses."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _is_openai_state_dict(path: str | os.PathLike) -> bool:
+    """An OpenAI-format state dict carries the scalar keys the OpenAI loader strips."""
+    if str(path).endswith(".safetensors"):
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a plain tensor dict: let open_clip's loader report it
+        return False
+    return isinstance(state, dict) and any(k in state for k in _OPENAI_ONLY_KEYS)
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _from_openai_file(path: str, device, precision: str) -> tuple[nn.Module, Callable]:
+    """OpenAI archive or OpenAI-format state dict: open_clip infers the architecture (QuickGELU)."""
+    model = open_clip.load_openai_model(path, precision=precision, device=device)
+    if isinstance(model, tuple):  # open_clip < 3 returned (model, preprocess)
+        model = model[0]
+    preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
+    return model, preprocess
+
+
+def _tag_config(model: str, tag: str) -> dict:
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise ValueError(
+            f"--pretrained '{tag}': neither an existing file nor a known open_clip tag for {model}. "
+            f"Known tags: {', '.join(tags) if tags else 'none'}; or pass a weights file path, or 'random'."
+        )
+    return cfg
+
+
+def _host_resolves(cfg: dict) -> bool:
+    """Whether the weights' host has a DNS answer; offline machines fail this at once."""
+    if cfg.get("hf_hub"):
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    else:
+        host = urlparse(cfg.get("url", "")).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except (OSError, UnicodeError):
+        return False
+
+
+def _download(cfg: dict, cache_dir: Optional[str]) -> str:
+    """Fetch (or find in the cache) a tag's weights without a minute of hub retries when offline."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    offline = not _host_resolves(cfg)
+    try:
+        if offline:
+            # the hub reads this flag on every call: cached weights still load, the rest fails at once
+            import huggingface_hub.constants as hub_constants
+
+            saved, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
+            try:
+                return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+            finally:
+                hub_constants.HF_HUB_OFFLINE = saved
+        return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    finally:
+        hub_log.setLevel(level)
+
+
+def load_clip(
+    model: str = "ViT-B-16",
+    pretrained: str = "openai",
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    cache_dir: Optional[str] = None,
+    seed: int = 0,
+) -> LoadedClip:
+    """Build a frozen open_clip model with its eval preprocessing and tokenizer.
+
+    Args:
+        model: open_clip architecture name (``ViT-B-16``, ``ViT-L-14``, ``tiny-clip``, ...).
+        pretrained: an open_clip tag, a path to a weights file, or ``random``.
+        device: where the model lives.
+        precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``amp``, ...).
+        cache_dir: where open_clip caches downloads.
+        seed: seed of the random initialisation, so every process builds the same random model.
+
+    Raises:
+        PretrainedUnavailableError: a named tag could not be downloaded (offline).
+        FileNotFoundError: ``pretrained`` looks like a path but no such file exists.
+        ValueError: unknown model name or tag.
+    """
+    register_model_configs()
+    if model not in open_clip.list_models():
+        raise ValueError(f"--model '{model}' is not an open_clip architecture; e.g. ViT-B-16, ViT-L-14, {TINY_CLIP}.")
+    tokenizer = open_clip.get_tokenizer(model)
+
+    if pretrained == "random":
+        warnings.warn(
+            f"load_clip: {model} has RANDOM weights (pretrained='random'): features are meaningless; "
+            "use this for tests and benchmarks only.",
+            stacklevel=2,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, precision=precision)
+        return LoadedClip(_freeze(net.to(device)), preprocess, tokenizer, model, "random")
+
+    looks_like_path = os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")
+    if os.path.exists(pretrained) or looks_like_path:
+        path = str(pretrained)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--pretrained {path}: no such weights file.")
+        if is_torchscript_archive(path) or _is_openai_state_dict(path):
+            net, preprocess = _from_openai_file(path, device, precision)
+            return LoadedClip(_freeze(net), preprocess, tokenizer, f"{model} (OpenAI archive, QuickGELU)", path)
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=path, precision=precision, device=device, weights_only=True
+        )
+        return LoadedClip(_freeze(net), preprocess, tokenizer, model, path)
+
+    cfg = _tag_config(model, pretrained)
+    quick_gelu = bool(cfg.get("quick_gelu", False))
+    try:
+        _download(cfg, cache_dir)
+    except Exception as err:  # hub, URL and socket errors differ by version; all mean the same here
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise PretrainedUnavailableError(
+            f"Could not download the '{pretrained}' weights of {model} ({type(err).__name__}: {reason}). "
+            "This machine is probably offline. Fetch the weights on a machine with internet and pass the "
+            "file instead: --pretrained PATH (an OpenAI .pt archive, or an open_clip .bin/.pt/.safetensors "
+            "state dict); or --pretrained random for a smoke test."
+        ) from None
+    net, _, preprocess = open_clip.create_model_and_transforms(
+        model,
+        pretrained=pretrained,
+        precision=precision,
+        device=device,
+        force_quick_gelu=quick_gelu,
+        cache_dir=cache_dir,
+    )
+    name = model if not quick_gelu or model.endswith("-quickgelu") else f"{model}-quickgelu"
+    return LoadedClip(_freeze(net), preprocess, tokenizer, name, pretrained)
+
+
+def text_fingerprint(model: nn.Module) -> str:
+    """A hash of the text tower's weights: a cache key that changes exactly when text features can.
+
+    It covers token and position embeddings, every block, the final norm and the projection, so two
+    loads of the same weights agree whatever path they came from, and random models with different
+    seeds do not.
+    """
+    tower = text_tower(model)
+    digest = hashlib.blake2b(digest_size=16)
+    tensors = [tower.token_embedding.weight, tower.positional_embedding, tower.ln_final.weight, tower.ln_final.bias]
+    tensors += list(tower.blocks.state_dict().values())
+    proj = tower.text_projection
+    if proj is not None:
+        tensors += list(proj.parameters()) if isinstance(proj, nn.Module) else [proj]
+    for tensor in tensors:
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(str((tuple(t.shape), t.dtype)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
