@@ -1,0 +1,29 @@
+"""Fixtures shared by every test module: a tiny random CLIP and the shared real data."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` beside the repo: real CuPL descriptions and class-name lists (never copied in)."""
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: tests need the shared data folder beside the repository.")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """The registered ``tiny-clip`` with seed-0 random weights (same weights in every process)."""
+    from protext.models import load_clip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_clip("tiny-clip", "random")
