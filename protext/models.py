@@ -26,6 +26,7 @@ from typing import Callable, Optional
 from urllib.parse import urlparse
 
 import open_clip
+from open_clip.model import build_model_from_openai_state_dict, convert_weights_to_lp, get_cast_dtype
 import torch
 import torch.nn as nn
 
@@ -96,6 +97,10 @@ def _is_openai_state_dict(path: str | os.PathLike) -> bool:
     return isinstance(state, dict) and any(k in state for k in _OPENAI_ONLY_KEYS)
 
 
+def _quickgelu_name(model: str) -> str:
+    return model if model.endswith("-quickgelu") else f"{model}-quickgelu"
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
@@ -103,10 +108,23 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 def _from_openai_file(path: str, device, precision: str) -> tuple[nn.Module, Callable]:
-    """OpenAI archive or OpenAI-format state dict: open_clip infers the architecture (QuickGELU)."""
-    model = open_clip.load_openai_model(path, precision=precision, device=device)
-    if isinstance(model, tuple):  # open_clip < 3 returned (model, preprocess)
-        model = model[0]
+    """OpenAI archive or OpenAI-format state dict, built by open_clip's OpenAI builder (QuickGELU).
+
+    The archive is opened with ``torch.jit.load`` (as open_clip's OpenAI loader does: ``torch.load``
+    with ``weights_only=True`` refuses TorchScript); plain state dicts only ever with
+    ``weights_only=True``. The architecture is inferred from the tensor shapes.
+    """
+    if is_torchscript_archive(path):
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if k not in _OPENAI_ONLY_KEYS and k != "attn_mask"}
+    model = build_model_from_openai_state_dict(state, cast_dtype=get_cast_dtype(precision))
+    model = model.to(device)
+    if precision != "fp16":  # the builder leaves weights in fp16, as OpenAI shipped them
+        model.float()
+        if precision == "bf16":
+            convert_weights_to_lp(model, dtype=torch.bfloat16)
     preprocess = open_clip.image_transform(model.visual.image_size, is_train=False)
     return model, preprocess
 
@@ -202,7 +220,7 @@ def load_clip(
             raise FileNotFoundError(f"--pretrained {path}: no such weights file.")
         if is_torchscript_archive(path) or _is_openai_state_dict(path):
             net, preprocess = _from_openai_file(path, device, precision)
-            return LoadedClip(_freeze(net), preprocess, tokenizer, f"{model} (OpenAI archive, QuickGELU)", path)
+            return LoadedClip(_freeze(net), preprocess, tokenizer, _quickgelu_name(model), path)
         net, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=path, precision=precision, device=device, weights_only=True
         )
@@ -211,7 +229,7 @@ def load_clip(
     cfg = _tag_config(model, pretrained)
     quick_gelu = bool(cfg.get("quick_gelu", False))
     try:
-        _download(cfg, cache_dir)
+        path = _download(cfg, cache_dir)
     except Exception as err:  # hub, URL and socket errors differ by version; all mean the same here
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise PretrainedUnavailableError(
@@ -220,16 +238,22 @@ def load_clip(
             "file instead: --pretrained PATH (an OpenAI .pt archive, or an open_clip .bin/.pt/.safetensors "
             "state dict); or --pretrained random for a smoke test."
         ) from None
-    net, _, preprocess = open_clip.create_model_and_transforms(
-        model,
-        pretrained=pretrained,
-        precision=precision,
-        device=device,
-        force_quick_gelu=quick_gelu,
-        cache_dir=cache_dir,
-    )
-    name = model if not quick_gelu or model.endswith("-quickgelu") else f"{model}-quickgelu"
-    return LoadedClip(_freeze(net), preprocess, tokenizer, name, pretrained)
+    if is_torchscript_archive(path):  # tags served as OpenAI archives (URL downloads)
+        net, preprocess = _from_openai_file(path, device, precision)
+    else:
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model,
+            pretrained=path,
+            precision=precision,
+            device=device,
+            force_quick_gelu=quick_gelu,
+            image_mean=cfg.get("mean"),
+            image_std=cfg.get("std"),
+            image_interpolation=cfg.get("interpolation"),
+            image_resize_mode=cfg.get("resize_mode"),
+            weights_only=True,
+        )
+    return LoadedClip(_freeze(net), preprocess, tokenizer, _quickgelu_name(model) if quick_gelu else model, pretrained)
 
 
 def text_fingerprint(model: nn.Module) -> str:
