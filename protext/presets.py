@@ -1,0 +1,179 @@
+"""The published ProText hyper-parameters (../shared/design/PRESETS.md) as data.
+
+A preset is named ``cross_dataset``, ``text_only/<dataset>`` or ``base2novel/<dataset>``. Only
+``n_ctx``, ``lr``, ``epochs`` and the CuPL description file differ between presets; everything else
+is common to all of them and lives in the :class:`Preset` defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+DATASETS = (
+    "imagenet",
+    "caltech101",
+    "dtd",
+    "eurosat",
+    "fgvc_aircraft",
+    "food101",
+    "oxford_flowers",
+    "oxford_pets",
+    "stanford_cars",
+    "sun397",
+    "ucf101",
+)
+
+CUPL_FILES = {
+    "imagenet": "imagenet_prompts_base.json",
+    "caltech101": "cal_prompts_full.json",
+    "dtd": "texture_prompts_full.json",
+    "eurosat": "eurosat_prompts_full.json",
+    "fgvc_aircraft": "airplane_prompts_full.json",
+    "food101": "food_prompts_full.json",
+    "oxford_flowers": "flower_prompts_full.json",
+    "oxford_pets": "pets_prompts_full.json",
+    "stanford_cars": "cars_prompts_full.json",
+    "sun397": "sun_prompts_full.json",
+    "ucf101": "ucf_prompts_full.json",
+}
+"""The CuPL description file of each dataset, as named in ``../shared/cupl/``."""
+
+CLASSNAME_FILES = {
+    "imagenet": "imagenet.json",
+    "caltech101": "caltech101.json",
+    "dtd": "dtd.json",
+    "eurosat": "eurosat.json",
+    "fgvc_aircraft": "aircraft.json",
+    "food101": "food101.json",
+    "oxford_flowers": "flower102.json",
+    "oxford_pets": "pets.json",
+    "stanford_cars": "cars.json",
+    "sun397": "sun397.json",
+    "ucf101": "ucf101.json",
+}
+"""The class-name list (label order) of each dataset, as named in ``../shared/classnames/``."""
+
+CROSS_DATASET_TEMPLATES = {
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "dtd": "a photo of a {}, a type of a texture.",
+    "eurosat": "a photo of a centered satellite photo of {}.",
+    "food101": "a photo of a {}, a type of food.",
+}
+"""Class prompts for ImageNet-trained prompts evaluated elsewhere; every other dataset uses ``a photo of a {}.``"""
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def cross_dataset_template(dataset: str) -> str:
+    """The template that prompts trained on ImageNet use on ``dataset`` (PRESETS.md)."""
+    return CROSS_DATASET_TEMPLATES.get(dataset, DEFAULT_TEMPLATE)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One published training setting; the defaults are what every preset shares.
+
+    Attributes:
+        name: ``cross_dataset``, ``text_only/<dataset>`` or ``base2novel/<dataset>``.
+        setting: ``cross_dataset``, ``text_only`` or ``base2novel``.
+        dataset: the dataset whose descriptions are trained on.
+        n_ctx: number of context vectors.
+        lr: base learning rate of the cosine schedule.
+        epochs: number of epochs, warm-up included.
+        cupl_file: the CuPL description file (in ``../shared/cupl/``).
+        classnames_file: the label-ordered class list (in ``../shared/classnames/``).
+        split: ``base`` for base-to-novel (train on the first ceil(n/2) labels), else ``all``.
+    """
+
+    name: str
+    setting: str
+    dataset: str
+    n_ctx: int
+    lr: float
+    epochs: int
+    cupl_file: str
+    classnames_file: str
+    split: str = "all"
+    depth: int = 9
+    batch_size: int = 256
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-5
+    ctx_init: Optional[str] = "a photo of a"
+    template: str = "{}."
+    loss: str = "mse"
+    loss_weight: float = 1000.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.1
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields (for checkpoint metadata)."""
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+# (dataset, n_ctx, lr, epochs) rows of PRESETS.md
+_TEXT_ONLY = [
+    ("imagenet", 16, 0.0025, 200),
+    ("caltech101", 16, 0.03, 30),
+    ("dtd", 16, 0.03, 200),
+    ("eurosat", 4, 0.0025, 300),
+    ("fgvc_aircraft", 4, 0.03, 200),
+    ("food101", 16, 0.03, 30),
+    ("oxford_flowers", 4, 0.0025, 300),
+    ("oxford_pets", 4, 0.03, 50),
+    ("stanford_cars", 8, 0.03, 20),
+    ("sun397", 16, 0.03, 150),
+    ("ucf101", 8, 0.0025, 100),
+]
+_BASE2NOVEL = [
+    ("imagenet", 4, 0.03, 30),
+    ("caltech101", 16, 0.0025, 30),
+    ("dtd", 4, 0.03, 200),
+    ("eurosat", 16, 0.0025, 30),
+    ("fgvc_aircraft", 4, 0.03, 200),
+    ("food101", 8, 0.0025, 50),
+    ("oxford_flowers", 4, 0.0025, 150),
+    ("oxford_pets", 4, 0.03, 50),
+    ("stanford_cars", 8, 0.0025, 30),
+    ("sun397", 8, 0.03, 30),
+    ("ucf101", 16, 0.03, 30),
+]
+
+
+def _build() -> dict[str, Preset]:
+    presets = {
+        "cross_dataset": Preset(
+            "cross_dataset", "cross_dataset", "imagenet", 4, 0.03, 10, CUPL_FILES["imagenet"], CLASSNAME_FILES["imagenet"]
+        )
+    }
+    for setting, rows, split in (("text_only", _TEXT_ONLY, "all"), ("base2novel", _BASE2NOVEL, "base")):
+        for dataset, n_ctx, lr, epochs in rows:
+            name = f"{setting}/{dataset}"
+            presets[name] = Preset(
+                name, setting, dataset, n_ctx, lr, epochs, CUPL_FILES[dataset], CLASSNAME_FILES[dataset], split
+            )
+    return presets
+
+
+PRESETS: dict[str, Preset] = _build()
+
+DEFAULT_PRESET = "cross_dataset"
+"""Where ``n_ctx``, ``lr`` and ``epochs`` come from when no preset is named."""
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; an unknown name raises ``KeyError`` listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        known = ", ".join(PRESETS)
+        raise KeyError(f"unknown preset '{name}'; known presets: {known}") from None
+
+
+def preset_names() -> list[str]:
+    """Every preset name, in PRESETS.md order."""
+    return list(PRESETS)
