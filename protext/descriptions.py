@@ -312,7 +312,7 @@ def append_descriptions(path: PathLike, records: Iterable[Description]) -> None:
         return
     payload = _encode_unit(batch)
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
