@@ -1,0 +1,419 @@
+"""``python -m protext.gen_descriptions`` against a real HTTP server speaking the OpenAI protocol.
+
+Every run goes through the real ``openai`` client to ``tests/fake_openai_server.py`` on 127.0.0.1.
+The fake answers depend only on (prompt, sample index), so the expected file content is known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from protext import gen_descriptions as gen
+from protext.descriptions import read_descriptions
+from protext.gen_descriptions import load_classnames, main
+from protext.llm_client import clean_descriptions, split_sentences
+from protext.prompt_sets import ATTRIBUTE_TEMPLATES, CUPL_STYLE_PROMPTS, format_prompt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_openai_server import FakeOpenAIServer, expected_descriptions  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CLASSES = ["gauzy", "cracked", "apple", "car_side", "Egyptian cat", "umbrella"]
+N = 5  # samples per prompt: the fake's answers 0..4 cover filler, a duplicate and a refusal
+SECRET = "sk-test-DO-NOT-LEAK-4f1c9a"
+
+
+@pytest.fixture()
+def classes_file(tmp_path: Path) -> Path:
+    path = tmp_path / "classes.txt"
+    path.write_text("\n".join(CLASSES) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    return SECRET
+
+
+def expected_pairs(classes: list[str] = CLASSES, n: int = N) -> set[tuple[str, str, str]]:
+    """(classname, prompt, description) of a complete run with --seed 0."""
+    return {
+        (c, format_prompt(t, c), d)
+        for c in classes
+        for t in CUPL_STYLE_PROMPTS
+        for d in expected_descriptions(format_prompt(t, c), n)
+    }
+
+
+def rows(path: Path) -> list[dict]:
+    """Every line must parse on its own."""
+    return [json.loads(line) for line in path.read_bytes().decode("utf-8").split("\n") if line]
+
+
+def triples(path: Path) -> list[tuple[str, str, str]]:
+    return [(r["classname"], r["prompt"], r["description"]) for r in rows(path)]
+
+
+def args_for(server: FakeOpenAIServer, classes: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--classes", str(classes), "--out", str(out), "--base-url", server.url, "--model", "fake-model",
+        "--n-per-prompt", str(N), "--seed", "0", "--concurrency", "4", "--timeout", "0.4",
+        "--max-retries", "4", "--no-progress", *extra,
+    ]
+
+
+# -- clean runs and resuming -------------------------------------------------------------------------
+
+
+def test_clean_run_writes_expected_lines_and_rerun_is_a_noop(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "llm_data" / "fake.jsonl"
+    with FakeOpenAIServer() as server:
+        assert main(args_for(server, classes_file, out)) == 0
+        got = triples(out)
+        assert len(got) == len(set(got)) == len(expected_pairs()) == len(CLASSES) * len(CUPL_STYLE_PROMPTS) * 3
+        assert set(got) == expected_pairs()
+        assert {r["model"] for r in rows(out)} == {"fake-model"}
+        assert list(read_descriptions(out)) == CLASSES  # every class, in class-list order
+        summary = capsys.readouterr().out
+        assert f"classes complete: {len(CLASSES)}/{len(CLASSES)}" in summary
+        assert f"descriptions written: {len(got)} (30 units; 0 of 30 units were already cached)" in summary
+        assert "tokens: 600 prompt +" in summary  # 30 requests x 20 prompt tokens, as the server reported
+
+        first = server.log[0]["body"]
+        assert first["model"] == "fake-model" and first["n"] == N and first["seed"] == 0
+        assert first["max_tokens"] == 60 and first["temperature"] == 0.99
+        assert first["messages"][0]["role"] == "system" and first["messages"][1]["role"] == "user"
+        assert len(server.log) == 30
+
+        before = out.read_bytes()
+        assert main(args_for(server, classes_file, out)) == 0
+        assert out.read_bytes() == before and len(server.log) == 30  # nothing asked, nothing written
+        assert "0 units; 30 of 30 units were already cached" in capsys.readouterr().out
+
+
+def test_fault_storm_ends_complete_without_duplicates(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    storm = ["429", "500", "malformed", "empty", "hang", "429", "429", "500", "malformed", "empty", "500", "hang"]
+    out = tmp_path / "storm.jsonl"
+    with FakeOpenAIServer(faults=storm, hang_seconds=1.0) as server:
+        code = main(args_for(server, classes_file, out))
+        counts = server.counts()
+    report = capsys.readouterr().out
+    assert code == 0, report
+    assert counts["429"] == 3 and counts["500"] == 3 and counts["hang"] == 2
+    assert counts["malformed"] == 2 and counts["empty"] == 2
+    got = triples(out)
+    assert len(got) == len(set(got)) and set(got) == expected_pairs()
+    assert f"classes complete: {len(CLASSES)}/{len(CLASSES)}" in report
+    assert "retries: 8 by the client" in report  # 3 x 429 + 3 x 500 + 2 timeouts
+    assert "4 re-asked unusable answers" in report  # 2 malformed bodies + 2 empty choice lists
+
+
+def test_failed_class_is_reported_then_resumed(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "d.jsonl"
+    broken = {"cracked": "500", "apple": "malformed", "umbrella": "empty"}
+
+    def rule(prompt: str) -> Optional[str]:
+        return next((fault for name, fault in broken.items() if name in prompt), None)
+
+    with FakeOpenAIServer(fault_rule=rule) as server:
+        code = main(args_for(server, classes_file, out, "--max-retries", "1", "--attempts", "2"))
+        report = capsys.readouterr().out
+        assert code == 1
+        assert "classes complete: 3/6" in report and "FAILED classes: 3" in report
+        assert "cracked: InternalServerError: Error code: 500 - The server had an error" in report
+        assert "apple: unparsable response body (JSONDecodeError) after 2 attempts" in report
+        assert "umbrella: empty choices list after 2 attempts" in report
+        healthy = {t for t in expected_pairs() if t[0] not in broken}
+        assert set(triples(out)) == healthy
+
+        server.fault_rule = None
+        sent_before = len(server.log)
+        assert main(args_for(server, classes_file, out)) == 0
+        assert len(server.log) - sent_before == 3 * len(CUPL_STYLE_PROMPTS)  # only the failed units
+        got = triples(out)
+        assert len(got) == len(set(got)) and set(got) == expected_pairs()
+
+
+@pytest.mark.parametrize(
+    "quirk, note",
+    [
+        ({"refuse_n": True}, "server refuses n=5: sending 5 single-choice requests"),
+        ({"ignore_n": True}, "server ignored n=5 (returned 1): sending single-choice requests"),
+        ({"reasoning": True}, "server rejects max_tokens: sending max_completion_tokens instead"),
+    ],
+)
+def test_server_quirks_fall_back_and_give_the_same_file(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture, quirk: dict, note: str) -> None:
+    out = tmp_path / "d.jsonl"
+    with FakeOpenAIServer(**quirk) as server:
+        assert main(args_for(server, classes_file, out)) == 0
+        bodies = [e["body"] for e in server.log if e["outcome"] == "answer"]
+    captured = capsys.readouterr()
+    assert note in captured.err and note in captured.out
+    got = triples(out)
+    assert len(got) == len(set(got)) and set(got) == expected_pairs()
+    if "reasoning" in quirk:
+        assert all("max_tokens" not in b and b["max_completion_tokens"] == 60 and "temperature" not in b for b in bodies)
+    else:
+        singles = [b for b in bodies if "n" not in b]
+        assert len(singles) >= len(bodies) - 4 and sorted({b["seed"] for b in singles}) == [0, 1, 2, 3, 4]
+
+
+# -- SIGKILL at any moment -------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    classes = [f"class {i:02d}" for i in range(12)]
+    classes_file.write_text("\n".join(classes) + "\n")
+    with FakeOpenAIServer(delay=0.05) as server:
+        whole = tmp_path / "whole.jsonl"
+        assert main(args_for(server, classes_file, whole, "--concurrency", "2")) == 0
+
+        killed = tmp_path / "killed.jsonl"
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        cmd = [sys.executable, "-m", "protext.gen_descriptions", *args_for(server, classes_file, killed, "--concurrency", "2")]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while (not killed.exists() or killed.stat().st_size < 2000) and time.monotonic() < deadline:
+                assert proc.poll() is None, "the run ended before it could be killed"
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        partial = triples(killed)
+        assert 0 < len(partial) < len(triples(whole)), "killed mid-way"
+        assert set(partial) <= set(triples(whole))
+
+        # A kill can also land inside a write: append a cut-off unit like the one it would leave.
+        torn = b'{"classname": "class 99", "description": "Half a line", "prompt": "q", "part": 1, "parts": 3}\n{"class'
+        with open(killed, "ab") as fh:
+            fh.write(torn)
+        with pytest.warns(UserWarning, match=r"killed\.jsonl: cutting off incomplete last unit"):
+            assert main(args_for(server, classes_file, killed, "--concurrency", "2")) == 0
+    resumed = triples(killed)
+    assert len(resumed) == len(set(resumed)) == len(triples(whole))
+    assert set(resumed) == set(triples(whole)) == expected_pairs(classes)
+    assert read_descriptions(killed).keys() == read_descriptions(whole).keys()
+    assert b"Half a line" not in killed.read_bytes()
+
+
+# -- the API key stays secret ------------------------------------------------------------------------------
+
+
+def test_api_key_is_sent_but_never_written_or_printed(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "d.jsonl"
+    with FakeOpenAIServer(api_key=SECRET) as server:
+        assert main(args_for(server, classes_file, out, "--verbose")) == 0
+        assert {e["auth"] for e in server.log} == {f"Bearer {SECRET}"}
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+    assert SECRET.encode() not in out.read_bytes()
+
+    # A wrong key, named through --api-key-env: the server echoes it in its 401 message.
+    monkeypatch.setenv("MY_LLM_KEY", "sk-wrong-key-also-secret-77")
+    with FakeOpenAIServer(api_key=SECRET) as server:
+        code = main(args_for(server, classes_file, tmp_path / "e.jsonl", "--api-key-env", "MY_LLM_KEY", "--verbose"))
+        assert server.log[0]["auth"] == "Bearer sk-wrong-key-also-secret-77"
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "STOPPED: AuthenticationError: Error code: 401 - Incorrect API key provided: ***." in captured.out
+    assert "sk-wrong-key-also-secret-77" not in captured.out + captured.err
+    assert SECRET not in captured.out + captured.err
+
+
+def test_missing_key_without_base_url_is_a_clear_error(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    code = main(["--classes", str(classes_file), "--out", str(tmp_path / "d.jsonl"), "--model", "gpt-x", "--no-progress"])
+    assert code == 2
+    assert "$OPENAI_API_KEY is not set" in capsys.readouterr().err
+
+
+# -- offline templates backend ---------------------------------------------------------------------------
+
+
+def test_templates_backend_needs_no_server(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    out = tmp_path / "templates.jsonl"
+    argv = ["--classes", str(classes_file), "--out", str(out), "--backend", "templates", "--no-progress"]
+    assert main(argv) == 0
+    got = read_descriptions(out)
+    assert list(got) == CLASSES
+    assert all(len(v) == len(ATTRIBUTE_TEMPLATES) for v in got.values())
+    assert got["car_side"][0] == "A photo of a car side, recognisable by its overall shape."
+    assert got["apple"][1] == "An apple has a characteristic colour and texture."
+    assert {r["model"] for r in rows(out)} == {"templates"}
+    assert "requests:" not in capsys.readouterr().out
+    before = out.read_bytes()
+    assert main(argv) == 0 and out.read_bytes() == before
+
+
+def test_other_model_in_out_file_is_refused(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "d.jsonl"
+    assert main(["--classes", str(classes_file), "--out", str(out), "--backend", "templates", "--no-progress"]) == 0
+    before = out.read_bytes()
+    with FakeOpenAIServer() as server:
+        assert main(args_for(server, classes_file, out)) == 2
+        assert server.log == []
+    assert "already holds descriptions from model(s) ['templates'], not 'fake-model'" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+# -- bad input: clear errors, nothing lost ------------------------------------------------------------------
+
+
+def test_malformed_line_in_out_file_stops_before_any_request(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "d.jsonl"
+    out.write_bytes(b'{"classname": "gauzy", "description": "A gauzy veil.", "model": "fake-model"}\nnot json\n')
+    before = out.read_bytes()
+    with FakeOpenAIServer() as server:
+        assert main(args_for(server, classes_file, out)) == 2
+        assert server.log == []
+    assert f"{out}:2: malformed JSON" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_another_run_on_the_same_file_is_refused(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "d.jsonl"
+    with open(out, "ab") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code = main(["--classes", str(classes_file), "--out", str(out), "--backend", "templates", "--no-progress"])
+    assert code == 2 and "being written by another gen_descriptions run" in capsys.readouterr().err
+    assert out.read_bytes() == b""
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--classes", "nosuchdataset", "--out", "x.jsonl", "--backend", "templates"], "--classes: 'nosuchdataset' is neither a built-in list"),
+        (["--classes", "{classes}", "--out", "x.jsonl"], "--model is required with --backend openai"),
+        (["--classes", "{classes}", "--out", "x.jsonl", "--model", "m", "--concurrency", "0", "--base-url", "http://127.0.0.1:9/v1"], "--concurrency must be >= 1, got 0"),
+        (["--classes", "{classes}", "--out", "x.jsonl", "--model", "m", "--prompts", "{prompts}"], "prompts.txt:2: a template needs exactly one '{}'"),
+        (["--classes", "{bad_json}", "--out", "x.jsonl", "--backend", "templates"], "bad.json: expected a JSON list of class names or a CoOp split file"),
+    ],
+)
+def test_bad_arguments_name_the_culprit(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, argv: list, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("What does a {} look like?\nDescribe a thing.\n")
+    (tmp_path / "bad.json").write_text('{"dog": 1}')
+    subst = {"{classes}": str(classes_file), "{prompts}": "prompts.txt", "{bad_json}": "bad.json"}
+    assert main([subst.get(a, a) for a in argv] + ["--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_custom_prompt_file(tmp_path: Path, classes_file: Path) -> None:
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Tell me how a {} looks.", "Tell me how a {} looks."]))
+    out = tmp_path / "d.jsonl"
+    with FakeOpenAIServer() as server:
+        assert main(args_for(server, classes_file, out, "--prompts", str(prompts))) == 0
+        assert len(server.log) == len(CLASSES)  # the duplicate template is asked once
+    assert {r["prompt"] for r in rows(out) if r["classname"] == "apple"} == {"Tell me how an apple looks."}
+
+
+# -- class lists ---------------------------------------------------------------------------------------------
+
+
+def test_class_lists_from_files_and_builtin(tmp_path: Path) -> None:
+    split = tmp_path / "split_zhou_Fake.json"
+    split.write_text(json.dumps({
+        "train": [["b/1.jpg", 1, "banded"], ["a/1.jpg", 0, "car_side"]],
+        "val": [["c/1.jpg", 2, "cracked"]],
+        "test": [["a/2.jpg", 0, "car_side"]],
+    }))
+    assert load_classnames(str(split)) == ["car_side", "banded", "cracked"]
+    split.write_text(json.dumps({"train": [["a.jpg", 0, "x"], ["b.jpg", 0, "y"]]}))
+    with pytest.raises(gen.UsageError, match="label 0 is both 'x' and 'y'"):
+        load_classnames(str(split))
+    split.write_text(json.dumps({"train": [["a.jpg", 0, "x"], ["b.jpg", 2, "y"]]}))
+    with pytest.raises(gen.UsageError, match=r"labels are not 0..2 \(missing \[1\]\)"):
+        load_classnames(str(split))
+
+    assert load_classnames(str(SHARED / "classnames" / "dtd.json"))[:2] == ["banded", "blotchy"]
+    with pytest.warns(UserWarning, match="listed more than once.*missile"):
+        imagenet = load_classnames("imagenet")
+    assert len(imagenet) == 998 and imagenet[:2] == ["tench", "goldfish"]
+
+
+# -- import subcommand ---------------------------------------------------------------------------------------
+
+
+def test_import_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = SHARED / "cupl" / "texture_prompts_full.json"
+    out = tmp_path / "llm_data" / "dtd_cupl.jsonl"
+    assert main(["import", str(src), "--out", str(out), "--classes", str(SHARED / "classnames" / "dtd.json")]) == 0
+    assert "imported 2745 descriptions of 47 classes" in capsys.readouterr().out
+    got = read_descriptions(out)
+    raw = json.loads(src.read_text())
+    distinct = {k: list(dict.fromkeys(d.strip() for d in v if d.strip())) for k, v in raw.items()}
+    assert len(got) == 47 and got == distinct
+    assert len(rows(out)) == sum(len(v) for v in distinct.values()) == 2745
+
+    before = out.read_bytes()
+    assert main(["import", str(src), "--out", str(out)]) == 2
+    assert "already holds descriptions; refusing to overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+    cars = tmp_path / "cars.jsonl"
+    code = main(["import", str(SHARED / "cupl/original-keys/cars_prompts_full.json"), "--out", str(cars),
+                 "--classes", str(SHARED / "classnames/cars.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and "no descriptions for 196 of 196 classes" in err and "nothing written" in err
+    assert "'2000 AM General Hummer SUV'" in err and not cars.exists()
+
+
+# -- response cleaning and prompts -----------------------------------------------------------------------------
+
+
+def test_clean_descriptions() -> None:
+    answers = [
+        "Sure! A gauzy fabric is thin, e.g. chiffon. It is often white.",
+        "As an AI language model, I cannot see images, but gauze is thin.",
+        "<think>The user wants a sentence.</think>The **banded** texture shows stripes",
+        "Here are some features:\n1. A dog has four legs.\n2. A dog has fur.\n- A dog has FUR.",
+        '  "A cracked surface has many fine lines."  ',
+        "Certainly, a tench is a greenish fish. More text.",
+        "", None, "Yes.", "I'm sorry, but I can't help with that.",
+        "a gauzy  fabric is thin, e.g. chiffon.",
+    ]
+    assert clean_descriptions(answers) == [
+        "A gauzy fabric is thin, e.g. chiffon.",
+        "The banded texture shows stripes.",
+        "A dog has four legs.",
+        "A dog has fur.",
+        "A cracked surface has many fine lines.",
+        "A tench is a greenish fish.",
+    ]
+    assert split_sentences("Dr. No owns a cat. It is black! Is it? yes") == ["Dr. No owns a cat.", "It is black!", "Is it? yes"]
+
+
+def test_format_prompt_articles() -> None:
+    assert format_prompt("What does a {} look like?", "apple") == "What does an apple look like?"
+    assert format_prompt("A {} is here.", "Egyptian_cat") == "An Egyptian cat is here."
+    assert format_prompt("a photo of a {}.", "unicorn") == "a photo of a unicorn."
+    assert format_prompt("Describe {}.", "car_side") == "Describe car side."
+
+
+def test_help_explains_every_flag() -> None:
+    for parser in (gen.build_parser(), gen.build_import_parser()):
+        text = parser.format_help()
+        for action in parser._actions:
+            assert action.help, f"{action.option_strings or action.dest} has no help"
+            for flag in action.option_strings:
+                assert flag in text
