@@ -314,7 +314,7 @@ async def run_units(config: GenConfig, sampler: Sampler, in_flight: Callable[[],
     from .llm_client import FatalAPIError
 
     config.out.parent.mkdir(parents=True, exist_ok=True)
-    report = RunReport(out=config.out, classes_total=len(config.classes))
+    report = RunReport(out=config.out, classes_total=len(dict.fromkeys(config.classes)))
     units = plan_units(config)
     report.units_total = len(units)
     with _exclusive(config.out):
@@ -456,7 +456,6 @@ def build_parser() -> argparse.ArgumentParser:
         "Rerunning the same command resumes: completed class x prompt units are skipped.",
         epilog="Import published descriptions instead: python -m protext.gen_descriptions import FILE.json "
         "--out llm_data/NAME.jsonl (see 'import --help').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--classes", required=True, metavar="SPEC",
                    help="'imagenet' (open_clip's class names), or a .txt file (one name per line), or a .json file "
@@ -465,32 +464,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="description cache to create or resume, e.g. llm_data/imagenet_gpt-4o-mini.jsonl")
     p.add_argument("--backend", choices=("openai", "templates"), default=d.backend,
                    help="'openai': any OpenAI-compatible chat server (OpenAI, vLLM, Ollama, llama.cpp); "
-                   "'templates': no LLM, descriptions from built-in attribute templates (offline)")
+                   "'templates': no LLM, descriptions from built-in attribute templates (offline); default %(default)s")
     p.add_argument("--model", help="chat model name as the server knows it (required with --backend openai)")
     p.add_argument("--base-url", help="server URL, e.g. http://localhost:8000/v1 for vLLM, "
                    "http://localhost:11434/v1 for Ollama (default: OpenAI, or $OPENAI_BASE_URL)")
     p.add_argument("--api-key-env", default=d.api_key_env, metavar="VAR",
-                   help="environment variable holding the API key (the key itself is never a flag, "
+                   help="environment variable holding the API key, default %(default)s (the key itself is never a flag, "
                    "and never written to the cache or printed)")
     p.add_argument("--prompts", default="builtin", metavar="builtin|FILE",
                    help="question templates with '{}' for the class name: the built-in CuPL-style set, or a file "
-                   "(.txt one per line, or .json list)")
+                   "(.txt one per line, or .json list); default %(default)s")
     p.add_argument("--n-per-prompt", type=int, default=d.n_per_prompt, metavar="N",
-                   help="samples per class and prompt (sent as n; servers that refuse or ignore n get N single requests)")
+                   help="samples per class and prompt (sent as n; servers that refuse or ignore n get N single requests); default %(default)s")
     p.add_argument("--temperature", type=_temperature, default=d.temperature, metavar="T",
-                   help="sampling temperature, or 'default' to send none (reasoning models)")
+                   help="sampling temperature, or 'default' to send none (reasoning models); default %(default)s, as CuPL")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="N",
-                   help="answer length limit (sent as max_tokens, or max_completion_tokens if the model wants it)")
+                   help="answer length limit in tokens (sent as max_tokens, or max_completion_tokens if the model wants it); "
+                   "default %(default)s")
     p.add_argument("--seed", type=int, default=d.seed,
-                   help="sampling seed for servers that support it (sample i of a single-choice fallback uses seed+i)")
-    p.add_argument("--concurrency", type=int, default=d.concurrency, metavar="N", help="requests in flight at most")
-    p.add_argument("--timeout", type=float, default=d.timeout, metavar="SEC", help="per-request timeout")
+                   help="sampling seed for servers that support it (sample i of a single-choice fallback uses seed+i); "
+                   "default: none sent")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, metavar="N", help="requests in flight at most; default %(default)s")
+    p.add_argument("--timeout", type=float, default=d.timeout, metavar="SEC", help="per-request timeout; default %(default)s")
     p.add_argument("--max-retries", type=int, default=d.max_retries, metavar="N",
-                   help="client retries with backoff on 429, 5xx, timeouts and dropped connections")
+                   help="client retries with backoff on 429, 5xx, timeouts and dropped connections; default %(default)s")
     p.add_argument("--attempts", type=int, default=d.attempts, metavar="N",
-                   help="tries for answers that arrive unusable (bad JSON, no choices, only refusals)")
+                   help="tries for answers that arrive unusable (bad JSON, no choices, only refusals); default %(default)s")
     p.add_argument("--system-prompt", default=d.system_prompt, metavar="TEXT",
-                   help="system message sent with every question ('' to send none)")
+                   help="system message sent with every question ('' to send none); default: ask for one short "
+                   "sentence of visible features that names the thing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every retry and request")
     return p
@@ -556,20 +558,26 @@ def _main_import(argv: list[str]) -> int:
     return 0
 
 
-def _setup_logging(verbose: bool, redact: Callable[[str], str]) -> None:
-    class Redact(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            record.msg, record.args = redact(record.getMessage()), None
-            return True
+class _RedactingHandler(logging.StreamHandler):
+    """stderr log handler that removes the API key from every message (openai's and httpx's too)."""
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(Redact())
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        super().__init__(sys.stderr)
+        self.redact = redact
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record = logging.makeLogRecord(record.__dict__)  # other handlers keep the original record
+        record.msg, record.args = self.redact(record.getMessage()), None
+        super().emit(record)
+
+
+def _setup_logging(verbose: bool, redact: Callable[[str], str]) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only our own handler, so repeated main() calls (tests, notebooks) do not stack them.
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _RedactingHandler)]
+    root.addHandler(_RedactingHandler(redact))
     root.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
