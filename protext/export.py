@@ -1,0 +1,60 @@
+"""``python -m protext.export``: convert a protext checkpoint for other code bases.
+
+    python -m protext.export --format coop checkpoints/NAME.safetensors NAME.pth
+
+``coop`` writes ``{'state_dict': {'ctx': tensor (n_ctx, width)}}``, which the official CoOp and TPT
+code ``--load``s as a learned context. CoOp and TPT have no deep prompts, so only the shallow context
+is exported; a note says so when the checkpoint has deep prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .checkpoint import CheckpointError, export_coop, load_prompts
+
+FORMATS = ("coop",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m protext.export",
+        description="Convert a protext prompt checkpoint (.safetensors) to another format.",
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, required=True,
+        help="coop: {'state_dict': {'ctx': tensor}} for the official CoOp/TPT --load (shallow context only)",
+    )
+    parser.add_argument("checkpoint", metavar="IN.safetensors", help="a checkpoint written by protext.train")
+    parser.add_argument("output", metavar="OUT.pth", help="file to write (replaced atomically if it exists)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; return 0, or 2 with an ``error:`` line when the checkpoint cannot be read."""
+    args = build_parser().parse_args(argv)
+    out = Path(args.output)
+    if out.is_dir():
+        print(f"error: {out} is a directory; give a file name such as {out / 'prompts.pth'}.", file=sys.stderr)
+        return 2
+    try:
+        ckpt = load_prompts(args.checkpoint)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    export_coop(ckpt, out)
+    if ckpt.depth > 1:
+        print(
+            f"note: {args.checkpoint} has deep prompts (depth {ckpt.depth}); CoOp/TPT take the shallow context only, "
+            "so they are not exported.",
+            file=sys.stderr,
+        )
+    print(f"wrote {out}: ctx {tuple(ckpt.ctx.shape)} (n_ctx {ckpt.n_ctx}, width {ckpt.width})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
