@@ -105,7 +105,7 @@ def reference_tpt(clip, encoder: PromptedTextEncoder, views: torch.Tensor, tune:
     optimiser.step()
     with torch.no_grad():
         final = scale * image[0] @ F.normalize(encoder(truncate=False), dim=-1).t()
-    return chosen, float(loss), encoder.prompt_state(), final
+    return chosen, float(loss.detach()), encoder.prompt_state(), final
 
 
 def _clone(clip, encoder: PromptedTextEncoder) -> PromptedTextEncoder:
