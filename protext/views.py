@@ -26,6 +26,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from .datasets import is_imagenet_family
+
 __all__ = [
     "AUGMIX_OPS",
     "CLIP_MEAN",
@@ -521,6 +523,4 @@ class TPTViews:
 
 def view_transform_for(dataset_name: str, n_views: int = 64, resolution: int = 224) -> TPTViews:
     """TPT views for a dataset: crops and flips only for ImageNet and its variants, AugMix otherwise."""
-    from .datasets import is_imagenet_family
-
     return TPTViews(n_views=n_views, resolution=resolution, augmix=not is_imagenet_family(dataset_name))
