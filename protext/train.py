@@ -559,9 +559,8 @@ def _run(args: argparse.Namespace) -> int:
             kept = f"No epoch finished, so nothing was saved; {out} is left as it was."
         else:
             kept = "No epoch finished, so no checkpoint was written."
-        _say(
-            f"error: {err}; training stopped. {kept} Try a lower --lr or --precision fp32."
-        )
+        hint = "a lower --lr" + (" or --precision fp32" if config.precision != "fp32" else "")
+        _say(f"error: {err}; training stopped. {kept} Try {hint}.")
         return EXIT_NAN
 
     if not written and result.epochs_done:  # a resumed run that had already finished

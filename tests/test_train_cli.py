@@ -1,0 +1,367 @@
+"""``python -m protext.train`` and ``python -m protext.export`` end to end on tiny-clip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import protext
+from protext.checkpoint import load_prompts
+from protext.descriptions import import_cupl
+from protext.export import main as export_main
+from protext.models import load_clip
+from protext.prompts import PromptedTextEncoder, PromptShapeError
+from protext.train import build_parser, main
+from protext.training import load_resume_state
+
+REPO = Path(__file__).resolve().parents[1]
+LONG = "a texture described at great length " + " ".join(f"detail{i}" for i in range(100)) + "."
+
+
+def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"classname": c, "description": d}) + "\n" for c, d in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dtd_data(shared_dir):
+    return json.loads((shared_dir / "cupl" / "texture_prompts_full.json").read_text())
+
+
+@pytest.fixture
+def small_jsonl(tmp_path, dtd_data) -> Path:
+    """6 DTD classes x 10 descriptions."""
+    return write_jsonl(tmp_path / "small.jsonl", [(c, d) for c in list(dtd_data)[:6] for d in dtd_data[c][:10]])
+
+
+@pytest.fixture(scope="module")
+def dtd_jsonl(tmp_path_factory, shared_dir) -> Path:
+    path = tmp_path_factory.mktemp("dtd") / "dtd.jsonl"
+    import_cupl(shared_dir / "cupl" / "texture_prompts_full.json", path)
+    return path
+
+
+def cli(desc: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--descriptions", str(desc), "--model", "tiny-clip", "--pretrained", "random", "--depth", "2",
+        "--out", str(out), "--cache-dir", str(out.parent / "cache"), "--quiet", *extra,
+    ]
+
+
+def run(capsys, argv) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_help_explains_every_flag():
+    text = build_parser().format_help()
+    for flag in [
+        "--descriptions", "--model", "--pretrained", "--preset", "--n-ctx", "--depth", "--ctx-init", "--lr",
+        "--epochs", "--warmup-epochs", "--batch-size", "--loss", "--loss-weight", "--seed", "--device",
+        "--precision", "--classes", "--split", "--out", "--naive", "--resume", "--overwrite", "--cache-dir",
+        "--no-cache", "--keep-last-batch", "--quiet",
+    ]:
+        assert flag in text, flag
+    assert "text_only/dtd" in text and "base2novel" in text
+
+
+def test_run_writes_checkpoint_history_plot_and_metadata(tmp_path, small_jsonl, capsys):
+    out = tmp_path / "ck" / "dtd.safetensors"
+    code, err = run(capsys, cli(small_jsonl, out, "--preset", "text_only/dtd", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16"))
+    assert code == 0, err
+    assert "60 descriptions of 6 classes" in err and "done: 3 epochs" in err
+    for name in ("dtd.safetensors", "dtd.loss.json", "dtd.loss.png", "dtd.resume.pt"):
+        assert (out.parent / name).is_file(), name
+    assert (out.parent / "dtd.loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ckpt = load_prompts(out)
+    meta = ckpt.meta
+    assert ckpt.ctx.shape == (16, 64) and ckpt.deep_prompts.shape == (1, 16, 64)
+    assert (meta["model"], meta["pretrained"], meta["width"], meta["n_ctx"], meta["depth"]) == ("tiny-clip", "random", 64, 16, 2)
+    assert meta["ctx_init"] is None  # n_ctx 16 > 4: random context, "X X ... X {}."
+    assert meta["template"] == "{}."
+    assert meta["classes"] == [json.loads(line)["classname"] for line in small_jsonl.read_text().splitlines()[::10]]
+    assert meta["preset"] == "text_only/dtd" and meta["preset_values"]["lr"] == 0.03
+    hyper = meta["hyperparameters"]
+    assert (hyper["lr"], hyper["epochs"], hyper["warmup_epochs"], hyper["batch_size"]) == (0.03, 3, 1, 16)
+    assert (hyper["loss"], hyper["loss_weight"], hyper["betas"], hyper["weight_decay"]) == ("mse", 1000.0, [0.9, 0.98], 0.1)
+    assert (hyper["seed"], hyper["precision"], hyper["n_ctx"], hyper["depth"]) == (1, "fp32", 16, 2)
+    assert meta["descriptions_sha256"] == hashlib.sha256(small_jsonl.read_bytes()).hexdigest()
+    assert meta["protext_version"] == protext.__version__
+    assert meta["epochs_done"] == 3 and meta["complete"] is True
+
+    history = json.loads((out.parent / "dtd.loss.json").read_text())
+    assert history["status"] == "complete" and len(history["epochs"]) == 3
+    assert meta["final_loss"] == pytest.approx(history["final_loss"]) == pytest.approx(history["epochs"][-1]["loss"])
+    assert [e["lr"] for e in history["epochs"]] == pytest.approx([1e-5, 0.03, 0.03 * 0.5 * (1 + math.cos(math.pi / 3))])
+    assert all(len(s) == 3 for s in history["step_losses"])  # 60 samples, batch 16: the last 12 dropped
+
+    # round trip: the checkpoint rebuilds the trained encoder, which the saved state also holds
+    state = load_resume_state(out.parent / "dtd.resume.pt")
+    assert torch.equal(state["prompts"]["ctx"], ckpt.ctx) and torch.equal(state["prompts"]["deep_prompts"], ckpt.deep_prompts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip("tiny-clip", "random")
+    encoder = ckpt.build_encoder(clip.model, clip.tokenizer, meta["classes"])
+    assert torch.equal(encoder.ctx.detach(), ckpt.ctx) and encoder.prompts[0].startswith("X X X")
+
+
+def test_width_and_depth_mismatch_name_both(tmp_path, small_jsonl, capsys):
+    out = tmp_path / "p.safetensors"
+    assert run(capsys, cli(small_jsonl, out, "--epochs", "1", "--warmup-epochs", "0"))[0] == 0
+    ckpt = load_prompts(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = load_clip("ViT-B-16", "random")
+    with pytest.raises(PromptShapeError, match=r"width 64 .* width 512"):
+        ckpt.build_encoder(big.model, big.tokenizer, ["banded"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny = load_clip("tiny-clip", "random")
+    shallow = PromptedTextEncoder(tiny.model, tiny.tokenizer, ["banded"], n_ctx=4, depth=1)
+    with pytest.raises(PromptShapeError, match=r"depth 2.*depth 1"):
+        shallow.load_prompt_state(ckpt.state())
+
+
+def test_export_coop_loads_with_weights_only(tmp_path, small_jsonl, capsys):
+    out = tmp_path / "p.safetensors"
+    assert run(capsys, cli(small_jsonl, out, "--epochs", "1", "--warmup-epochs", "0"))[0] == 0
+    pth = tmp_path / "coop" / "ctx.pth"
+    assert export_main(["--format", "coop", str(out), str(pth)]) == 0
+    assert "deep prompts" in capsys.readouterr().err
+    payload = torch.load(pth, weights_only=True)
+    assert list(payload) == ["state_dict"] and list(payload["state_dict"]) == ["ctx"]
+    assert payload["state_dict"]["ctx"].shape == (4, 64)
+    assert torch.equal(payload["state_dict"]["ctx"], load_prompts(out).ctx)
+    assert export_main(["--format", "coop", str(tmp_path / "missing.safetensors"), str(pth)]) == 2
+    assert "no such prompt checkpoint" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+
+
+def test_empty_description_file(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "ck" / "x.safetensors"
+    code, err = run(capsys, cli(empty, out))
+    assert code == 2 and "holds no descriptions" in err and str(empty) in err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_missing_and_malformed_description_files(tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    code, err = run(capsys, cli(tmp_path / "nope.jsonl", out))
+    assert code == 2 and "nope.jsonl: no such file" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"classname": "a", "description": "b"}\n{not json\n{"classname": "a", "description": "c"}\n')
+    code, err = run(capsys, cli(bad, out))
+    assert code == 2 and f"{bad}:2" in err
+    assert not out.exists()
+
+
+def test_classes_subset_drops_and_warns(tmp_path, small_jsonl, capsys):
+    names = [json.loads(line)["classname"] for line in small_jsonl.read_text().splitlines()[::10]]
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join([names[2].upper(), names[0], "velvety", "# a comment", ""]) + "\n")
+    out = tmp_path / "sub.safetensors"
+    code, err = run(capsys, cli(small_jsonl, out, "--classes", str(classes), "--epochs", "1", "--warmup-epochs", "0"))
+    assert code == 0, err
+    dropped = [n for n in names if n not in (names[0], names[2])]
+    assert f"4 classes of {small_jsonl} are not among the selected classes" in err
+    assert "their 40 descriptions are dropped" in err and all(f"'{n}'" in err for n in dropped)
+    assert "warning: 1 selected classes have no descriptions" in err and "'velvety'" in err
+    meta = load_prompts(out).meta
+    assert meta["classes"] == [names[2].upper(), names[0]]  # the --classes spelling, in its order
+    assert meta["classes_without_descriptions"] == ["velvety"] and meta["samples"] == 20
+
+
+def test_no_selected_class_has_descriptions(tmp_path, small_jsonl, capsys):
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["velvety", "woven"]))
+    code, err = run(capsys, cli(small_jsonl, tmp_path / "x.safetensors", "--classes", str(classes)))
+    assert code == 2 and "none of the selected classes has descriptions" in err
+
+
+def test_coop_split_file_and_base_novel(tmp_path, small_jsonl, capsys):
+    names = [json.loads(line)["classname"] for line in small_jsonl.read_text().splitlines()[::10]]
+    ordered = sorted(names)  # label order differs from the description file's order
+    split = {"train": [[f"{n}/img{i}.jpg", i, n] for i, n in enumerate(ordered)], "val": [], "test": [[f"{ordered[0]}/x.jpg", 0, ordered[0]]]}
+    split_file = tmp_path / "split_zhou_DescribableTextures.json"
+    split_file.write_text(json.dumps(split))
+    for which, expected in (("base", ordered[:3]), ("novel", ordered[3:])):
+        out = tmp_path / f"{which}.safetensors"
+        code, err = run(capsys, cli(small_jsonl, out, "--classes", str(split_file), "--split", which, "--epochs", "1", "--warmup-epochs", "0"))
+        assert code == 0, err
+        assert load_prompts(out).meta["classes"] == expected and load_prompts(out).meta["split"] == which
+    code, err = run(capsys, cli(small_jsonl, tmp_path / "b2n.safetensors", "--preset", "base2novel/dtd"))
+    assert code == 2 and "--split base needs --classes" in err  # base2novel presets imply --split base
+
+
+def test_overlong_descriptions_one_summary_warning(tmp_path, dtd_data, capsys):
+    rows = [(c, d) for c in list(dtd_data)[:3] for d in dtd_data[c][:5]] + [("banded", LONG), ("banded", LONG + " More."), ("bumpy", LONG + " Again.")]
+    desc = write_jsonl(tmp_path / "long.jsonl", rows)
+    for naive in ([], ["--naive"]):
+        out = tmp_path / f"long{len(naive)}.safetensors"
+        code, err = run(capsys, cli(desc, out, "--epochs", "1", "--warmup-epochs", "0", *naive))
+        assert code == 0, err
+        lines = [line for line in err.splitlines() if "longer than the 77-token" in line]
+        assert len(lines) == 1 and lines[0].startswith("warning: 3 of 18 descriptions"), err
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, small_jsonl, capsys):
+    out = tmp_path / "nan.safetensors"
+    code, err = run(capsys, cli(small_jsonl, out, "--epochs", "5", "--warmup-epochs", "2", "--lr", "1e30", "--batch-size", "16"))
+    assert code == 3
+    assert "the loss became nan at epoch 3" in err and "training stopped" in err
+    assert f"last good checkpoint (after epoch 2" in err and str(out) in err
+    meta = load_prompts(out).meta
+    assert meta["epochs_done"] == 2 and meta["complete"] is False
+    assert torch.isfinite(load_prompts(out).ctx).all()
+    assert json.loads((tmp_path / "nan.loss.json").read_text())["status"].startswith("stopped: loss nan at epoch 3")
+
+    fresh = tmp_path / "nan0.safetensors"
+    code, err = run(capsys, cli(small_jsonl, fresh, "--epochs", "2", "--warmup-epochs", "0", "--lr", "1e30", "--batch-size", "16"))
+    assert code == 3 and "no checkpoint was written" in err and not fresh.exists()
+
+
+def test_existing_output_is_never_replaced_silently(tmp_path, small_jsonl, capsys):
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"precious")
+    code, err = run(capsys, cli(small_jsonl, out, "--epochs", "1"))
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    code, err = run(capsys, cli(small_jsonl, out, "--epochs", "1", "--resume"))
+    assert code == 2 and "no resume state" in err
+    assert out.read_bytes() == b"precious"
+    code, err = run(capsys, cli(small_jsonl, out, "--epochs", "1", "--warmup-epochs", "0", "--overwrite"))
+    assert code == 0 and load_prompts(out).meta["epochs_done"] == 1
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--depth", "9"], "--depth 9: tiny-clip's text tower has only 2 blocks; pass --depth 2"),
+        (["--split", "base"], "--split base needs --classes"),
+        (["--classes", "missing.txt"], "--classes missing.txt: no such file"),
+        (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs CUDA"),
+        (["--batch-size", "0"], "batch size must be at least 1"),
+        (["--n-ctx", "0"], "--n-ctx must be at least 1"),
+    ],
+)
+def test_bad_flags_give_clear_errors(tmp_path, small_jsonl, capsys, extra, message):
+    out = tmp_path / "x.safetensors"
+    argv = cli(small_jsonl, out)
+    if "--depth" in extra:
+        i = argv.index("--depth")
+        del argv[i : i + 2]
+    code, err = run(capsys, argv + extra)
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+def test_resume_refuses_changed_hyperparameters(tmp_path, small_jsonl, capsys):
+    out = tmp_path / "r.safetensors"
+    assert run(capsys, cli(small_jsonl, out, "--epochs", "2", "--warmup-epochs", "0"))[0] == 0
+    code, err = run(capsys, cli(small_jsonl, out, "--epochs", "2", "--warmup-epochs", "0", "--lr", "0.5", "--resume"))
+    assert code == 2 and "config.lr (saved 0.03, now 0.5)" in err
+    code, err = run(capsys, cli(small_jsonl, out, "--epochs", "2", "--warmup-epochs", "0", "--resume"))
+    assert code == 0 and "done: 2 epochs (resumed after 2)" in err  # already finished: nothing to redo
+
+
+# -------------------------------------------------------------------------------------------------- kill and resume
+
+KILLER = """
+import os, signal, sys
+import protext.training as training
+real = training.save_resume_state
+def save_then_die(path, epochs_done, *args, **kwargs):
+    real(path, epochs_done, *args, **kwargs)
+    if epochs_done == int(os.environ["PROTEXT_TEST_KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+training.save_resume_state = save_then_die
+from protext.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _prompts(path: Path) -> dict[str, torch.Tensor]:
+    return load_prompts(path).state()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, dtd_jsonl):
+    """An uninterrupted run (its own process, like the killed ones)."""
+    out = tmp_path_factory.mktemp("ref") / "ref.safetensors"
+    argv = cli(dtd_jsonl, out, "--epochs", "12", "--warmup-epochs", "2", "--lr", "0.01")
+    done = subprocess.run([sys.executable, "-m", "protext.train", *argv], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return argv, out
+
+
+def _same_run_elsewhere(argv: list[str], out: Path) -> list[str]:
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(out)
+    return argv
+
+
+def test_killed_after_an_epoch_and_resumed_equals_uninterrupted(tmp_path, reference_run, capsys):
+    ref_argv, ref_out = reference_run
+    out = tmp_path / "run.safetensors"
+    argv = _same_run_elsewhere(ref_argv, out)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, *argv], env={**_env(), "PROTEXT_TEST_KILL_AFTER": "3"}, capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert load_resume_state(tmp_path / "run.resume.pt")["epoch"] == 3
+    assert load_prompts(out).meta["epochs_done"] == 3
+
+    code, err = run(capsys, argv + ["--resume"])
+    assert code == 0 and "resumed after 3" in err, err
+    ref, got = _prompts(ref_out), _prompts(out)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6)
+    ref_hist = json.loads(ref_out.with_suffix("").with_suffix(".loss.json").read_text())
+    got_hist = json.loads(out.with_suffix("").with_suffix(".loss.json").read_text())
+    assert [e["loss"] for e in got_hist["epochs"]] == pytest.approx([e["loss"] for e in ref_hist["epochs"]], abs=1e-6)
+
+
+def test_killed_at_a_random_moment_and_resumed_equals_uninterrupted(tmp_path, reference_run, capsys):
+    ref_argv, ref_out = reference_run
+    out = tmp_path / "run.safetensors"
+    argv = _same_run_elsewhere(ref_argv, out)
+    proc = subprocess.Popen([sys.executable, "-m", "protext.train", *argv], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "run.resume.pt"
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # land somewhere inside a later epoch (or a save)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run finished before it could be killed"
+    done = load_resume_state(state)["epoch"]
+    assert 1 <= done < 12
+
+    code, err = run(capsys, argv + ["--resume"])
+    assert code == 0, err
+    ref, got = _prompts(ref_out), _prompts(out)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6)
