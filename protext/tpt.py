@@ -8,7 +8,8 @@ Two implementations of the same mathematics:
 
 * the **fast** path (default) encodes the views once without gradient and reuses view 0's feature
   for the prediction; runs the text tower on class prompts batched by length, each batch cut at its
-  own longest end-of-text token; and, because the prompts are reset before every image, reuses the
+  own longest end-of-text token, with the prompt prefix (start-of-text and context, identical in
+  every class prompt) computed once for all classes; and, because the prompts are reset before every image, reuses the
   text features at the initialisation (computed once) for the first step's loss. The gradient is
   then taken in two passes — ``dL/d(text features)`` from the cached features, then one batch of
   classes at a time re-encoded with gradient and back-propagated — so memory stays bounded by one
@@ -97,6 +98,8 @@ class TPTConfig:
         tune: ``all`` tunes the context and the deep prompts; ``shallow`` the context only.
         naive: use the naive (published-style) path instead of the fast one.
         token_budget: tokens per text batch on the fast path (bounds memory).
+        shared_prefix: on the fast path, run the prompt prefix once for all classes
+            (:func:`shared_prefix_features`); off only to measure what it saves.
         naive_class_chunk: on the naive path, at most this many classes per autograd graph (the
             gradient is then taken in two passes, which costs one extra text forward); ``None``
             keeps all classes in one graph as published.
@@ -112,6 +115,7 @@ class TPTConfig:
     tune: str = "all"
     naive: bool = False
     token_budget: int = DEFAULT_TOKEN_BUDGET
+    shared_prefix: bool = True
     naive_class_chunk: Optional[int] = None
     amp: bool = False
     image_dtype: Optional[torch.dtype] = None
@@ -197,6 +201,88 @@ def checkpoint_encoder(
 
 
 # --------------------------------------------------------------------------------------------------
+# the text tower with the prompt prefix computed once
+
+
+def _plain_block(block: nn.Module) -> bool:
+    """A standard open_clip self-attention block whose pieces the shared-prefix path can call."""
+    attn = getattr(block, "attn", None)
+    return (
+        all(hasattr(block, a) for a in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2"))
+        and not hasattr(block, "ln_1_kv")
+        and isinstance(attn, nn.MultiheadAttention)
+        and attn._qkv_same_embed_dim
+        and attn.bias_k is None
+        and not attn.add_zero_attn
+        and attn.batch_first
+        and not getattr(block, "training", False)
+    )
+
+
+def supports_shared_prefix(encoder: PromptedTextEncoder) -> bool:
+    """Whether :func:`shared_prefix_features` can run this encoder's tower."""
+    tower = encoder.tower
+    return tower.batch_first and all(_plain_block(b) for b in tower.blocks)
+
+
+def shared_prefix_features(encoder: PromptedTextEncoder, classes: torch.Tensor) -> torch.Tensor:
+    """``encoder(classes, truncate=True)``, computing the prompt prefix once instead of per class.
+
+    Positions ``0 .. n_ctx`` (start-of-text and the context) hold the same vectors in every class
+    prompt, at every block (deep prompts overwrite them identically), and under the causal mask
+    they attend only to each other: their hidden states are the same for all classes. So they are
+    run once, as a batch of one, and each class runs only its own positions ``n_ctx+1 ..``,
+    attending to the prefix's keys and values. With ImageNet's names more than half of all prompt
+    tokens are prefix, so this halves the text tower's work; gradients reach the context through
+    the shared prefix exactly as through the per-class copies.
+    """
+    tower = encoder.tower
+    n_ctx = encoder.n_ctx
+    prefix_len = 1 + n_ctx
+    tokens, eot = encoder.tokens[classes], encoder.eot[classes]
+    length = int(eot.max()) + 1
+    tokens = tokens[:, :length]
+    with torch.no_grad():
+        sot = tower.embed(tokens[:1, :1])
+        rest = tower.embed(tokens[:, prefix_len:])
+    dtype = rest.dtype
+    pos = tower.positional_embedding[:length].to(dtype)
+    prefix = torch.cat([sot, encoder.ctx.to(dtype)[None]], dim=1) + pos[:prefix_len]
+    rest = rest + pos[prefix_len:]
+    mask = tower.attn_mask[:length, :length]
+    mask_prefix, mask_rest = mask[:prefix_len, :prefix_len], mask[prefix_len:, :].to(dtype)
+    n, width = rest.shape[0], rest.shape[2]
+
+    for i, block in enumerate(tower.blocks):
+        if encoder.deep_prompts is not None and 0 < i < encoder.depth:
+            prefix = torch.cat([prefix[:, :1], encoder.deep_prompts[i - 1].to(dtype)[None]], dim=1)
+        attn: nn.MultiheadAttention = block.attn
+        heads = attn.num_heads
+        head_dim = width // heads
+        # keys and values of the prefix: once, then shared by every class (expand does not copy)
+        k_pre, v_pre = F.linear(block.ln_1(prefix), attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, dim=-1)
+        q, k, v = F.linear(block.ln_1(rest), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+
+        def split(x: torch.Tensor, rows: int) -> torch.Tensor:
+            return x.reshape(rows, -1, heads, head_dim).transpose(1, 2)
+
+        k = torch.cat([split(k_pre, 1).expand(n, -1, -1, -1), split(k, n)], dim=2)
+        v = torch.cat([split(v_pre, 1).expand(n, -1, -1, -1), split(v, n)], dim=2)
+        out = F.scaled_dot_product_attention(split(q, n), k, v, attn_mask=mask_rest)
+        out = attn.out_proj(out.transpose(1, 2).reshape(n, -1, width))
+        rest = rest + block.ls_1(out)
+        rest = rest + block.ls_2(block.mlp(block.ln_2(rest)))
+        prefix = block(prefix, attn_mask=mask_prefix)
+
+    rest = tower.ln_final(rest)
+    pooled = rest[torch.arange(n, device=rest.device), eot - prefix_len]
+    projection = tower.text_projection
+    if projection is None:
+        return pooled
+    return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
+
+# --------------------------------------------------------------------------------------------------
 # the tuner
 
 
@@ -229,16 +315,24 @@ class PromptTuner:
             encoder.deep_prompts.requires_grad_(config.tune == "all")
         self.params = [p for p in encoder.parameters() if p.requires_grad]
         self.chunks = length_chunks(encoder.eot, config.token_budget)
+        self.shared_prefix = config.shared_prefix and not config.naive and supports_shared_prefix(encoder)
         self._initial_text: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------- text and image features
 
+    def _encode(self, chunk: torch.Tensor, truncate: bool) -> torch.Tensor:
+        """Raw features of one batch of classes (the fast path shares the prompt prefix)."""
+        with _autocast(self.device, self.config.amp):
+            if truncate and self.shared_prefix:
+                return shared_prefix_features(self.encoder, chunk)
+            return self.encoder(chunk, truncate=truncate)
+
     def _text_fast(self) -> torch.Tensor:
         """Raw class features under the current prompts, batched by length, no gradient."""
         out = None
-        with torch.no_grad(), _autocast(self.device, self.config.amp):
+        with torch.no_grad():
             for chunk in self.chunks:
-                feats = self.encoder(chunk, truncate=True)
+                feats = self._encode(chunk, truncate=True)
                 if out is None:
                     out = feats.new_empty(self.encoder.tokens.shape[0], feats.shape[1])
                 out[chunk] = feats
@@ -273,8 +367,7 @@ class PromptTuner:
     def _backward_through_chunks(self, grad: torch.Tensor, chunks: Sequence[torch.Tensor], truncate: bool) -> None:
         """Second pass: re-encode each class batch with gradient and push ``grad`` (dL/dfeatures) back."""
         for chunk in chunks:
-            with _autocast(self.device, self.config.amp):
-                feats = self.encoder(chunk, truncate=truncate)
+            feats = self._encode(chunk, truncate)
             feats.backward(grad[chunk].to(feats.dtype))
 
     def _step(

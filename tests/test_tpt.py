@@ -19,6 +19,8 @@ from protext.tpt import (
     marginal_entropy,
     n_confident,
     select_confident,
+    shared_prefix_features,
+    supports_shared_prefix,
     view_entropy,
 )
 
@@ -76,6 +78,21 @@ def test_image_generator_is_keyed_by_seed_and_index():
     assert torch.equal(draw(0, 5), draw(0, 5))
     assert not torch.equal(draw(0, 5), draw(0, 6))
     assert not torch.equal(draw(0, 5), draw(1, 5))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_shared_prefix_equals_encoder(tiny_clip, depth):
+    """Running the prompt prefix once gives the encoder's features and gradients."""
+    encoder = deep_encoder(tiny_clip) if depth == 2 else handcrafted_encoder(tiny_clip.model, tiny_clip.tokenizer, NAMES, TEMPLATE)
+    assert supports_shared_prefix(encoder)
+    classes = torch.tensor([3, 0, 5])
+    want = encoder(classes, truncate=False)
+    got = shared_prefix_features(encoder, classes)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(want)
+    params = [p for p in encoder.parameters()]
+    for g_want, g_got in zip(torch.autograd.grad((want * weights).sum(), params), torch.autograd.grad((got * weights).sum(), params)):
+        torch.testing.assert_close(g_got, g_want, atol=1e-6 * float(g_want.abs().max()), rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,8 +161,9 @@ def test_fast_equals_naive(tiny_clip, views, steps):
     encoder = deep_encoder(tiny_clip, "a photo of a {}, a type of pet.")
     fast = PromptTuner(tiny_clip.model, encoder, TPTConfig(steps=steps, token_budget=24)).adapt(views, return_tuned=True)
     naive = PromptTuner(tiny_clip.model, encoder, TPTConfig(steps=steps, naive=True)).adapt(views, return_tuned=True)
+    unshared = PromptTuner(tiny_clip.model, encoder, TPTConfig(steps=steps, shared_prefix=False)).adapt(views, return_tuned=True)
     chunked = PromptTuner(tiny_clip.model, encoder, TPTConfig(steps=steps, naive=True, naive_class_chunk=4)).adapt(views, return_tuned=True)
-    for other in (naive, chunked):
+    for other in (naive, unshared, chunked):
         assert fast.selected.tolist() == other.selected.tolist()
         assert fast.losses == pytest.approx(other.losses, abs=1e-5)
         torch.testing.assert_close(fast.logits, other.logits, atol=1e-5, rtol=0)
