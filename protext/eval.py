@@ -99,6 +99,7 @@ class EvalConfig:
     limit: Optional[int] = None
     seed: int = 0
     out: Optional[str] = None
+    save_logits: bool = False
     progress: bool = True
 
     def validate(self) -> None:
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images and making views.")
     run.add_argument("--seed", type=int, default=0, help="Seed of the random model (--pretrained random) and of every image's TPT views (keyed by seed and image index).")
     run.add_argument("--out", default=None, metavar="FILE", help="Results JSON. Default: results/DATASET-SPLIT-METHOD[-tpt].json.")
+    run.add_argument("--save-logits", action="store_true", help="Also store every image's logits in the JSON (large: images x classes numbers; for checks).")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="Hide the progress bar.")
     return parser
 
@@ -290,14 +292,16 @@ def load_checkpoint(cfg: EvalConfig) -> Optional[PromptCheckpoint]:
     return load_coop(cfg.prompts) if coop else load_prompts(cfg.prompts)
 
 
-def resolve_template(cfg: EvalConfig, dataset_template: str, checkpoint: Optional[PromptCheckpoint], uses_checkpoint: bool) -> tuple[str, str]:
+def resolve_template(
+    cfg: EvalConfig, dataset_name: str, dataset_template: str, checkpoint: Optional[PromptCheckpoint], uses_checkpoint: bool
+) -> tuple[str, str]:
     """(template, where it came from). ``--template`` wins; prompts evaluated on the dataset they
     were trained on keep their training template; everything else uses the dataset's template."""
     if cfg.template:
         return cfg.template, "--template"
     if uses_checkpoint and checkpoint is not None:
         trained_on = checkpoint.meta.get("dataset")
-        if trained_on and trained_on == cfg.dataset and checkpoint.meta.get("template"):
+        if trained_on and trained_on in (cfg.dataset, dataset_name) and checkpoint.meta.get("template"):
             return str(checkpoint.meta["template"]), "checkpoint (same dataset)"
     return dataset_template, "dataset"
 
@@ -308,34 +312,71 @@ def read_description_source(path: str) -> dict[str, list[str]]:
     return read_descriptions(path)
 
 
-class _Images(Dataset):
-    """Images of ``indices`` through the eval transform, with their label and dataset index."""
+class _Indexed(Dataset):
+    """Images of ``indices`` with their label and dataset index, each through ``make(image, index)``.
 
-    def __init__(self, base: Dataset, indices: Sequence[int], transform) -> None:
-        self.base, self.indices, self.transform = base, list(indices), transform
+    A bad image does not raise here: inside a DataLoader worker the exception would come back
+    wrapped in the worker's traceback. Its message travels as data instead and the main process
+    raises it cleanly (see :func:`_collate`).
+    """
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = self.indices[i]
-        image, label = self.base[index]
-        return self.transform(image), label, index
-
-
-class _Views(Dataset):
-    """TPT views of the image at each index, drawn from that image's own random stream."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int], views, seed: int) -> None:
-        self.base, self.indices, self.views, self.seed = base, list(indices), views, seed
+    def __init__(self, base: Dataset, indices: Sequence[int], make) -> None:
+        self.base, self.indices, self.make = base, list(indices), make
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
         index = self.indices[i]
-        image, label = self.base[index]
-        return self.views(image, generator=image_generator(self.seed, index)), label, index
+        try:
+            image, label = self.base[index]
+        except _data_errors() as err:
+            return None, -1, index, str(err)
+        return self.make(image, index), label, index, ""
+
+
+class _Preprocess:
+    """The model's eval transform (picklable for worker processes)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, image, index: int) -> torch.Tensor:
+        return self.transform(image)
+
+
+class _ViewMaker:
+    """TPT views of one image, drawn from that image's own random stream (seed, dataset index)."""
+
+    def __init__(self, views, seed: int) -> None:
+        self.views, self.seed = views, seed
+
+    def __call__(self, image, index: int) -> torch.Tensor:
+        return self.views(image, generator=image_generator(self.seed, index))
+
+
+def _collate(items):
+    """Stack a batch, or pass on the first unreadable image's message."""
+    for _, _, _, error in items:
+        if error:
+            return error
+    tensors, labels, indices, _ = zip(*items)
+    return torch.stack(tensors), list(labels), list(indices)
+
+
+def _batches(loader: DataLoader):
+    for batch in loader:
+        if isinstance(batch, str):
+            from .datasets import DatasetError
+
+            raise DatasetError(batch)
+        yield batch
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    from .datasets import DatasetError
+
+    return (DatasetError, OSError)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -362,11 +403,18 @@ def _evaluate_shard(cfg: EvalConfig, ctx: DistContext, rt: Runtime, state: dict[
     """Build everything this rank needs and predict its share of the images."""
     from .datasets import build_dataset, dataset_template
 
-    dataset = build_dataset(cfg.dataset, cfg.root, split="test", subset=cfg.split, classnames_file=cfg.classnames, transform=None)
+    from .datasets import DatasetError
+
+    try:
+        dataset = build_dataset(cfg.dataset, cfg.root, split="test", subset=cfg.split, classnames_file=cfg.classnames)
+    except DatasetError:
+        raise
+    except ValueError as err:  # an unknown dataset name
+        raise EvalError(f"--dataset: {err}") from None
     classnames = list(dataset.classnames)
     n_images = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
     indices = shard(range(n_images), ctx)
-    state.update(classnames=classnames, n_dataset_images=len(dataset), n_images=n_images)
+    state.update(classnames=classnames, n_dataset_images=len(dataset), n_images=n_images, dataset_name=dataset.name)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
@@ -380,7 +428,7 @@ def _evaluate_shard(cfg: EvalConfig, ctx: DistContext, rt: Runtime, state: dict[
     if checkpoint is not None:
         state["checkpoint"] = checkpoint_identity(cfg.prompts, checkpoint)
     uses_checkpoint = cfg.method == "prompts" or (cfg.tpt and cfg.resolved_tpt_init() in ("prompts", "coop"))
-    template, source = resolve_template(cfg, dataset_template(cfg.dataset), checkpoint, uses_checkpoint)
+    template, source = resolve_template(cfg, dataset.name, dataset_template(dataset.name), checkpoint, uses_checkpoint)
     state["template"] = {"template": template, "source": source}
 
     start = time.perf_counter()
@@ -404,14 +452,15 @@ def _zeroshot_shard(cfg, ctx, rt, clip, dataset, indices, classnames, template, 
         text = prompt_text_features(checkpoint_encoder(checkpoint, model, tokenizer, classnames, template))
     scale = logit_scale(model).to(rt.device)
 
-    loader = DataLoader(_Images(dataset, indices, clip.preprocess), batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False)
+    data = _Indexed(dataset, indices, _Preprocess(clip.preprocess))
+    loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False, collate_fn=_collate)
     result = ShardResult()
     right = 0
-    with _progress(len(indices), cfg.progress and ctx.is_main, f"{cfg.dataset} {cfg.method}") as bar:
-        for images, labels, idx in loader:
+    with _progress(len(indices), cfg.progress and ctx.is_main, f"{dataset.name} {cfg.method}") as bar:
+        for images, labels, idx in _batches(loader):
             feats = encode_images(model, images, autocast_dtype=rt.image_dtype)
             logits = zeroshot_logits(feats, text, scale).cpu()
-            batch = predictions_from_logits(idx.tolist(), labels.tolist(), logits)
+            batch = predictions_from_logits(idx, labels, logits, keep_logits=cfg.save_logits)
             result.predictions += batch
             right += sum(p.pred == p.label for p in batch)
             bar.update(len(batch))
@@ -440,17 +489,18 @@ def _tpt_shard(cfg, ctx, rt, clip, dataset, indices, classnames, template, check
     tuner = PromptTuner(model, encoder, config)
     size = model.visual.image_size
     resolution = size[0] if isinstance(size, (tuple, list)) else int(size)
-    views = view_transform_for(cfg.dataset, n_views=cfg.tpt_views, resolution=resolution)
-    loader = DataLoader(_Views(dataset, indices, views, cfg.seed), batch_size=None, num_workers=cfg.workers, shuffle=False)
+    views = view_transform_for(dataset.name, n_views=cfg.tpt_views, resolution=resolution)
+    data = _Indexed(dataset, indices, _ViewMaker(views, cfg.seed))
+    loader = DataLoader(data, batch_size=1, num_workers=cfg.workers, shuffle=False, collate_fn=_collate)
 
     result = ShardResult()
     right = 0
-    with _progress(len(indices), cfg.progress and ctx.is_main, f"{cfg.dataset} TPT") as bar:
-        for image_views, label, index in loader:
-            out = tuner.adapt(image_views)
+    with _progress(len(indices), cfg.progress and ctx.is_main, f"{dataset.name} TPT") as bar:
+        for image_views, (label,), (index,) in _batches(loader):
+            out = tuner.adapt(image_views[0])
             for phase, seconds in out.timings.items():
                 result.tpt_timings[phase] = result.tpt_timings.get(phase, 0.0) + seconds
-            (prediction,) = predictions_from_logits([int(index)], [int(label)], out.logits[None])
+            (prediction,) = predictions_from_logits([int(index)], [int(label)], out.logits[None], keep_logits=cfg.save_logits)
             result.predictions.append(prediction)
             right += int(prediction.pred == prediction.label)
             bar.update(1)
@@ -510,7 +560,7 @@ def run(cfg: EvalConfig, ctx: DistContext) -> tuple[Optional[dict[str, Any]], li
         "protext_version": __version__,
         "command": "python -m protext.eval " + " ".join(sys.argv[1:]),
         "dataset": {
-            "name": cfg.dataset,
+            "name": state["dataset_name"],
             "root": cfg.root,
             "split": cfg.split,
             "n_classes": len(state["classnames"]),

@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -25,17 +25,21 @@ class Prediction:
     index: int
     label: int
     topk: tuple[int, ...]
+    logits: Optional[tuple[float, ...]] = None
 
     @property
     def pred(self) -> int:
         return self.topk[0]
 
 
-def predictions_from_logits(indices: Sequence[int], labels: Sequence[int], logits: torch.Tensor, k: int = TOP_K) -> list[Prediction]:
-    """Top-k predictions of a batch of logits (n_images, n_classes)."""
+def predictions_from_logits(
+    indices: Sequence[int], labels: Sequence[int], logits: torch.Tensor, k: int = TOP_K, keep_logits: bool = False
+) -> list[Prediction]:
+    """Top-k predictions of a batch of logits (n_images, n_classes), optionally keeping the logits."""
     k = min(k, logits.shape[-1])
     top = logits.float().topk(k, dim=-1).indices.tolist()
-    return [Prediction(int(i), int(y), tuple(t)) for i, y, t in zip(indices, labels, top)]
+    rows = [tuple(r) for r in logits.float().tolist()] if keep_logits else [None] * len(top)
+    return [Prediction(int(i), int(y), tuple(t), r) for i, y, t, r in zip(indices, labels, top, rows)]
 
 
 def merge_predictions(parts: Iterable[Sequence[Prediction]]) -> list[Prediction]:
@@ -83,11 +87,14 @@ def compute_metrics(predictions: Sequence[Prediction], classnames: Sequence[str]
 
 def predictions_table(predictions: Sequence[Prediction]) -> dict[str, list]:
     """Column form of the predictions for JSON: compact and easy to load into a data frame."""
-    return {
+    table: dict[str, list] = {
         "index": [p.index for p in predictions],
         "label": [p.label for p in predictions],
         "topk": [list(p.topk) for p in predictions],
     }
+    if predictions and predictions[0].logits is not None:
+        table["logits"] = [list(p.logits or ()) for p in predictions]
+    return table
 
 
 def metrics_dict(metrics: Metrics) -> dict[str, Any]:
