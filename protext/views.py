@@ -162,14 +162,21 @@ def _warp(x: Tensor, matrices: Tensor) -> Tensor:
     the whole batch gives the same numbers (tests check it) at a fraction of the per-call cost.
     """
     n, _, h, w = x.shape
-    # Conjugate pixel -> pixel matrices by the pixel <-> [-1, 1] maps of grid_sample
-    # (align_corners=False) so that affine_grid can build the sampling grid.
-    to_norm = torch.tensor([[2.0 / w, 0.0, -1.0], [0.0, 2.0 / h, -1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    from_norm = torch.linalg.inv(to_norm)
-    theta = to_norm[:2] @ torch.cat([matrices, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(n, 1, 3).double()], 1)
-    theta = theta @ from_norm
     dtype = x.dtype if x.is_floating_point() else torch.float32
-    grid = F.affine_grid(theta.to(x.device, dtype), [n, x.shape[1], h, w], align_corners=False)
+    # Fold grid_sample's pixel -> [-1, 1] normalisation (align_corners=False) into the matrices,
+    # then build the grid from outer sums: an affine map is separable in x and y, which costs a
+    # fraction of affine_grid's per-pixel matrix product.
+    scale = torch.tensor([2.0 / w, 2.0 / h], dtype=torch.float64).view(1, 2, 1)
+    norm = matrices * scale
+    norm[:, :, 2] -= 1.0
+    norm = norm.to(x.device, dtype)
+    xs = torch.arange(w, device=x.device, dtype=dtype) + 0.5
+    ys = torch.arange(h, device=x.device, dtype=dtype) + 0.5
+    grid = torch.empty(n, h, w, 2, device=x.device, dtype=dtype)
+    for k in range(2):
+        row = norm[:, k, 1, None] * ys + norm[:, k, 2, None]  # (n, h)
+        col = norm[:, k, 0, None] * xs  # (n, w)
+        torch.add(row[:, :, None], col[:, None, :], out=grid[..., k])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -217,13 +224,13 @@ def _apply_ops(
     for i, name in enumerate(names):
         groups.setdefault("geometric" if name in _GEOMETRIC else name, []).append(i)
     for kind, sel in sorted(groups.items()):
-        x = src[src_index[sel].to(src.device)]
+        x = src.index_select(0, src_index[sel].to(src.device))
         if kind == "geometric":
             mats = _affine_matrices([names[i] for i in sel], magnitudes[sel], src.shape[-2], src.shape[-1])
             y = _warp(x, mats)
         else:
             y = _apply_same_kind(kind, x, magnitudes[sel])
-        out[out_index[sel].to(src.device)] = y
+        out.index_copy_(0, out_index[sel].to(src.device), y.to(out.dtype))
     return out
 
 
@@ -347,11 +354,30 @@ class AugMix:
             weights.cpu(), mix.cpu(), depths.cpu(), ops_cpu, levels.cpu(), magnitudes
         )
 
-    def apply_plan(self, img: Tensor, plan: AugMixPlan) -> Tensor:
-        """Run the chains of ``plan`` on a float batch (N, 3, H, W) and mix them."""
-        n, w = plan.weights.shape
+    # Images per pass of ``apply_plan``: small enough for the chains to stay cache-friendly
+    # (measured ~1.7x less CPU time than one pass over 63 crops at 224 px), large enough to batch.
+    chunk_size: int = 16
+
+    def apply_plan(self, img: Tensor, plan: AugMixPlan, out: Tensor | None = None) -> Tensor:
+        """Run the chains of ``plan`` on a float batch (N, 3, H, W) and mix them.
+
+        ``out`` (may be ``img`` itself) receives the result; by default a new tensor.
+        """
+        n = plan.weights.shape[0]
         if img.dim() != 4 or img.shape[0] != n:
             raise ValueError(f"plan is for {n} images, got a tensor of shape {tuple(img.shape)}")
+        if out is None:
+            out = torch.empty_like(img)
+        for start in range(0, n, self.chunk_size):
+            sl = slice(start, start + self.chunk_size)
+            part = AugMixPlan(
+                plan.weights[sl], plan.mix[sl], plan.depths[sl], plan.ops[sl], plan.levels[sl], plan.magnitudes[sl]
+            )
+            self._apply_plan_chunk(img[sl], part, out[sl])
+        return out
+
+    def _apply_plan_chunk(self, img: Tensor, plan: AugMixPlan, out: Tensor) -> None:
+        n, w = plan.weights.shape
         depths = plan.depths.reshape(-1)
         ops = plan.ops.reshape(n * w, -1)
         mags = plan.magnitudes.reshape(n * w, -1)
@@ -370,7 +396,8 @@ class AugMix:
         weights = plan.weights.to(img.device, img.dtype)
         mixed = torch.einsum("nk,nkcyx->ncyx", weights, chains.view(n, w, *img.shape[1:]))
         m = plan.mix.to(img.device, img.dtype).view(n, 1, 1, 1)
-        return m * img + (1.0 - m) * mixed
+        # Safe when ``out`` is ``img``: the chains were computed from ``img`` before this write.
+        torch.add(m * img, (1.0 - m) * mixed, out=out)
 
     def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """AugMix of a float image (3, H, W) or of each image of a batch (N, 3, H, W)."""
@@ -490,35 +517,44 @@ class TPTViews:
         resized = TF.resize(img, r, interpolation=InterpolationMode.BICUBIC, antialias=True)
         return _to_float(TF.center_crop(resized, [r, r]))
 
-    def crops(self, image: Image.Image | Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` random resized crops (bilinear) with random flips, float in [0, 1], (n, 3, R, R)."""
+    def crops(
+        self,
+        image: Image.Image | Tensor,
+        n: int,
+        generator: torch.Generator | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """``n`` random resized crops (bilinear) with random flips, float in [0, 1], (n, 3, R, R).
+
+        Written into ``out`` when given (a preallocated (n, 3, R, R) float tensor).
+        """
         img = _as_input(image)
         width, height = img.size if isinstance(img, Image.Image) else (img.shape[-1], img.shape[-2])
         r = self.resolution
-        out = []
-        for _ in range(n):
+        if out is None:
+            out = torch.empty(n, 3, r, r, device=img.device if isinstance(img, Tensor) else "cpu")
+        for k in range(n):
             top, left, h, w = _random_resized_crop_params(height, width, generator)
-            crop = TF.resized_crop(img, top, left, h, w, [r, r], InterpolationMode.BILINEAR, antialias=True)
-            x = _to_float(crop)
+            crop = _to_float(TF.resized_crop(img, top, left, h, w, [r, r], InterpolationMode.BILINEAR, antialias=True))
             if float(_rand((1,), generator)[0]) < 0.5:
-                x = x.flip(-1)
-            out.append(x)
-        if not out:
-            return torch.empty(0, 3, r, r)
-        return torch.stack(out)
+                crop = crop.flip(-1)
+            out[k] = crop
+        return out
 
     def __call__(self, image: Image.Image | Tensor, generator: torch.Generator | None = None) -> Tensor:
         """All views of ``image``, normalised, shape (n_views, 3, R, R), float32."""
-        views = [self.base_view(image)[None]]
+        img = _as_input(image)
+        r = self.resolution
+        out = torch.empty(self.n_views, 3, r, r, device=img.device if isinstance(img, Tensor) else "cpu")
+        out[0] = self.base_view(img)
         if self.n_views > 1:
-            crops = self.crops(image, self.n_views - 1, generator)
+            crops = self.crops(img, self.n_views - 1, generator, out=out[1:])
             if self.augmix is not None:
-                crops = self.augmix(crops, generator)
-            views.append(crops)
-        x = torch.cat(views).float()
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+                plan = self.augmix.sample_plan(crops.shape[0], (r, r), generator)
+                self.augmix.apply_plan(crops, plan, out=crops)
+        mean = torch.tensor(self.mean, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
+        return out.sub_(mean).div_(std)
 
 
 def view_transform_for(dataset_name: str, n_views: int = 64, resolution: int = 224) -> TPTViews:
