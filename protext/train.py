@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference path: per-sample prompts and targets at full 77 tokens (same math, much slower)",
     )
     out.add_argument(
+        "--no-shared-prefix", action="store_true",
+        help="fast path without computing the prompts' shared start (start of text + context) once per batch; "
+        "same results, slower (for comparisons)",
+    )
+    out.add_argument(
         "--cache-dir",
         help=f"target embedding cache directory (default $PROTEXT_TARGET_CACHE or {default_cache_dir()})",
     )
@@ -192,6 +197,7 @@ def resolve_settings(args: argparse.Namespace) -> RunSettings:
             seed=args.seed,
             precision=args.precision,
             naive=args.naive,
+            shared_prefix=not args.no_shared_prefix,
             drop_last=not args.keep_last_batch,
         )
     except ValueError as err:

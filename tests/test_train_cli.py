@@ -73,7 +73,7 @@ def test_help_explains_every_flag():
         "--descriptions", "--model", "--pretrained", "--preset", "--n-ctx", "--depth", "--ctx-init", "--lr",
         "--epochs", "--warmup-epochs", "--batch-size", "--loss", "--loss-weight", "--seed", "--device",
         "--precision", "--classes", "--split", "--out", "--naive", "--resume", "--overwrite", "--cache-dir",
-        "--no-cache", "--keep-last-batch", "--quiet",
+        "--no-cache", "--keep-last-batch", "--quiet", "--no-shared-prefix",
     ]:
         assert flag in text, flag
     assert "text_only/dtd" in text and "base2novel" in text

@@ -50,11 +50,11 @@ def grads_of(encoder):
     return [p.grad.detach().clone() for p in encoder.parameters()]
 
 
-@pytest.mark.parametrize("n_ctx,loss", [(4, "mse"), (8, "mse"), (4, "l1")])
-def test_fast_equals_naive_on_one_batch(tiny_clip, small_pairs, small_targets, small_tokens, n_ctx, loss):
+@pytest.mark.parametrize("n_ctx,loss,shared", [(4, "mse", True), (8, "mse", True), (4, "l1", True), (4, "mse", False)])
+def test_fast_equals_naive_on_one_batch(tiny_clip, small_pairs, small_targets, small_tokens, n_ctx, loss, shared):
     """Same loss and same gradients (≤1e-5, relative to the gradient's scale in fp32)."""
     encoder = make_encoder(tiny_clip, small_pairs, n_ctx=n_ctx)
-    config = TrainConfig(loss=loss)
+    config = TrainConfig(loss=loss, shared_prefix=shared)
     rows = torch.randperm(len(small_pairs), generator=torch.Generator().manual_seed(3))[:64]
     classes = small_pairs.class_index[rows]
     assert len(classes.unique()) < len(rows)  # repeated classes: the gather is exercised
@@ -69,6 +69,23 @@ def test_fast_equals_naive_on_one_batch(tiny_clip, small_pairs, small_targets, s
 
     assert fast.item() == pytest.approx(naive.item(), rel=1e-5)
     for a, b in zip(g_fast, g_naive):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("n_ctx,depth", [(4, 2), (16, 2), (4, 1), (8, 2)])
+def test_shared_prefix_equals_the_plain_forward(tiny_clip, small_pairs, n_ctx, depth):
+    """Computing start-of-text + context once per batch changes nothing: features and gradients."""
+    encoder = make_encoder(tiny_clip, small_pairs, n_ctx=n_ctx, depth=depth)
+    assert training.supports_shared_prefix(encoder)
+    classes = torch.tensor([0, 2, 3, 7])
+    plain = encoder(classes, truncate=True)
+    plain.square().sum().backward()
+    g_plain = grads_of(encoder)
+    encoder.zero_grad()
+    shared = training.shared_prefix_features(encoder, classes)
+    shared.square().sum().backward()
+    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
+    for a, b in zip(grads_of(encoder), g_plain):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
 
 
