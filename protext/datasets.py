@@ -219,7 +219,9 @@ def build_dataset(
         data_root, samples, classnames = _read_coop_split(canonical, root, split)
 
     if not samples:
-        raise DatasetError(f"no images found for {canonical} split {split!r} in {data_root} ({_layout_hint(canonical)})")
+        raise DatasetError(
+            f"no images found for {canonical} split {split!r} in {data_root} ({_layout_hint(canonical)})"
+        )
 
     n = len(classnames)
     keep = split_classes(n, subset)
@@ -239,8 +241,12 @@ def build_dataset(
         samples = [(p, y - keep.start) for p, y in samples if y in keep]
         classnames = classnames[keep.start : keep.stop]
         if not samples:
-            raise DatasetError(f"no images of the {subset} classes (labels {keep.start}..{keep.stop - 1}) in {data_root}")
-    return ImageDataset(name=canonical, root=data_root, samples=samples, classnames=list(classnames), transform=transform)
+            raise DatasetError(
+                f"no images of the {subset} classes (labels {keep.start}..{keep.stop - 1}) in {data_root}"
+            )
+    return ImageDataset(
+        name=canonical, root=data_root, samples=samples, classnames=list(classnames), transform=transform
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,11 +262,15 @@ class _SplitLayout:
 
 
 _SPLIT_LAYOUTS: dict[str, _SplitLayout] = {
-    "caltech101": _SplitLayout("split_zhou_Caltech101.json", ("caltech-101", "Caltech101", "caltech101"), ("101_ObjectCategories", "")),
+    "caltech101": _SplitLayout(
+        "split_zhou_Caltech101.json", ("caltech-101", "Caltech101", "caltech101"), ("101_ObjectCategories", "")
+    ),
     "dtd": _SplitLayout("split_zhou_DescribableTextures.json", ("dtd", "DTD"), ("images", "")),
     "eurosat": _SplitLayout("split_zhou_EuroSAT.json", ("eurosat", "EuroSAT"), ("2750", "")),
     "food101": _SplitLayout("split_zhou_Food101.json", ("food-101", "Food101", "food101"), ("images", "")),
-    "oxford_flowers": _SplitLayout("split_zhou_OxfordFlowers.json", ("oxford_flowers", "Flower102", "flower102"), ("jpg", "")),
+    "oxford_flowers": _SplitLayout(
+        "split_zhou_OxfordFlowers.json", ("oxford_flowers", "Flower102", "flower102"), ("jpg", "")
+    ),
     "oxford_pets": _SplitLayout("split_zhou_OxfordPets.json", ("oxford_pets", "OxfordPets"), ("images", "")),
     "stanford_cars": _SplitLayout("split_zhou_StanfordCars.json", ("stanford_cars", "StanfordCars"), ("",)),
     "sun397": _SplitLayout("split_zhou_SUN397.json", ("sun397", "SUN397"), ("SUN397", "")),
@@ -308,7 +318,9 @@ def _layout_hint(name: str) -> str:
             "images/<id>.jpg (CoOp and TPT); <root> may also be that folder itself"
         )
     if name in _IMAGENET_DIRS:
-        kind = "folders 0..999 named by label" if name == "imagenet_v2" else "one folder per WordNet id (n01440764, ...)"
+        kind = (
+            "folders 0..999 named by label" if name == "imagenet_v2" else "one folder per WordNet id (n01440764, ...)"
+        )
         where = ", ".join(f"<root>/{d}" for d in _IMAGENET_DIRS[name] if d)
         return f"expected {kind} in one of {where}, or in <root> itself"
     return "see the protext.datasets documentation"
@@ -345,7 +357,8 @@ def _read_class_folders(folder: Path, hint: str) -> tuple[list[tuple[Path, int]]
     for label, cls in enumerate(classes):
         images = _images_in(folder / cls)
         if not images:
-            raise DatasetError(f"class folder {folder / cls} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); {hint}")
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise DatasetError(f"class folder {folder / cls} holds no images ({extensions}); {hint}")
         samples.extend((p, label) for p in images)
     return samples, classes
 
@@ -356,7 +369,8 @@ def _imagenet_facts() -> tuple[tuple[str, ...], dict[str, int], tuple[int, ...],
     text = resources.files("protext").joinpath("data/imagenet_variants.json").read_text()
     data = json.loads(text)
     wnids = tuple(data["imagenet_wnids"])
-    return wnids, {w: i for i, w in enumerate(wnids)}, tuple(data["imagenet_a_indices"]), tuple(data["imagenet_r_indices"])
+    label_of = {w: i for i, w in enumerate(wnids)}
+    return wnids, label_of, tuple(data["imagenet_a_indices"]), tuple(data["imagenet_r_indices"])
 
 
 def _imagenet_classnames() -> list[str]:
@@ -384,7 +398,8 @@ def _read_imagenet(name: str, root: Path, split: str) -> tuple[Path, list[tuple[
             folder = cand
             break
     if folder is None:
-        raise DatasetError(f"no {name} image folders found under {root} (looked in {', '.join(map(str, tried))}); {hint}")
+        looked = ", ".join(map(str, tried))
+        raise DatasetError(f"no {name} image folders found under {root} (looked in {looked}); {hint}")
 
     wnids, wnid_to_label, a_idx, r_idx = _imagenet_facts()
     all_names = _imagenet_classnames()
@@ -486,14 +501,18 @@ def _parse_split_json(path: Path, split: str) -> tuple[list[tuple[str, int]], li
                 and isinstance(item[2], str)
             )
             if not ok:
-                raise DatasetError(f"malformed split file {path}: entry {k} of {key!r} is {item!r}; expected {expected}")
+                raise DatasetError(
+                    f"malformed split file {path}: entry {k} of {key!r} is {item!r}; expected {expected}"
+                )
             label_names.setdefault(item[1], item[2])
             if key == split:
                 wanted.append((item[0], item[1]))
     n = max(label_names) + 1 if label_names else 0
     missing = [y for y in range(n) if y not in label_names]
     if missing:
-        raise DatasetError(f"split file {path}: labels {missing[:10]} have no entries, so their class names are unknown")
+        raise DatasetError(
+            f"split file {path}: labels {missing[:10]} have no entries, so their class names are unknown"
+        )
     return wanted, [label_names[y] for y in range(n)]
 
 

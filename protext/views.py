@@ -552,6 +552,8 @@ class TPTViews:
             if self.augmix is not None:
                 plan = self.augmix.sample_plan(crops.shape[0], (r, r), generator)
                 self.augmix.apply_plan(crops, plan, out=crops)
+        # Normalising after the mix equals mixing normalised tensors, as TPT does: the mix weights
+        # sum to 1 and normalisation is affine.
         mean = torch.tensor(self.mean, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
         return out.sub_(mean).div_(std)

@@ -252,6 +252,14 @@ def test_coop_split_errors(tmp_path):
     split_path.write_text(json.dumps({"train": [["a.jpg", 0, "banded"]]}))
     with pytest.raises(DatasetError, match=r"has no 'test' list"):
         build_dataset("dtd", root)
+    split_path.write_text(json.dumps({"train": [["a.jpg", 0, "banded"]], "test": []}))
+    with pytest.raises(DatasetError, match=r"split_zhou_DescribableTextures\.json lists no images under 'test'"):
+        build_dataset("dtd", root)
+    split_path.write_text(json.dumps({"test": [["a.jpg", 1, "blotchy"]]}))
+    with pytest.raises(DatasetError, match=r"labels \[0\] have no entries"):
+        build_dataset("dtd", root)
+    with pytest.raises(DatasetError, match=r"dataset root .*elsewhere does not exist.*split_zhou"):
+        build_dataset("dtd", tmp_path / "elsewhere")
 
     split = _dtd_split(root / "dtd" / "images", split_path)
     gone = split["test"][3][0]
@@ -263,7 +271,8 @@ def test_coop_split_errors(tmp_path):
 
     # the first listed image missing: no candidate image folder fits
     (root / "dtd" / "images" / split["val"][0][0]).unlink()
-    with pytest.raises(DatasetError, match=r"banded_val_0\.jpg listed in .*split_zhou_DescribableTextures\.json does not exist"):
+    expected = r"banded_val_0\.jpg listed in .*split_zhou_DescribableTextures\.json does not exist"
+    with pytest.raises(DatasetError, match=expected):
         build_dataset("dtd", root, split="val")
 
 
