@@ -26,6 +26,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from .descriptions import DescriptionFileError, match_classnames, normalize_clas
 from .models import PretrainedUnavailableError, load_clip, text_fingerprint
 from .presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from .prompts import PromptedTextEncoder
-from .targets import TargetCacheError, default_cache_dir, description_targets, tokenize_descriptions, warn_truncated
+from .targets import TargetCacheError, description_targets, tokenize_descriptions, warn_truncated
 from .text_tower import UnsupportedTextTowerError, text_tower
 from .training import (
     EpochRecord,
@@ -64,6 +65,13 @@ class CliError(Exception):
 # arguments
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's paragraphs, wraps each one."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent) for p in text.split("\n\n"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m protext.train",
@@ -73,10 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
             "feature; AdamW (0.9, 0.98, wd 0.1); 5 warm-up epochs at 1e-5, then cosine; batch 256."
         ),
         epilog=(
-            "Files written beside --out NAME.safetensors: NAME.loss.json, NAME.loss.png, NAME.resume.pt. "
+            "Files written beside --out NAME.safetensors: NAME.loss.json (loss history), NAME.loss.png (loss "
+            "curve), NAME.resume.pt (updated every epoch, read by --resume). Target embeddings of the "
+            "descriptions are cached per model weights and reused by later runs.\n\n"
+            "Classes: without --classes, every class of the description file, in file order. With --classes, "
+            "those names (matched case-insensitively, '_' as space), which the prompts then use; descriptions of "
+            "other classes are dropped (listed), selected classes without descriptions are listed in a warning. "
+            "--split base|novel takes the first ceil(n/2) / the remaining --classes names (CoOp's base-to-novel "
+            "convention), so --classes must be in label order, e.g. ../shared/classnames/dtd.json or a CoOp "
+            "split_zhou_*.json.\n\n"
             f"Presets: {', '.join(PRESETS)}."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -86,23 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--classes", metavar="FILE",
         help="train on these classes only: a .txt (one name per line), a .json list, or a CoOp split_zhou_*.json "
-        "(names in label order); default: every class of the description file",
+        "(names in label order) [every class of the description file]",
     )
     data.add_argument(
         "--split", choices=("all", "base", "novel"),
-        help="base = first ceil(n/2) classes of --classes, novel = the rest (needs --classes in label order); "
-        "default: 'base' for base2novel/* presets, else 'all'",
+        help="base = first ceil(n/2) classes of --classes, novel = the rest (needs --classes in label order) "
+        "[base for base2novel/* presets, else all]",
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="ViT-B-16", help="open_clip architecture (e.g. ViT-B-16, tiny-clip)")
+    model.add_argument("--model", default="ViT-B-16", help="open_clip architecture, e.g. ViT-B-16, ViT-L-14, tiny-clip [ViT-B-16]")
     model.add_argument(
         "--pretrained", default="openai",
-        help="open_clip tag, a local weights file (OpenAI .pt or open_clip state dict), or 'random' (tests only)",
+        help="open_clip tag, a local weights file (OpenAI .pt or open_clip state dict), or 'random' (tests only) "
+        "[openai]",
     )
-    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: cuda when available [auto]")
     model.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-        help="autocast dtype for the text tower; prompts and optimiser stay fp32; fp16 needs CUDA (gradient scaler)",
+        help="autocast dtype for the text tower; prompts and optimiser stay fp32; fp16 needs CUDA and adds a "
+        "gradient scaler [fp32]",
     )
     hyper = parser.add_argument_group("hyper-parameters (default: the preset's; see PRESETS.md)")
     hyper.add_argument(
@@ -122,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--batch-size", type=int, help="(class, description) pairs per step [256]")
     hyper.add_argument("--loss", choices=("mse", "l1"), help="loss on normalised features [mse]")
     hyper.add_argument("--loss-weight", type=float, help="loss factor [1000 for mse, 1 for l1, as published]")
-    hyper.add_argument("--seed", type=int, default=1, help="seeds prompt initialisation and per-epoch shuffling")
+    hyper.add_argument("--seed", type=int, default=1, help="seeds prompt initialisation and per-epoch shuffling [1]")
     hyper.add_argument(
         "--keep-last-batch", action="store_true",
         help="train on the last incomplete batch of each epoch too (the published loader drops it)",
@@ -130,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("output and run control")
     out.add_argument(
         "--out", metavar="checkpoints/NAME.safetensors",
-        help="checkpoint path; default checkpoints/<descriptions name>.safetensors",
+        help="checkpoint path [checkpoints/<descriptions file name>.safetensors]",
     )
     out.add_argument("--resume", action="store_true", help="continue the run saved beside --out (NAME.resume.pt)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing --out and start afresh")
@@ -145,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument(
         "--cache-dir",
-        help=f"target embedding cache directory (default $PROTEXT_TARGET_CACHE or {default_cache_dir()})",
+        help="target embedding cache directory [$PROTEXT_TARGET_CACHE, else ~/.cache/protext/targets]",
     )
     out.add_argument("--no-cache", action="store_true", help="compute description targets without the disk cache")
     out.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -228,7 +228,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, small_jsonl, capsys):
     code, err = run(capsys, cli(small_jsonl, out, "--epochs", "5", "--warmup-epochs", "2", "--lr", "1e30", "--batch-size", "16"))
     assert code == 3
     assert "the loss became nan at epoch 3" in err and "training stopped" in err
-    assert f"last good checkpoint (after epoch 2" in err and str(out) in err
+    assert "last good checkpoint (after epoch 2" in err and str(out) in err
     meta = load_prompts(out).meta
     assert meta["epochs_done"] == 2 and meta["complete"] is False
     assert torch.isfinite(load_prompts(out).ctx).all()
