@@ -55,7 +55,7 @@ from .zeroshot import (
     ZeroShotError,
     clip_text_features,
     cupl_text_features,
-    encode_images,
+    ImageEncoder,
     logit_scale,
     prompt_text_features,
     zeroshot_logits,
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=PRECISIONS,
         help="fp32; amp (CUDA: fp16 autocast, and for TPT a gradient scaler with initial scale 1000, as published); "
-        "bf16 (image encoding in bfloat16 autocast, text and prompts fp32); auto = amp on CUDA, fp32 on CPU.",
+        "bf16 (image encoding with a bfloat16 copy of the image tower; text and prompts fp32); auto = amp on CUDA, fp32 on CPU.",
     )
 
     method = parser.add_argument_group("class features")
@@ -451,6 +451,7 @@ def _zeroshot_shard(cfg, ctx, rt, clip, dataset, indices, classnames, template, 
     else:
         text = prompt_text_features(checkpoint_encoder(checkpoint, model, tokenizer, classnames, template))
     scale = logit_scale(model).to(rt.device)
+    image_encoder = ImageEncoder(model, rt.image_dtype)
 
     data = _Indexed(dataset, indices, _Preprocess(clip.preprocess))
     loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False, collate_fn=_collate)
@@ -458,7 +459,7 @@ def _zeroshot_shard(cfg, ctx, rt, clip, dataset, indices, classnames, template, 
     right = 0
     with _progress(len(indices), cfg.progress and ctx.is_main, f"{dataset.name} {cfg.method}") as bar:
         for images, labels, idx in _batches(loader):
-            feats = encode_images(model, images, autocast_dtype=rt.image_dtype)
+            feats = image_encoder(images)
             logits = zeroshot_logits(feats, text, scale).cpu()
             batch = predictions_from_logits(idx, labels, logits, keep_logits=cfg.save_logits)
             result.predictions += batch

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .checkpoint import PromptCheckpoint
 from .prompts import DEFAULT_CTX_INIT, PromptedTextEncoder
-from .zeroshot import DEFAULT_TOKEN_BUDGET, encode_images, length_chunks, logit_scale
+from .zeroshot import DEFAULT_TOKEN_BUDGET, ImageEncoder, length_chunks, logit_scale
 
 TPT_INITS = ("handcrafted", "prompts", "coop")
 TPT_TUNE = ("all", "shallow")
@@ -104,8 +104,9 @@ class TPTConfig:
             gradient is then taken in two passes, which costs one extra text forward); ``None``
             keeps all classes in one graph as published.
         amp: fp16 autocast with a gradient scaler (CUDA only), as published on GPU.
-        image_dtype: autocast dtype for image encoding only (``torch.bfloat16`` on CPUs that have
-            it, or on CUDA); ``None`` for the model's own precision.
+        image_dtype: precision of image encoding only (``torch.bfloat16`` on CPUs that have it,
+            or on CUDA: a bf16 copy of the image tower, see :class:`ImageEncoder`); ``None`` for
+            the model's own precision.
     """
 
     n_views: int = 64
@@ -314,6 +315,7 @@ class PromptTuner:
         if encoder.deep_prompts is not None:
             encoder.deep_prompts.requires_grad_(config.tune == "all")
         self.params = [p for p in encoder.parameters() if p.requires_grad]
+        self.image_encoder = ImageEncoder(model, torch.float16 if config.amp else config.image_dtype)
         self.chunks = length_chunks(encoder.eot, config.token_budget)
         self.shared_prefix = config.shared_prefix and not config.naive and supports_shared_prefix(encoder)
         self._initial_text: Optional[torch.Tensor] = None
@@ -345,8 +347,7 @@ class PromptTuner:
         return self._initial_text
 
     def _images(self, views: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float16 if self.config.amp else self.config.image_dtype
-        return encode_images(self.model, views, autocast_dtype=dtype)
+        return self.image_encoder(views)
 
     def _logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return self.scale * image_features.float() @ F.normalize(text_features.float(), dim=-1).t()

@@ -89,10 +89,11 @@ def test_shared_prefix_equals_encoder(tiny_clip, depth):
     want = encoder(classes, truncate=False)
     got = shared_prefix_features(encoder, classes)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    weights = torch.randn_like(want)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(0))
     params = [p for p in encoder.parameters()]
     for g_want, g_got in zip(torch.autograd.grad((want * weights).sum(), params), torch.autograd.grad((got * weights).sum(), params)):
-        torch.testing.assert_close(g_got, g_want, atol=1e-6 * float(g_want.abs().max()), rtol=0)
+        # fp32 summation order differs (one prefix instead of n copies): ~1e-6 of the gradient's scale
+        torch.testing.assert_close(g_got, g_want, atol=1e-5 * float(g_want.abs().max()), rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
