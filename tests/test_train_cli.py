@@ -88,7 +88,7 @@ def test_run_writes_checkpoint_history_plot_and_metadata(tmp_path, small_jsonl, 
         assert (out.parent / name).is_file(), name
     assert (out.parent / "dtd.loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    ckpt = load_prompts(out)
+    ckpt = protext.load_prompts(out)  # the public entry point
     meta = ckpt.meta
     assert ckpt.ctx.shape == (16, 64) and ckpt.deep_prompts.shape == (1, 16, 64)
     assert (meta["model"], meta["pretrained"], meta["width"], meta["n_ctx"], meta["depth"]) == ("tiny-clip", "random", 64, 16, 2)
