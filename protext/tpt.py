@@ -251,7 +251,8 @@ def shared_prefix_features(encoder: PromptedTextEncoder, classes: torch.Tensor) 
     prefix = torch.cat([sot, encoder.ctx.to(dtype)[None]], dim=1) + pos[:prefix_len]
     rest = rest + pos[prefix_len:]
     mask = tower.attn_mask[:length, :length]
-    mask_prefix, mask_rest = mask[:prefix_len, :prefix_len], mask[prefix_len:, :].to(dtype)
+    # a boolean mask (True = may attend) is valid for SDPA in any dtype, autocast included
+    mask_prefix, allowed = mask[:prefix_len, :prefix_len], mask[prefix_len:, :] == 0
     n, width = rest.shape[0], rest.shape[2]
 
     for i, block in enumerate(tower.blocks):
@@ -269,7 +270,7 @@ def shared_prefix_features(encoder: PromptedTextEncoder, classes: torch.Tensor) 
 
         k = torch.cat([split(k_pre, 1).expand(n, -1, -1, -1), split(k, n)], dim=2)
         v = torch.cat([split(v_pre, 1).expand(n, -1, -1, -1), split(v, n)], dim=2)
-        out = F.scaled_dot_product_attention(split(q, n), k, v, attn_mask=mask_rest)
+        out = F.scaled_dot_product_attention(split(q, n), k, v, attn_mask=allowed)
         out = attn.out_proj(out.transpose(1, 2).reshape(n, -1, width))
         rest = rest + block.ls_1(out)
         rest = rest + block.ls_2(block.mlp(block.ln_2(rest)))
