@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="Seed of the random model (--pretrained random) and of every image's TPT views (keyed by seed and image index).")
     run.add_argument("--out", default=None, metavar="FILE", help="Results JSON. Default: results/DATASET-SPLIT-METHOD[-tpt].json.")
     run.add_argument("--save-logits", action="store_true", help="Also store every image's logits in the JSON (large: images x classes numbers; for checks).")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="Hide the progress bar.")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show a progress bar with the running top-1 (rank 0 only; its own shard when sharded).")
     return parser
 
 
@@ -401,9 +402,7 @@ class ShardResult:
 
 def _evaluate_shard(cfg: EvalConfig, ctx: DistContext, rt: Runtime, state: dict[str, Any]) -> ShardResult:
     """Build everything this rank needs and predict its share of the images."""
-    from .datasets import build_dataset, dataset_template
-
-    from .datasets import DatasetError
+    from .datasets import DatasetError, build_dataset, dataset_template
 
     try:
         dataset = build_dataset(cfg.dataset, cfg.root, split="test", subset=cfg.split, classnames_file=cfg.classnames)
@@ -533,7 +532,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def run(cfg: EvalConfig, ctx: DistContext) -> tuple[Optional[dict[str, Any]], list[str]]:
+def run(cfg: EvalConfig, ctx: DistContext, argv: Optional[Sequence[str]] = None) -> tuple[Optional[dict[str, Any]], list[str]]:
     """Evaluate on every rank and merge on all of them: (results payload, error messages)."""
     wall_start = time.perf_counter()
     state: dict[str, Any] = {}
@@ -559,7 +558,7 @@ def run(cfg: EvalConfig, ctx: DistContext) -> tuple[Optional[dict[str, Any]], li
             timings[phase] = timings.get(phase, 0.0) + seconds
     payload = {
         "protext_version": __version__,
-        "command": "python -m protext.eval " + " ".join(sys.argv[1:]),
+        "command": "python -m protext.eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "dataset": {
             "name": state["dataset_name"],
             "root": cfg.root,
@@ -625,7 +624,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_config(argv)
     ctx = init_distributed(use_cuda=cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()))
     try:
-        payload, errors = run(cfg, ctx)
+        payload, errors = run(cfg, ctx, argv)
         if errors:
             if ctx.is_main:
                 for message in errors:
