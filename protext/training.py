@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .models import text_fingerprint
 from .prompts import PromptedTextEncoder
 from .schedule import WarmupCosine
+from .shared_prefix import shared_prefix_features, supports_shared_prefix
 
 LOSSES = ("mse", "l1")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -193,97 +194,6 @@ class TrainResult:
     @property
     def final_loss(self) -> float:
         return self.history[-1].loss if self.history else float("nan")
-
-
-# --------------------------------------------------------------------------------------------------
-# shared prefix: positions 0 .. n_ctx are the same in every class prompt
-
-
-def supports_shared_prefix(encoder: PromptedTextEncoder) -> bool:
-    """Whether :func:`shared_prefix_features` can run this tower with its own modules, exactly.
-
-    It needs batch-first open_clip ``ResidualAttentionBlock``s (pre-norm, ``nn.MultiheadAttention``
-    without dropout, no cross-attention); anything else uses the encoder's plain forward.
-    """
-    tower = encoder.tower
-    if not tower.batch_first:
-        return False
-    for block in tower.blocks:
-        attn = getattr(block, "attn", None)
-        if not all(hasattr(block, a) for a in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")) or hasattr(block, "ln_1_kv"):
-            return False
-        if not isinstance(attn, torch.nn.MultiheadAttention) or not attn._qkv_same_embed_dim or attn.dropout:
-            return False
-        if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
-            return False
-    return True
-
-
-def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    n, length, width = x.shape
-    return x.view(n, length, n_heads, width // n_heads).transpose(1, 2)
-
-
-def _split_block(block: torch.nn.Module, prefix: torch.Tensor, suffix: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One residual attention block on a shared prefix (1, P, d) and per-class suffixes (U, S, d).
-
-    The same arithmetic as ``block(cat(prefix, suffix))`` with the causal ``mask`` (P+S, P+S): the
-    prefix attends only to itself, each suffix to the prefix and its own earlier positions. The
-    prefix's keys and values are projected once and shared by every class.
-    """
-    attn: torch.nn.MultiheadAttention = block.attn
-    heads = attn.num_heads
-    p_len = prefix.shape[1]
-    qkv_p = F.linear(block.ln_1(prefix), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    qkv_s = F.linear(block.ln_1(suffix), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q_p, k_p, v_p = (_heads(t, heads) for t in qkv_p)
-    q_s, k_s, v_s = (_heads(t, heads) for t in qkv_s)
-    mask = mask.to(q_p.dtype)
-    out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask[:p_len, :p_len])
-    n = suffix.shape[0]
-    k_all = torch.cat([k_p.expand(n, -1, -1, -1), k_s], dim=2)
-    v_all = torch.cat([v_p.expand(n, -1, -1, -1), v_s], dim=2)
-    out_s = F.scaled_dot_product_attention(q_s, k_all, v_all, attn_mask=mask[p_len:, :])
-
-    def finish(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        x = x + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-    return finish(prefix, out_p), finish(suffix, out_s)
-
-
-def shared_prefix_features(encoder: PromptedTextEncoder, class_indices: torch.Tensor) -> torch.Tensor:
-    """``encoder(class_indices, truncate=True)``, with the positions shared by all classes computed once.
-
-    Positions ``0 .. n_ctx`` hold start-of-text and the context (or, before blocks ``1 .. depth-1``,
-    the deep prompts) in every class prompt. The mask is causal, so their hidden states never depend
-    on the class: they are computed for one sequence, and only the class-specific rest of each prompt
-    (name, period, EOT) runs per class, attending to the shared keys and values. Exact in exact
-    arithmetic, like cutting at the EOT; tested against the plain forward.
-    """
-    tower = encoder.tower
-    tokens, eot = encoder.tokens[class_indices], encoder.eot[class_indices]
-    length = int(eot.max()) + 1
-    p_len = 1 + encoder.n_ctx
-    with torch.no_grad():
-        emb = tower.embed(tokens[:, :length])
-    pos = tower.positional_embedding[:length].to(emb.dtype)
-    prefix = torch.cat([emb[:1, :1], encoder.ctx.to(emb.dtype).unsqueeze(0)], dim=1) + pos[:p_len]
-    suffix = emb[:, p_len:] + pos[p_len:]
-    mask = tower.attn_mask[:length, :length]
-    for i, block in enumerate(tower.blocks):
-        if 0 < i < encoder.depth:
-            deep = encoder.deep_prompts[i - 1].to(prefix.dtype).unsqueeze(0)
-            prefix = torch.cat([prefix[:, :1], deep], dim=1)
-        prefix, suffix = _split_block(block, prefix, suffix, mask)
-    pooled = tower.ln_final(suffix)[torch.arange(suffix.shape[0], device=suffix.device), eot - p_len]
-    proj = tower.text_projection
-    if proj is None:
-        return pooled
-    if isinstance(proj, torch.nn.Linear):
-        return proj(pooled)
-    return pooled @ proj
 
 
 # --------------------------------------------------------------------------------------------------
