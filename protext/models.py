@@ -210,7 +210,11 @@ def load_clip(
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, precision=precision)
+            logging.disable(logging.WARNING)  # open_clip's own "no pretrained weights" line repeats ours
+            try:
+                net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, precision=precision)
+            finally:
+                logging.disable(logging.NOTSET)
         return LoadedClip(_freeze(net.to(device)), preprocess, tokenizer, model, "random")
 
     looks_like_path = os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")
