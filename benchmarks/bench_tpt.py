@@ -205,12 +205,13 @@ def drive(args: argparse.Namespace) -> int:
             bf16 = _child(args, "fast-bf16", n_classes, args.images)
             results.append(bf16)
             agree = sum(a == b for a, b in zip(bf16["top1"], fast["top1"]))
+            drift = max(abs(x - y) for r, q in zip(bf16["logits"], fast["logits"]) for x, y in zip(r, q))
             rows.append({
                 "classes": n_classes, "path": "fast, bf16 image encoding", "s / image": f"{bf16['seconds_per_image']:.1f}",
                 **_split(bf16), "one-time setup s": f"{bf16['setup_seconds']:.1f}",
                 "peak GiB": f"{bf16['peak_gib']:.2f}",
                 "speed-up vs naive": f"{naive_one_graph / bf16['seconds_per_image']:.1f}× ({fast['seconds_per_image'] / bf16['seconds_per_image']:.2f}× vs fp32 fast)",
-                "top-1 = fp32": f"{agree}/{len(fast['top1'])}",
+                "top-1 = fp32": f"{agree}/{len(fast['top1'])} (max |Δlogit| {drift:.3f})",
             })
     print(_table(rows))
     device = results[0] if results else {}
