@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     method = parser.add_argument_group("class features")
     method.add_argument("--method", default="clip", choices=METHODS, help="clip: one template; cupl: mean of description features; prompts: learned context (and deep prompts) from --prompts.")
-    method.add_argument("--template", default=None, help="Prompt template with {} for the class name. Default: the dataset's template (PRESETS.md); for --method prompts the checkpoint's own template when it was trained on this very dataset.")
+    method.add_argument("--template", default=None, help="Prompt template with {} for the class name. Default: the dataset's template (PRESETS.md); for learned prompts trained on this very dataset (checkpoint preset text_only/NAME or base2novel/NAME) the checkpoint's own template, as ProText evaluates in-domain.")
     method.add_argument("--descriptions", default=None, metavar="FILE", help="For --method cupl: a protext description cache (.jsonl) or a CuPL JSON file {class: [descriptions]}.")
     method.add_argument("--prompts", default=None, metavar="CKPT", help="Learned prompts: a protext .safetensors checkpoint, or a CoOp/TPT .pth ({'state_dict': {'ctx': ...}}).")
 
@@ -274,7 +274,10 @@ def _jsonable(value: Any) -> bool:
 
 
 def checkpoint_identity(path: str, checkpoint: PromptCheckpoint) -> dict[str, Any]:
-    meta = {k: v for k, v in checkpoint.meta.items() if k != "classnames" and _jsonable(v)}
+    # class lists can hold a thousand names: count them instead of copying them into every result
+    meta = {k: v for k, v in checkpoint.meta.items() if k not in ("classnames", "classes") and _jsonable(v)}
+    if isinstance(checkpoint.meta.get("classes"), list):
+        meta["n_classes"] = len(checkpoint.meta["classes"])
     return {
         "path": str(path),
         "sha256": file_digest(path),
@@ -301,10 +304,27 @@ def resolve_template(
     if cfg.template:
         return cfg.template, "--template"
     if uses_checkpoint and checkpoint is not None:
-        trained_on = checkpoint.meta.get("dataset")
+        trained_on = training_dataset(checkpoint.meta)
         if trained_on and trained_on in (cfg.dataset, dataset_name) and checkpoint.meta.get("template"):
             return str(checkpoint.meta["template"]), "checkpoint (same dataset)"
     return dataset_template, "dataset"
+
+
+def training_dataset(meta: dict[str, Any]) -> Optional[str]:
+    """The dataset a checkpoint's prompts were learned for, from its metadata (None if unknown).
+
+    protext training records its preset (``text_only/dtd``, ``base2novel/dtd``, ``cross_dataset``)
+    and the preset's values, which name the dataset.
+    """
+    if meta.get("dataset"):
+        return str(meta["dataset"])
+    values = meta.get("preset_values")
+    if isinstance(values, dict) and values.get("dataset"):
+        return str(values["dataset"])
+    preset = meta.get("preset")
+    if isinstance(preset, str) and "/" in preset:
+        return preset.rsplit("/", 1)[1]
+    return None
 
 
 def read_description_source(path: str) -> dict[str, list[str]]:

@@ -127,6 +127,24 @@ def test_untrained_prompts_checkpoint_equals_clip(tiny_clip, dtd, tmp_path):
     assert prompts["predictions"]["topk"] == clip["predictions"]["topk"]
 
 
+def test_in_domain_checkpoint_keeps_its_training_template(tiny_clip, dtd, tmp_path):
+    """Prompts trained on DTD itself keep their training prompt ('a photo of a {}.'), as ProText
+    evaluates in-domain; trained elsewhere, they take DTD's cross-dataset template."""
+    encoder = PromptedTextEncoder(tiny_clip.model, tiny_clip.tokenizer, ["x"], n_ctx=4, depth=2, ctx_init="a photo of a")
+    base = ["--dataset", "dtd", "--root", str(dtd), "--limit", "2", "--method", "prompts"]
+    in_domain = tmp_path / "dtd.safetensors"
+    save_prompts(in_domain, encoder, {"preset": "text_only/dtd", "classes": DTD_CLASSES})
+    result = run_cli([*base, "--prompts", str(in_domain)], tmp_path / "a.json")
+    assert result["template"] == {"template": "{}.", "source": "checkpoint (same dataset)"}
+    assert result["checkpoint"]["meta"]["n_classes"] == 4 and "classes" not in result["checkpoint"]["meta"]
+    cross = tmp_path / "imagenet.safetensors"
+    save_prompts(cross, encoder, {"preset": "cross_dataset", "preset_values": {"dataset": "imagenet"}})
+    result = run_cli([*base, "--prompts", str(cross)], tmp_path / "b.json")
+    assert result["template"] == {"template": "a photo of a {}, a type of a texture.", "source": "dataset"}
+    result = run_cli([*base, "--prompts", str(in_domain), "--template", "itap of a {}."], tmp_path / "c.json")
+    assert result["template"]["source"] == "--template"
+
+
 def test_cupl_method_runs_and_reports_missing_classes(dtd, tmp_path, capsys):
     lines = [{"classname": c, "description": f"a {c} texture, number {k}."} for c in DTD_CLASSES for k in range(2)]
     path = tmp_path / "desc.jsonl"
