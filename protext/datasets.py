@@ -31,6 +31,9 @@ from typing import Any, Callable
 import torch.utils.data
 from PIL import Image
 
+from .presets import DATASETS as PRESET_DATASETS
+from .presets import cross_dataset_template
+
 __all__ = [
     "DATASET_NAMES",
     "DatasetError",
@@ -47,16 +50,7 @@ DATASET_NAMES: tuple[str, ...] = (
     "imagenet_r",
     "imagenet_v2",
     "imagenet_sketch",
-    "caltech101",
-    "dtd",
-    "eurosat",
-    "fgvc_aircraft",
-    "food101",
-    "oxford_flowers",
-    "oxford_pets",
-    "stanford_cars",
-    "sun397",
-    "ucf101",
+    *(name for name in PRESET_DATASETS if name != "imagenet"),
 )
 _IMAGENET_FAMILY = frozenset(DATASET_NAMES[:5])
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -88,16 +82,6 @@ _ALIASES: dict[str, str] = {
     "sun_397": "sun397",
 }
 
-# PRESETS.md, "Cross-dataset templates".
-_TEMPLATES: dict[str, str] = {
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
-    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
-    "dtd": "a photo of a {}, a type of a texture.",
-    "eurosat": "a photo of a centered satellite photo of {}.",
-    "food101": "a photo of a {}, a type of food.",
-}
-_DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 class DatasetError(ValueError):
@@ -116,7 +100,7 @@ def _canonical(name: str) -> str:
 
 def dataset_template(name: str) -> str:
     """The cross-dataset prompt template of PRESETS.md (``"a photo of a {}."`` unless listed)."""
-    return _TEMPLATES.get(_canonical(name), _DEFAULT_TEMPLATE)
+    return cross_dataset_template(_canonical(name))
 
 
 def is_imagenet_family(name: str) -> bool:
