@@ -173,3 +173,22 @@ def test_bad_arguments_are_named(tiny_clip):
     with pytest.raises(ValueError, match="truncated"):
         PromptedTextEncoder(tiny_clip.model, tiny_clip.tokenizer, ["word " * 80], depth=1)
     assert text_tower(tiny_clip.model).depth == 2
+
+
+def test_custom_text_clip_with_causal_tower_is_supported(tiny_clip):
+    """open_clip's CustomTextCLIP keeps the tower on ``model.text``; same equivalence as CLIP."""
+    import open_clip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        custom = open_clip.create_model("tiny-clip", pretrained=None, force_custom_text=True).eval()
+    assert type(custom).__name__ == "CustomTextCLIP"
+    names = ["dog", "golden_retriever"]
+    encoder = PromptedTextEncoder(custom, tiny_clip.tokenizer, names, n_ctx=4, depth=2)
+    with torch.no_grad():
+        encoder.deep_prompts.zero_()
+        plain = PromptedTextEncoder(custom, tiny_clip.tokenizer, names, n_ctx=4, depth=1)
+        expected = custom.encode_text(tiny_clip.tokenizer([f"a photo of a {c.replace('_', ' ')}." for c in names]))
+        torch.testing.assert_close(plain(), expected, atol=1e-5, rtol=0)
+        assert (encoder() - expected).abs().max() > 1e-4  # deep prompts reach model.text's blocks
