@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -18,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write
 from .prompts import PromptedTextEncoder
 
 FORMAT = "protext-prompts/1"
@@ -82,18 +82,6 @@ class PromptCheckpoint:
         return encoder
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_prompts(path: str | os.PathLike, encoder: PromptedTextEncoder, meta: Mapping[str, Any] | None = None) -> None:
     """Write the encoder's prompts and metadata to ``path`` (safetensors), atomically."""
     full = {
@@ -107,7 +95,7 @@ def save_prompts(path: str | os.PathLike, encoder: PromptedTextEncoder, meta: Ma
     }
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.prompt_state().items()}
     header = {k: json.dumps(v) for k, v in full.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def load_prompts(path: str | os.PathLike) -> PromptCheckpoint:
@@ -140,7 +128,7 @@ def export_coop(checkpoint: PromptCheckpoint, path: str | os.PathLike) -> None:
     Only the shallow context survives: CoOp and TPT have no deep prompts.
     """
     payload = {"state_dict": {"ctx": checkpoint.ctx.detach().float().cpu().clone()}}
-    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_coop(path: str | os.PathLike) -> PromptCheckpoint:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
+
+from .atomic import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -409,17 +410,6 @@ def import_cupl(json_path: PathLike, out_path: PathLike, model: str = "cupl", *,
             units.append([Description(name, d, "", model) for d in distinct])
 
     payload = b"".join(_encode_unit(unit) for unit in units)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    tmp_path = Path(tmp)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(payload))
     _fsync_dir(out_path.parent)
     return sum(len(u) for u in units)

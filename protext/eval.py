@@ -51,7 +51,6 @@ from .results import (
 from .text_tower import UnsupportedTextTowerError
 from .tpt import TPT_INITS, TPT_TUNE, PromptTuner, TPTConfig, checkpoint_encoder, handcrafted_encoder, image_generator
 from .zeroshot import (
-    DEFAULT_TEMPLATE,
     METHODS,
     ZeroShotError,
     clip_text_features,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
+
+from .atomic import atomic_write
 
 TOP_K = 5
 
@@ -117,14 +117,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` as indented JSON, atomically (a crash never leaves half a results file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
             json.dump(payload, handle, indent=1)
             handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, write)

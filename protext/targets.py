@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .models import text_fingerprint
 from .text_tower import encode_tokens, eot_positions, text_tower
 
@@ -206,15 +206,8 @@ class TargetCache:
         merged.update(new)
         keys = torch.tensor([list(k) for k in merged], dtype=torch.uint8)
         rows = torch.stack(list(merged.values())).float().contiguous()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        try:
-            save_file({"keys": keys, "targets": rows}, tmp, metadata={"format": FORMAT, "fingerprint": self.fingerprint})
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        metadata = {"format": FORMAT, "fingerprint": self.fingerprint}
+        atomic_write(self.path, lambda tmp: save_file({"keys": keys, "targets": rows}, tmp, metadata=metadata))
 
 
 @dataclass

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .models import text_fingerprint
 from .prompts import PromptedTextEncoder
 from .schedule import WarmupCosine
@@ -241,18 +241,6 @@ def naive_batch_loss(
 # resumable state
 
 
-def _atomic_torch_save(payload: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def run_identity(encoder: PromptedTextEncoder, pairs: TextPairs, config: TrainConfig) -> dict[str, Any]:
     """Everything a resumed run must share with the saved one for the result to be the same run.
 
@@ -442,4 +430,4 @@ def save_resume_state(
         "history": [asdict(r) for r in history],
         "identity": identity,
     }
-    _atomic_torch_save(state, Path(path))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
