@@ -1,0 +1,178 @@
+"""Class lists: the one reader for every kind of class-list file, and the base/novel halves.
+
+Every command that takes ``--classes`` reads it here, so a file means the same classes everywhere:
+
+- ``imagenet``: the 1,000 ImageNet class names in label order (open_clip's list, CLIP's names);
+- a ``.txt`` file, one name per line; a line that starts with a WordNet id (CoOp's ImageNet
+  ``classnames.txt``: ``n01440764 tench``) loses the id, line by line; blank lines and ``#`` comments
+  are skipped;
+- a ``.json`` list of names, or ``{"classnames": [...]}``;
+- a CoOp/Dassl split file (``split_zhou_*.json``: ``{"train"|"val"|"test": [[path, label, name], ...]}``),
+  whose names are taken in label order.
+
+Names come back as written in the file (``_`` kept; :func:`clean_classname` makes the prompt form).
+Base-to-novel follows CoOp: classes sorted by label, base = the first ``ceil(n/2)``, novel = the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+#: the class halves of the base-to-novel protocol ("all" = every class)
+SPLITS = ("all", "base", "novel")
+#: the image parts of a CoOp split file
+PARTITIONS = ("train", "val", "test")
+#: class lists known by name
+BUILTIN = ("imagenet",)
+
+_WNID = re.compile(r"^n\d{8}\s+")
+_SPLIT_ENTRY = "[relative image path, label, classname]"
+
+
+class ClassListError(UserError):
+    """A class list or split file that cannot be read; the message names the file."""
+
+
+def clean_classname(name: str) -> str:
+    """The form a class name takes inside a prompt: ``_`` as a space, runs of spaces collapsed."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def split_range(n: int, split: str) -> range:
+    """Labels of a class half: ``base`` = ``0 .. ceil(n/2)-1``, ``novel`` = the rest, ``all`` = every label."""
+    if n < 0:
+        raise ValueError(f"number of classes must be >= 0, got {n}")
+    if split not in SPLITS:
+        raise ClassListError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    half = math.ceil(n / 2)
+    return {"all": range(n), "base": range(half), "novel": range(half, n)}[split]
+
+
+def split_classes(names: Sequence[str], split: str) -> list[str]:
+    """The names of a class half (``names`` in label order)."""
+    return [names[i] for i in split_range(len(names), split)]
+
+
+def read_split_file(path: str | os.PathLike) -> dict[str, list[tuple[str, int, str]]]:
+    """A CoOp split file as ``{partition: [(relative path, label, classname), ...]}``.
+
+    Every entry is checked: a malformed one is an error naming the file, the partition and the index.
+    """
+    path = Path(path)
+    data = _load_json(path)
+    if not isinstance(data, dict) or not any(part in data for part in PARTITIONS):
+        raise ClassListError(f"{path}: not a CoOp split file; expected {{\"train\"|\"val\"|\"test\": [{_SPLIT_ENTRY}, ...]}}")
+    parts: dict[str, list[tuple[str, int, str]]] = {}
+    for part in PARTITIONS:
+        items = data.get(part)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise ClassListError(f"{path}: '{part}' is not a list of {_SPLIT_ENTRY}")
+        entries = []
+        for k, item in enumerate(items):
+            ok = (
+                isinstance(item, (list, tuple))
+                and len(item) == 3
+                and isinstance(item[0], str)
+                and isinstance(item[1], int)
+                and not isinstance(item[1], bool)
+                and item[1] >= 0
+                and isinstance(item[2], str)
+            )
+            if not ok:
+                raise ClassListError(f"{path}: entry {k} of '{part}' is {item!r}; expected {_SPLIT_ENTRY}")
+            entries.append((item[0], item[1], item[2]))
+        parts[part] = entries
+    return parts
+
+
+def split_file_classes(path: str | os.PathLike) -> list[str]:
+    """The class names of a CoOp split file in label order (labels must be ``0 .. n-1``, one name each)."""
+    path = Path(path)
+    by_label: dict[int, str] = {}
+    for part, entries in read_split_file(path).items():
+        for _, label, name in entries:
+            if by_label.setdefault(label, name) != name:
+                raise ClassListError(f"{path}: label {label} is named both {by_label[label]!r} and {name!r}")
+    if not by_label:
+        raise ClassListError(f"{path}: the split file lists no images, so it names no classes")
+    missing = sorted(set(range(max(by_label) + 1)) - set(by_label))
+    if missing:
+        raise ClassListError(f"{path}: labels {missing[:10]} have no entries, so their class names are unknown")
+    return [by_label[i] for i in range(len(by_label))]
+
+
+def read_classes(spec: str | os.PathLike) -> list[str]:
+    """Class names in label order from a built-in name or a file (see the module docstring).
+
+    Raises :class:`ClassListError` naming the file for anything unreadable, empty or malformed.
+    """
+    path = Path(spec)
+    if str(spec).lower() in BUILTIN and not path.exists():
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # heavy import: only when asked
+
+        return list(IMAGENET_CLASSNAMES)
+    if not path.is_file():
+        raise ClassListError(
+            f"{spec}: no such file, and not a built-in class list ({', '.join(BUILTIN)}); "
+            "expected a .txt (one name per line), a .json list or a CoOp split_zhou_*.json"
+        )
+    if path.suffix.lower() == ".json":
+        names = _names_from_json(path)
+    else:
+        names = _names_from_text(path)
+    if not names:
+        raise ClassListError(f"{path}: no class names in the file")
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise ClassListError(f"{path}: class {i} has an empty name")
+    return names
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClassListError(f"{path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise ClassListError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ClassListError(f"{path}: cannot be read ({err})") from None
+
+
+def _names_from_json(path: Path) -> list[str]:
+    data = _load_json(path)
+    if isinstance(data, dict) and isinstance(data.get("classnames"), list):
+        data = data["classnames"]
+    if isinstance(data, list):
+        if not all(isinstance(name, str) for name in data):
+            raise ClassListError(f"{path}: a JSON class list must hold only strings")
+        return [name.strip() for name in data]
+    if isinstance(data, dict) and any(part in data for part in PARTITIONS):
+        return split_file_classes(path)
+    raise ClassListError(
+        f"{path}: expected a JSON list of class names, {{\"classnames\": [...]}} or a CoOp split file"
+    )
+
+
+def _names_from_text(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ClassListError(f"{path}: cannot be read ({err})") from None
+    names = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # CoOp's ImageNet classnames.txt: "n01440764 tench"; a WordNet id is never part of a name
+        names.append(_WNID.sub("", line).strip())
+    return names
