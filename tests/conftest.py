@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# PROTEXT_SHARED lets a copy of the tree (mutmut runs the tests from mutants/) find the same data
+SHARED = Path(os.environ.get("PROTEXT_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="session")
