@@ -12,20 +12,28 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .classlists import clean_classname  # noqa: F401  (re-exported: prompts are written with it)
+from .errors import UserError
 from .text_tower import TextTower, eot_positions, text_tower
 
 DEFAULT_CTX_INIT = "a photo of a"
+"""TPT's and ProText's init phrase; dataset templates start with it (PRESETS.md)."""
 MAX_INIT_CTX = 4
 """An init phrase is used only for short contexts (``n_ctx <= 4``), as in the published code."""
 
 
-class PromptShapeError(ValueError):
+class PromptShapeError(UserError, ValueError):
     """Saved prompts do not fit this encoder (width, context length or depth differ)."""
 
 
-def clean_classname(name: str) -> str:
-    """A class name as written into a prompt: underscores become spaces."""
-    return " ".join(name.replace("_", " ").split())
+def splice_context(hidden: torch.Tensor, vectors: torch.Tensor, n_ctx: int) -> torch.Tensor:
+    """``hidden`` (n, L, width) with positions ``1 .. n_ctx`` replaced by ``vectors`` (n_ctx, width).
+
+    The one place prompts enter the tower: the input context and every deep prompt (here, in
+    :mod:`protext.shared_prefix` and in TPT) go through it, so they all use the same positions.
+    """
+    vectors = vectors.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+    return torch.cat([hidden[:, :1], vectors, hidden[:, 1 + n_ctx :]], dim=1)
 
 
 def _strip_prefix(template: str, phrase: str) -> str:
@@ -49,6 +57,10 @@ class PromptedTextEncoder(nn.Module):
         template: the class part of the prompt with ``{}`` for the name, e.g. ``"{}."`` or
             ``"a photo of a {}, a type of pet."``; a leading copy of ``ctx_init`` is dropped since
             the context takes those positions.
+        replaces: the phrase the context stands in for: a template that starts with it loses it
+            (``"a photo of a {}, a type of pet."`` becomes ``"X … X {}, a type of pet."``). None
+            means the ``ctx_init`` phrase (also when ``n_ctx > 4`` leaves it unused); ``""`` drops
+            nothing. Saved in checkpoints, so evaluation builds the prompts training meant.
 
     Only ``ctx`` and ``deep_prompts`` are parameters; the CLIP model is borrowed, not registered, so
     ``encoder.parameters()`` is exactly what an optimiser should take.
@@ -63,6 +75,7 @@ class PromptedTextEncoder(nn.Module):
         depth: int = 9,
         ctx_init: Optional[str] = DEFAULT_CTX_INIT,
         template: str = "{}.",
+        replaces: Optional[str] = None,
     ) -> None:
         super().__init__()
         tower = text_tower(model)
@@ -91,7 +104,8 @@ class PromptedTextEncoder(nn.Module):
             ctx = torch.randn(n_ctx, self.width, device=device) * 0.02
             self.prefix = " ".join(["X"] * n_ctx)
         self.ctx_init = phrase if self.uses_init else None
-        self._template_prefix = phrase  # dropped from templates in both init modes
+        # dropped from templates in both init modes: the context takes that phrase's place
+        self.replaces = phrase if replaces is None else " ".join(replaces.split())
         self.ctx = nn.Parameter(ctx)
         if depth > 1:
             self.deep_prompts = nn.Parameter(torch.randn(depth - 1, n_ctx, self.width, device=device) * 0.02)
@@ -113,7 +127,7 @@ class PromptedTextEncoder(nn.Module):
             self.template = template
         if len(classnames) == 0:
             raise ValueError("no class names given.")
-        body = _strip_prefix(self.template, self._template_prefix)
+        body = _strip_prefix(self.template, self.replaces)
         self.classnames = list(classnames)
         self.prompts = [f"{self.prefix} {body.format(clean_classname(c))}" for c in self.classnames]
         tokens = self.tokenizer(self.prompts).to(self.ctx.device)
@@ -145,8 +159,7 @@ class PromptedTextEncoder(nn.Module):
         n = tokens.shape[0]
         with torch.no_grad():
             emb = tower.embed(tokens)
-        ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(n, -1, -1)
-        x = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx :]], dim=1)
+        x = splice_context(emb, self.ctx, self.n_ctx)
 
         inject = None
         if self.deep_prompts is not None:
@@ -154,8 +167,7 @@ class PromptedTextEncoder(nn.Module):
             def inject(block: int, h: torch.Tensor) -> torch.Tensor:
                 if block >= self.depth:
                     return h
-                deep = self.deep_prompts[block - 1].to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
-                return torch.cat([h[:, :1], deep, h[:, 1 + self.n_ctx :]], dim=1)
+                return splice_context(h, self.deep_prompts[block - 1], self.n_ctx)
 
         features = tower.run(x, eot, inject)
         return nn.functional.normalize(features, dim=-1) if normalize else features

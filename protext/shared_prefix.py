@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prompts import PromptedTextEncoder
+from .prompts import PromptedTextEncoder, splice_context
 
 
 def _plain_block(block: nn.Module) -> bool:
@@ -70,7 +70,7 @@ def shared_prefix_features(encoder: PromptedTextEncoder, classes: torch.Tensor) 
 
     for i, block in enumerate(tower.blocks):
         if encoder.deep_prompts is not None and 0 < i < encoder.depth:
-            prefix = torch.cat([prefix[:, :1], encoder.deep_prompts[i - 1].to(dtype)[None]], dim=1)
+            prefix = splice_context(prefix, encoder.deep_prompts[i - 1], n_ctx)
         attn: nn.MultiheadAttention = block.attn
         heads = attn.num_heads
         head_dim = width // heads
@@ -90,8 +90,4 @@ def shared_prefix_features(encoder: PromptedTextEncoder, classes: torch.Tensor) 
         prefix = block(prefix, attn_mask=mask_prefix)
 
     rest = tower.ln_final(rest)
-    pooled = rest[torch.arange(n, device=rest.device), eot - prefix_len]
-    projection = tower.text_projection
-    if projection is None:
-        return pooled
-    return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+    return tower.project(rest[torch.arange(n, device=rest.device), eot - prefix_len])

@@ -10,6 +10,9 @@ Encoding runs in batches of similar token length, each cut at its longest EOT (e
 causal and features are read at EOT), under ``no_grad`` and in fp32 whatever the training precision,
 so a cached row is the same number whichever run wrote it.
 
+Encoding is resumable: finished chunks are written to the cache as they complete, so an
+interrupted run loses at most one chunk.
+
 Descriptions longer than the context are truncated by the tokenizer, keeping EOT last; they are
 counted and reported in one summary warning.
 """
@@ -32,7 +35,8 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .models import text_fingerprint
-from .text_tower import encode_tokens, eot_positions, text_tower
+from .errors import UserError
+from .text_tower import encode_in_length_batches, encode_tokens, eot_positions, text_tower
 
 CACHE_ENV = "PROTEXT_TARGET_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/protext/targets")
@@ -44,8 +48,8 @@ class DescriptionTruncatedWarning(UserWarning):
     """Some descriptions are longer than the text context and were cut (EOT kept last)."""
 
 
-class TargetCacheError(RuntimeError):
-    """A target cache file exists but cannot be read; it names the file."""
+class TargetCacheError(UserError, RuntimeError):
+    """A target cache file exists but cannot be read or holds non-finite rows; it names the file."""
 
 
 def default_cache_dir() -> Path:
@@ -133,37 +137,21 @@ def encode_descriptions(
 ) -> torch.Tensor:
     """``norm(encode_text(t))`` for every row of ``tokens``, as fp32 on CPU, in input order.
 
-    Rows are sorted by EOT position so each batch is cut short with little padding wasted.
+    Rows go through :func:`protext.text_tower.encode_in_length_batches`, so each batch holds texts
+    of similar length and is cut at its longest EOT.
     """
     n = tokens.shape[0]
     tower = text_tower(model)
+    if n == 0:
+        return torch.zeros(0, tower.embed_dim, dtype=torch.float32)
     device = tower.token_embedding.weight.device
-    out: Optional[torch.Tensor] = None
-    order = torch.argsort(eot_positions(tokens), stable=True)
+
+    def encode(rows: torch.Tensor) -> torch.Tensor:
+        return F.normalize(encode_tokens(model, tokens[rows].to(device), truncate=True).float(), dim=-1).cpu()
+
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        bar = tqdm(total=n, desc="encoding descriptions", unit="text", disable=not progress or n == 0, leave=False)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            feats = encode_tokens(model, tokens[rows].to(device), truncate=True)
-            feats = F.normalize(feats.float(), dim=-1).cpu()
-            if out is None:
-                out = torch.empty(n, feats.shape[1], dtype=torch.float32)
-            out[rows] = feats
-            bar.update(len(rows))
-        bar.close()
-    if out is None:
-        out = torch.zeros(0, _embed_dim(model), dtype=torch.float32)
-    return out
-
-
-def _embed_dim(model: nn.Module) -> int:
-    tower = text_tower(model)
-    proj = tower.text_projection
-    if proj is None:
-        return tower.width
-    if isinstance(proj, nn.Linear):
-        return proj.out_features
-    return int(proj.shape[1])
+        with tqdm(total=n, desc="encoding descriptions", unit="text", disable=not progress, leave=False) as bar:
+            return encode_in_length_batches(eot_positions(tokens), encode, batch_size, on_batch=bar.update)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +184,11 @@ class TargetCache:
             raise TargetCacheError(
                 f"{self.path}: unreadable target cache ({err}); delete it to rebuild, or pass another --cache-dir."
             ) from None
+        if not bool(torch.isfinite(rows).all()):
+            raise TargetCacheError(
+                f"{self.path}: the target cache holds non-finite values (NaN or inf), so it is corrupted; "
+                "delete it to rebuild, or pass another --cache-dir."
+            )
         return {bytes(k.tolist()): r for k, r in zip(keys, rows)}
 
     def write(self, new: dict[bytes, torch.Tensor]) -> None:
@@ -240,6 +233,7 @@ def description_targets(
     batch_size: int = 256,
     progress: bool = True,
     labels: Optional[Sequence[str]] = None,
+    chunk_size: int = 4096,
 ) -> tuple[torch.Tensor, TargetStats]:
     """Targets ``norm(encode_text(t))`` of ``texts`` (n × embed_dim, fp32, CPU), through the disk cache.
 
@@ -252,6 +246,9 @@ def description_targets(
         batch_size: descriptions per encoding batch.
         progress: show a progress bar while encoding.
         labels: optional class of each text, only to name an example in the truncation warning.
+        chunk_size: texts encoded between cache writes. Each finished chunk is written at once, so a
+            run killed or interrupted while encoding keeps what it finished and a rerun encodes
+            only the rest.
 
     Emits one :class:`DescriptionTruncatedWarning` if any description is longer than the context.
     """
@@ -278,16 +275,21 @@ def description_targets(
     stats.truncated = len(truncated)
     warn_truncated(texts, truncated, context_length, labels)
 
-    if todo:
-        position = {k: i for i, k in enumerate(unique_keys)}
-        rows = torch.tensor([position[k] for k in todo], dtype=torch.long)
-        fresh = encode_descriptions(model, tokenized.tokens[rows], batch_size=batch_size, progress=progress)
-        new = dict(zip(todo, fresh))
-        found.update(new)
-        if cache is not None:
-            cache.write(new)
     if cache is not None:
         stats.cache_file = cache.path
-    dim = next(iter(found.values())).shape[0] if found else _embed_dim(model)
+    position = {k: i for i, k in enumerate(unique_keys)}
+    chunk = chunk_size if cache is not None else max(len(todo), 1)
+    with tqdm(total=len(todo), desc="encoding descriptions", unit="text", disable=not progress or not todo, leave=False) as bar:
+        for start in range(0, len(todo), chunk):
+            # each chunk reaches the cache as soon as it is encoded: a killed run keeps it
+            part = todo[start : start + chunk]
+            rows = torch.tensor([position[k] for k in part], dtype=torch.long)
+            fresh = encode_descriptions(model, tokenized.tokens[rows], batch_size=batch_size, progress=False)
+            new = dict(zip(part, fresh))
+            found.update(new)
+            if cache is not None:
+                cache.write(new)
+            bar.update(len(part))
+    dim = next(iter(found.values())).shape[0] if found else text_tower(model).embed_dim
     out = torch.stack([found[k] for k in keys]) if keys else torch.zeros(0, dim)
     return out, stats

@@ -12,7 +12,7 @@ positions and features are read at EOT, which is what makes cutting a batch at i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -81,12 +81,26 @@ class TextTower:
             else:  # open_clip < 2.24 kept the text tower sequence-first
                 x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
         x = self.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        return self.project(x[torch.arange(x.shape[0], device=x.device), eot])
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The text projection applied to pooled EOT states (n, width) -> (n, embed_dim).
+
+        The one place it is applied: open_clip stores it as a matrix, an ``nn.Linear`` or not at all.
+        """
         if self.text_projection is None:
             return pooled
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(pooled)
         return pooled @ self.text_projection
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the projected features."""
+        proj = self.text_projection
+        if proj is None:
+            return self.width
+        return proj.out_features if isinstance(proj, nn.Linear) else int(proj.shape[1])
 
 
 def text_tower(model: nn.Module) -> TextTower:
@@ -142,3 +156,36 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor, truncate: bool = True)
     if truncate:
         tokens = tokens[:, : int(eot.max()) + 1]
     return tower.run(tower.embed(tokens), eot)
+
+
+def encode_in_length_batches(
+    lengths: torch.Tensor | Sequence[int],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 256,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
+    """Encode items in batches of similar length and return the features in input order.
+
+    ``lengths[i]`` is item ``i``'s length (e.g. its EOT position); ``encode(indices)`` returns the
+    features of those items (rows in the order given), typically cut at their longest EOT, so
+    sorting by length wastes little padding. Rows are scattered back to input order, as fp32 on the
+    device ``encode`` returned them on. ``on_batch(n)`` is called after each batch (progress bars).
+    The one length-batched encoder: description targets, zero-shot class features and TPT's text
+    features all go through it.
+    """
+    lengths = torch.as_tensor(lengths)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = torch.argsort(lengths, stable=True)
+    out: Optional[torch.Tensor] = None
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        feats = encode(rows)
+        if out is None:
+            out = feats.new_empty((len(order), feats.shape[1]), dtype=torch.float32)
+        out[rows.to(out.device)] = feats.float()
+        if on_batch is not None:
+            on_batch(len(rows))
+    if out is None:
+        raise ValueError("nothing to encode: no items given")
+    return out
