@@ -1,0 +1,793 @@
+"""Run a published table (:mod:`protext.protocols`): train what it needs, evaluate every cell, compare.
+
+One table is a plan of cells (row × dataset [× base/novel]). Each cell's settings come from the
+protocol alone (features, class split, template rule and the exact template, preset and its n_ctx,
+test-time adaptation), so the results say precisely what ran. The work itself is done by a
+:class:`CellRunner`: :class:`LibraryRunner` trains with :func:`protext.training.run_training` and
+evaluates with :func:`protext.evaluation.evaluate` on one model loaded once; tests plug in a fake.
+
+Everything lands in one output folder and survives a kill:
+
+``run.json``
+    what the folder is a run of (table, model, weights, smoke-test caps); a rerun with other
+    settings is refused instead of mixing results.
+``cells/<row>__<dataset>__<split>.json``
+    one file per finished cell, written atomically the moment it finishes; a rerun skips it.
+``prompts/<preset>.safetensors`` (+ ``.json``)
+    the prompts a preset trained, reused by every cell and every rerun.
+``eval/``, ``descriptions/``
+    the evaluation's own resumable logs and the CuPL descriptions each dataset was given.
+``TABLE.json``, ``TABLE.md``
+    rebuilt from the cell files alone, so a killed-and-rerun table ends with the same files as an
+    uninterrupted one (cell seconds are read back from the cell files, never re-measured).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol as TypingProtocol
+
+from . import __version__
+from .atomic import atomic_write
+from .errors import UserError
+from .protocols import CLASS_COUNTS, Protocol, Row, get_protocol
+from .templates import CONTEXT_PHRASE, template_for
+
+RUN_FORMAT = "protext-reproduce/1"
+CELL_FORMAT = "protext-reproduce-cell/1"
+#: test hook: SIGKILL this process after that many newly computed cells (the kill-and-rerun test)
+STOP_AFTER_ENV = "PROTEXT_REPRODUCE_KILL_AFTER_CELLS"
+
+
+class ReproduceError(UserError):
+    """Bad input for a table run; the one-line message names the flag, file or folder at fault."""
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration and cells
+
+
+@dataclass
+class ReproduceConfig:
+    """Everything ``python -m protext.reproduce`` takes.
+
+    ``limit``, ``epochs`` and ``tta_views`` cap a run for smoke tests; each is a departure from the
+    published protocol and is listed as such in ``TABLE.md``.
+    """
+
+    table: str
+    root: str
+    out: Optional[str] = None
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    descriptions: Optional[str] = None
+    coop: Optional[str] = None
+    device: str = "auto"
+    precision: str = "auto"
+    limit: Optional[int] = None
+    epochs: Optional[int] = None
+    tta_views: Optional[int] = None
+    seed: int = 0
+    batch_size: int = 64
+    workers: int = 2
+    progress: bool = True
+
+    def output_dir(self) -> Path:
+        """``--out``, or ``reproduction/TABLE``."""
+        return Path(self.out) if self.out else Path("reproduction") / self.table
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change a cell's number: a results folder holds one identity only."""
+        return {
+            "table": self.table,
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "limit": self.limit,
+            "epochs": self.epochs,
+            "tta_views": self.tta_views,
+            "seed": self.seed,
+            "coop": Path(self.coop).name if self.coop else None,
+        }
+
+    def departures(self) -> list[str]:
+        """How this run's own flags depart from the published protocol (empty for a faithful run)."""
+        out = []
+        if (self.model, self.pretrained) != ("ViT-B-16", "openai"):
+            out.append(f"model {self.model} / weights {self.pretrained} (published: ViT-B-16 / openai)")
+        if self.limit is not None:
+            out.append(f"--limit {self.limit}: only the first {self.limit} test images of each cell")
+        if self.epochs is not None:
+            out.append(f"--epochs {self.epochs}: every preset trained for {self.epochs} epochs, not its own")
+        if self.tta_views is not None:
+            out.append(f"--tta-views {self.tta_views}: test-time adaptation on {self.tta_views} views, not 64")
+        return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One number of a table, with every setting that produced it (all from the protocol)."""
+
+    table: str
+    row: str
+    dataset: str
+    split: str
+    features: str
+    template_rule: str
+    template: str
+    template_source: str
+    n_classes: int
+    preset: Optional[str] = None
+    n_ctx: Optional[int] = None
+    tta: Optional[dict[str, Any]] = None
+    external: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        """The cell's file name stem: ``<row>__<dataset>__<split>`` in safe characters."""
+        return f"{_slug(self.row)}__{self.dataset}__{self.split}"
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting, JSON-ready."""
+        return asdict(self)
+
+    def computation(self) -> tuple:
+        """What the number depends on; cells equal here share one evaluation (CuPL novel = CLIP)."""
+        tta = json.dumps(self.tta, sort_keys=True)
+        return (self.dataset, self.split, self.features, self.template, self.preset, tta, self.external)
+
+
+def _slug(text: str) -> str:
+    keep = "".join(ch.lower() if ch.isalnum() else "-" for ch in text)
+    return "-".join(part for part in keep.split("-") if part)
+
+
+def _cell_template(row: Row, dataset: str, features: str) -> tuple[str, str]:
+    """(template, where it comes from) for a row's cell on ``dataset``."""
+    preset = row.preset_for(dataset)
+    if features == "prompts" and preset is not None and _preset(preset).dataset == dataset:
+        # in-domain: the training template, written in full so the context replaces its phrase
+        return f"{CONTEXT_PHRASE} {_preset(preset).template}", "training template (in-domain prompts)"
+    return template_for(dataset, row.template_rule), f"{row.template_rule} rule"
+
+
+def _preset(name: str):
+    from .presets import get_preset
+
+    return get_preset(name)
+
+
+def _cell_for(protocol: Protocol, row: Row, dataset: str, split: str, config: ReproduceConfig) -> Cell:
+    features = row.novel_features if (split == "novel" and row.novel_features) else row.features
+    preset = row.preset_for(dataset) if features == "prompts" else None
+    template, source = _cell_template(row, dataset, features)
+    tta = row.tta.as_dict() if row.tta else None
+    if tta is not None and config.tta_views is not None:
+        tta["views"] = config.tta_views
+    n_ctx = _preset(preset).n_ctx if preset else (4 if tta and tta["init"] == "handcrafted" else None)
+    total = CLASS_COUNTS[dataset]
+    n_classes = {"all": total, "base": math.ceil(total / 2), "novel": total - math.ceil(total / 2)}[split]
+    return Cell(
+        protocol.name, row.name, dataset, split, features, row.template_rule, template, source, n_classes,
+        preset, n_ctx, tta, row.external,
+    )
+
+
+def plan_cells(protocol: Protocol, config: ReproduceConfig) -> list[Cell]:
+    """Every cell of a table, row by row, in the paper's column order."""
+    return [
+        _cell_for(protocol, row, dataset, split, config)
+        for row in protocol.rows
+        for dataset in protocol.datasets
+        for split in protocol.splits
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# the runner interface
+
+
+@dataclass
+class PromptJob:
+    """Prompts one preset must train: the preset, its descriptions and classes, where they go."""
+
+    preset: str
+    dataset: str
+    split: str
+    classes: list[str]
+    descriptions: Path
+    checkpoint: Path
+    epochs: Optional[int]
+    seed: int
+
+
+@dataclass
+class EvalRequest:
+    """One cell's evaluation: the cell, where its inputs are and where its evaluation writes."""
+
+    cell: Cell
+    root: str
+    out: Path
+    checkpoint: Optional[Path] = None
+    descriptions: Optional[Path] = None
+    limit: Optional[int] = None
+
+
+class CellRunner(TypingProtocol):
+    """Does a table's work; :class:`LibraryRunner` in real runs, a fake in the planner's tests."""
+
+    def environment(self) -> dict[str, Any]:
+        """Device, versions and model identity recorded with every cell."""
+
+    def check_prompts(self, path: Path) -> None:
+        """Raise :class:`UserError` when an existing checkpoint was made on other weights."""
+
+    def train(self, job: PromptJob) -> dict[str, Any]:
+        """Train (or finish training) ``job``; return a record with at least ``seconds``."""
+
+    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
+        """Evaluate a cell; return ``metrics`` (``top1`` in %, ``n_images``, ``n_classes``), ``seconds``, ``template``."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the output folder
+
+
+class RunFolder:
+    """The output folder of one table run: refuses foreign or mismatched content, never deletes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cells = path / "cells"
+        self.prompts = path / "prompts"
+
+    def open(self, identity: dict[str, Any], table: str) -> None:
+        """Create the folder, or check that it holds a run with the same ``identity``."""
+        run_file = self.path / "run.json"
+        if run_file.is_file():
+            saved = _read_json(run_file, "delete the folder or pass another --out").get("identity")
+            if saved != identity:
+                diff = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} now" for k, v in identity.items()
+                                 if not isinstance(saved, dict) or saved.get(k) != v)
+                raise ReproduceError(f"--out {self.path} holds another run ({diff}); pass another --out or the same flags.")
+            return
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise ReproduceError(
+                f"--out {self.path} is not empty and has no run.json: not a protext reproduce folder; pass another --out."
+            )
+        _write_json(run_file, {"format": RUN_FORMAT, "table": table, "identity": identity})
+
+    def cell_file(self, cell: Cell) -> Path:
+        return self.cells / f"{cell.key}.json"
+
+    def read_cell(self, cell: Cell) -> Optional[dict[str, Any]]:
+        """A finished cell's record, None if not finished; a damaged file is an error naming it."""
+        path = self.cell_file(cell)
+        if not path.exists():
+            return None
+        record = _read_json(path, "delete that file to recompute the cell")
+        if record.get("format") != CELL_FORMAT or record.get("settings") != cell.settings():
+            raise ReproduceError(
+                f"{path} is not this table's result for {cell.key} (other settings or format); delete it to recompute the cell."
+            )
+        return record
+
+    def write_cell(self, cell: Cell, record: dict[str, Any]) -> None:
+        _write_json(self.cell_file(cell), record)
+
+
+def _read_json(path: Path, way_out: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReproduceError(f"{path} is damaged or half-written ({type(err).__name__}: {err}); {way_out}.") from None
+    if not isinstance(data, dict):
+        raise ReproduceError(f"{path} is not a JSON object; {way_out}.")
+    return data
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# pre-flight: datasets, descriptions, external checkpoints
+
+
+@dataclass
+class Availability:
+    """Which of a table's datasets are under ``--root``; for the others, what to place where."""
+
+    present: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
+    classes: dict[str, list[str]] = field(default_factory=dict)
+
+
+def check_datasets(protocol: Protocol, root: str) -> Availability:
+    """Look for every dataset of the table; a table with none of them is an error."""
+    found = Availability()
+    for name in protocol.datasets:
+        problem = _dataset_problem(name, root)
+        if problem:
+            found.missing[name] = problem
+            continue
+        found.present.append(name)
+        found.classes[name] = _dataset_classes(name, root)
+    if not found.present:
+        first = next(iter(found.missing.values()))
+        raise ReproduceError(
+            f"--root {root} holds none of {protocol.name}'s {len(protocol.datasets)} datasets "
+            f"({', '.join(protocol.datasets)}); for example {first}"
+        )
+    return found
+
+
+def _dataset_problem(name: str, root: str) -> Optional[str]:
+    """None when the dataset is complete under ``root``, else one line saying what to place where."""
+    try:
+        from .datasets import dataset_status
+    except ImportError:  # before the dataset checker exists: a test build is the check
+        dataset_status = None
+    if dataset_status is not None:
+        status = dataset_status(name, root)
+        state = str(getattr(status, "state", getattr(status, "status", "")))
+        if state == "found":
+            return None
+        return str(getattr(status, "fix", None) or getattr(status, "message", None) or state)
+    from .datasets import DatasetError
+
+    try:
+        _build(name, root, "all")
+    except (DatasetError, UserError) as err:
+        return str(err)
+    return None
+
+
+def _build(name: str, root: str, split: str):
+    import inspect
+
+    from .datasets import build_dataset
+
+    if "partition" in inspect.signature(build_dataset).parameters:
+        return build_dataset(name, root, split=split, partition="test")
+    return build_dataset(name, root, split="test", subset=split)
+
+
+def _dataset_classes(name: str, root: str) -> list[str]:
+    """The dataset's class names in label order (the class mask of ImageNet-A/-R applied)."""
+    return list(_build(name, root, "all").classnames)
+
+
+def _cupl_source(dataset: str) -> str:
+    """The dataset whose CuPL file describes ``dataset``'s classes (ImageNet's for its variants)."""
+    return "imagenet" if dataset.startswith("imagenet") else dataset
+
+
+def _release_descriptions(folder: str, dataset: str) -> tuple[dict[str, list[str]], str]:
+    """CuPL's descriptions for ``dataset`` from CuPL's release folder, and the file they came from."""
+    from .presets import CUPL_FILES
+
+    path = Path(folder) / CUPL_FILES[dataset]
+    try:
+        from .descriptions.cupl import release_descriptions
+    except ImportError:  # before the release reader lands: the file as CuPL wrote it
+        release_descriptions = None
+    if release_descriptions is not None:
+        return release_descriptions(folder, dataset), str(path)
+    if not path.is_file():
+        raise ReproduceError(f"--descriptions {folder}: no {CUPL_FILES[dataset]} (CuPL's file for {dataset}) there.")
+    return _read_json(path, "pass CuPL's release folder as --descriptions"), str(path)
+
+
+def _name_key(name: str) -> str:
+    from .classlists import clean_classname
+
+    return clean_classname(name).casefold()
+
+
+def prepare_descriptions(
+    config: ReproduceConfig, cells: list[Cell], found: Availability, folder: RunFolder
+) -> dict[str, Path]:
+    """Write, per dataset that needs them, its CuPL descriptions keyed by its own class names.
+
+    Every class a cell scores or a preset trains on must have descriptions; otherwise the error
+    names the CuPL file and the classes. Returns ``{dataset: descriptions file}``.
+    """
+    needed: dict[str, list[str]] = {}
+    for cell in cells:
+        if cell.dataset in found.present and (cell.features == "cupl" or cell.preset):
+            source = _preset(cell.preset).dataset if cell.preset else cell.dataset
+            needed[source] = _merge(needed.get(source, []), _classes_of(source, found))
+    if not needed:
+        return {}
+    if not config.descriptions:
+        raise ReproduceError(
+            f"{config.table} needs CuPL descriptions for {', '.join(needed)}: pass --descriptions DIR "
+            "(CuPL's release folder, e.g. ../shared/cupl)."
+        )
+    return {ds: _materialise(config.descriptions, ds, names, folder) for ds, names in needed.items()}
+
+
+def _classes_of(dataset: str, found: Availability) -> list[str]:
+    """A dataset's class names: from its files, or for ImageNet (which trains cross-dataset
+    prompts even when only the targets are on disk) the built-in list."""
+    if dataset in found.classes:
+        return found.classes[dataset]
+    from .classlists import read_classes
+
+    return read_classes("imagenet")
+
+
+def _merge(first: list[str], second: list[str]) -> list[str]:
+    seen = set(first)
+    return first + [n for n in second if n not in seen]
+
+
+def _materialise(release: str, dataset: str, classes: list[str], folder: RunFolder) -> Path:
+    raw, source = _release_descriptions(release, _cupl_source(dataset))
+    by_key = {_name_key(k): v for k, v in raw.items()}
+    absent = [c for c in classes if not by_key.get(_name_key(c))]
+    if absent:
+        shown = ", ".join(absent[:8]) + (", ..." if len(absent) > 8 else "")
+        raise ReproduceError(
+            f"--descriptions {release}: {source} has no descriptions for {len(absent)} of {dataset}'s "
+            f"{len(classes)} classes ({shown}); use CuPL's own file for {dataset}."
+        )
+    payload = {c: list(by_key[_name_key(c)]) for c in classes}
+    path = folder.path / "descriptions" / f"{dataset}.json"
+    text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
+    if path.exists() and path.read_text(encoding="utf-8") != text:
+        raise ReproduceError(
+            f"{path} differs from {source}: the descriptions changed since this run began; pass another --out."
+        )
+    if not path.exists():
+        _write_text(path, text)
+    return path
+
+
+def check_external(config: ReproduceConfig, protocol: Protocol) -> Optional[str]:
+    """Why the rows that need ``--coop`` cannot run (None when they can or none needs it)."""
+    if not any(row.external for row in protocol.rows):
+        return None
+    if not config.coop:
+        return "needs CoOp's 16-shot ImageNet prompts (trained on images): pass --coop FILE"
+    if not Path(config.coop).is_file():
+        raise ReproduceError(f"--coop {config.coop}: no such file (CoOp's ImageNet prompt checkpoint, .pth).")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class TableRun:
+    """What a table run produced: the table payload, its files, and what this call computed."""
+
+    table: dict[str, Any]
+    json_path: Path
+    markdown_path: Path
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+
+def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, say: Callable[[str], None] = print) -> TableRun:
+    """Run (or continue) a table: pre-flight everything, then train and evaluate the missing cells."""
+    protocol = get_protocol(config.table)
+    _validate(config)
+    folder = RunFolder(config.output_dir())
+    cells = plan_cells(protocol, config)
+    found = check_datasets(protocol, config.root)
+    folder.open(config.identity(), protocol.name)
+    for cell in cells:  # damaged cell files are reported before any work
+        if cell.dataset in found.present:
+            folder.read_cell(cell)
+    descriptions = prepare_descriptions(config, cells, found, folder)
+    external_problem = check_external(config, protocol)
+    for name, fix in found.missing.items():
+        say(f"missing: {name}: {fix}")
+    runner = runner if runner is not None else LibraryRunner(config)
+    state = _RunState(config, folder, runner, descriptions, say)
+    for cell in cells:
+        if cell.dataset in found.present and not (cell.external and external_problem):
+            state.run_cell(cell, found)
+    table = build_table(protocol, config, cells, folder, found, external_problem, state.trained_records())
+    json_path, md_path = folder.path / f"{protocol.name}.json", folder.path / f"{protocol.name}.md"
+    _write_json(json_path, table)
+    _write_text(md_path, render_markdown(table))
+    return TableRun(table, json_path, md_path, state.computed, state.reused)
+
+
+def _validate(config: ReproduceConfig) -> None:
+    for flag, value in (("--limit", config.limit), ("--epochs", config.epochs), ("--tta-views", config.tta_views)):
+        if value is not None and value < 1:
+            raise ReproduceError(f"{flag} must be at least 1, got {value}.")
+    if not Path(config.root).is_dir():
+        raise ReproduceError(f"--root {config.root}: no such folder (the folder holding the datasets).")
+
+
+class _RunState:
+    """The cells and prompts of one call: computes what is missing, reuses what is on disk."""
+
+    def __init__(self, config, folder: RunFolder, runner: CellRunner, descriptions: dict[str, Path], say) -> None:
+        self.config, self.folder, self.runner, self.descriptions, self.say = config, folder, runner, descriptions, say
+        self.computed: list[str] = []
+        self.reused: list[str] = []
+        self.done: dict[tuple, dict[str, Any]] = {}
+        self.prompts: dict[str, dict[str, Any]] = {}
+        self._environment: Optional[dict[str, Any]] = None
+
+    def environment(self) -> dict[str, Any]:
+        if self._environment is None:
+            self._environment = self.runner.environment()
+        return self._environment
+
+    def run_cell(self, cell: Cell, found: Availability) -> None:
+        record = self.folder.read_cell(cell)
+        if record is not None:
+            self.reused.append(cell.key)
+            self.done.setdefault(cell.computation(), record)
+            if cell.preset:
+                self.prompts.setdefault(cell.preset, self._prompt_record(cell.preset))
+            return
+        same = self.done.get(cell.computation())
+        if same is not None:  # e.g. CuPL's novel cell is the CLIP novel cell: never evaluated twice
+            origin = same.get("same_as") or same["key"]
+            record = {**same, "key": cell.key, "settings": cell.settings(), "same_as": origin, "seconds": 0.0}
+        else:
+            record = self._evaluate(cell, found)
+        self.folder.write_cell(cell, record)
+        self.done[cell.computation()] = record
+        self.computed.append(cell.key)
+        self.say(f"{cell.key}: top-1 {record['metrics']['top1']:.2f} ({record['seconds']:.1f}s)")
+        _maybe_stop_for_test(len(self.computed))
+
+    def _evaluate(self, cell: Cell, found: Availability) -> dict[str, Any]:
+        checkpoint = self.ensure_prompts(cell.preset, found) if cell.preset else None
+        if cell.external == "coop":
+            checkpoint = Path(self.config.coop)
+        request = EvalRequest(
+            cell, self.config.root, self.folder.path / "eval" / cell.key, checkpoint,
+            self.descriptions.get(cell.dataset) if cell.features == "cupl" else None, self.config.limit,
+        )
+        result = self.runner.evaluate(request)
+        return {
+            "format": CELL_FORMAT,
+            "key": cell.key,
+            "settings": cell.settings(),
+            "metrics": result["metrics"],
+            "template_used": result.get("template", cell.template),
+            "seconds": float(result["seconds"]),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "descriptions": str(request.descriptions) if request.descriptions else None,
+            "evaluation": result.get("details", {}),
+            "environment": self.environment(),
+            "same_as": None,
+        }
+
+    def ensure_prompts(self, preset: str, found: Availability) -> Path:
+        """The preset's finished checkpoint: reused when complete, else trained (or resumed) now."""
+        path = self.folder.prompts / f"{_slug(preset)}.safetensors"
+        record_path = path.with_suffix(".json")
+        if record_path.is_file():
+            self.runner.check_prompts(path)
+            self.prompts.setdefault(preset, self._prompt_record(preset))
+            return path
+        info = _preset(preset)
+        job = PromptJob(
+            preset, info.dataset, info.split, _classes_of(info.dataset, found), self.descriptions[info.dataset],
+            path, self.config.epochs, self.config.seed,
+        )
+        if path.exists():
+            self.runner.check_prompts(path)
+        self.say(f"training {preset} -> {path}")
+        record = {"preset": preset, **self.runner.train(job), "checkpoint": str(path)}
+        _write_json(record_path, record)  # written last: its presence means the checkpoint is complete
+        self.prompts[preset] = record
+        return path
+
+    def _prompt_record(self, preset: str) -> dict[str, Any]:
+        path = self.folder.prompts / f"{_slug(preset)}.json"
+        return _read_json(path, "delete it and its .safetensors to retrain") if path.is_file() else {"preset": preset}
+
+    def trained_records(self) -> dict[str, dict[str, Any]]:
+        return dict(sorted(self.prompts.items()))
+
+
+def _maybe_stop_for_test(computed: int) -> None:
+    """The kill-and-rerun test's hook: die without cleanup, exactly as ``kill -9`` would."""
+    limit = os.environ.get(STOP_AFTER_ENV)
+    if limit and computed >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------------
+# the table: ours beside the paper's, averages and harmonic means recomputed
+
+TABLE_FORMAT = "protext-reproduce-table/1"
+
+
+def harmonic_mean(base: Optional[float], novel: Optional[float]) -> Optional[float]:
+    """2·b·n/(b+n), the base-to-novel summary (None when a half is missing; 0 when both are 0)."""
+    if base is None or novel is None:
+        return None
+    return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 4)
+
+
+def _entry(ours: Optional[float], published: Optional[float]) -> dict[str, Optional[float]]:
+    diff = None if ours is None or published is None else ours - published
+    return {"ours": _round(ours), "published": published, "difference": _round(diff)}
+
+
+def _row_values(protocol: Protocol, row: Row, records: dict[str, dict]) -> dict[str, dict[str, Optional[float]]]:
+    """``{dataset: {measure: our number}}`` for one row (HM computed from our base and novel)."""
+    values: dict[str, dict[str, Optional[float]]] = {}
+    for dataset in protocol.datasets:
+        per_split = {}
+        for split in protocol.splits:
+            record = records.get(f"{_slug(row.name)}__{dataset}__{split}")
+            per_split[split] = float(record["metrics"]["top1"]) if record else None
+        if protocol.base_to_novel:
+            per_split["hm"] = harmonic_mean(per_split["base"], per_split["novel"])
+            values[dataset] = per_split
+        else:
+            values[dataset] = {"top1": per_split["all"]}
+    return values
+
+
+def _averages(protocol: Protocol, numbers: dict[str, dict[str, Optional[float]]], datasets) -> dict[str, Optional[float]]:
+    """Means over ``datasets``; for base-to-novel the HM of the base and novel means (CoOp's rule)."""
+    if protocol.base_to_novel:
+        base = _mean([numbers[d]["base"] for d in datasets])
+        novel = _mean([numbers[d]["novel"] for d in datasets])
+        return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
+    return {"top1": _mean([numbers[d]["top1"] for d in datasets])}
+
+
+def _published_numbers(protocol: Protocol, row: Row) -> dict[str, dict[str, Optional[float]]]:
+    return {d: {m: protocol.published.get((row.name, d, m)) for m in protocol.measures()} for d in protocol.datasets}
+
+
+def _table_row(protocol: Protocol, row: Row, records: dict[str, dict]) -> dict[str, Any]:
+    ours = _row_values(protocol, row, records)
+    published = _published_numbers(protocol, row)
+    cells = {d: {m: _entry(ours[d][m], published[d][m]) for m in protocol.measures()} for d in protocol.datasets}
+    averages = {}
+    for average in protocol.averages:
+        mine = _averages(protocol, ours, average.datasets)
+        theirs = _averages(protocol, published, average.datasets)
+        averages[average.name] = {
+            m: {
+                **_entry(mine[m], protocol.published_averages.get((row.name, average.name, m))),
+                "mean_of_published_cells": _round(theirs[m]),
+                "complete": sum(ours[d][m] is not None for d in average.datasets),
+                "of": len(average.datasets),
+            }
+            for m in protocol.measures()
+        }
+    return {
+        "name": row.name, "features": row.features, "template_rule": row.template_rule, "preset": row.preset,
+        "tta": row.tta.as_dict() if row.tta else None, "note": row.note, "cells": cells, "averages": averages,
+    }
+
+
+def build_table(
+    protocol: Protocol, config: ReproduceConfig, cells: list[Cell], folder: RunFolder, found: Availability,
+    external_problem: Optional[str], prompts: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The table payload, built from the cell files on disk only (so reruns give the same file)."""
+    records = {c.key: r for c in cells if c.dataset in found.present for r in [folder.read_cell(c)] if r}
+    not_run = {r.name: external_problem for r in protocol.rows if r.external and external_problem}
+    return {
+        "format": TABLE_FORMAT,
+        "table": protocol.name,
+        "title": protocol.title,
+        "protext_version": __version__,
+        "run": {**config.identity(), "descriptions": config.descriptions, "root": config.root},
+        "departures": config.departures(),
+        "notes": list(protocol.notes),
+        "datasets": list(protocol.datasets),
+        "splits": list(protocol.splits),
+        "missing_datasets": dict(found.missing),
+        "rows_not_run": not_run,
+        "rows": [_table_row(protocol, row, records) for row in protocol.rows],
+        "cells": [records[c.key] for c in cells if c.key in records],
+        "cells_not_run": [c.key for c in cells if c.key not in records],
+        "prompts": prompts,
+        "seconds": {
+            "evaluation": round(sum(r["seconds"] for r in records.values()), 3),
+            "training": round(sum(float(p.get("seconds", 0.0)) for p in prompts.values()), 3),
+        },
+    }
+
+
+def _fmt(entry: dict[str, Any]) -> str:
+    ours, published, diff = entry["ours"], entry["published"], entry["difference"]
+    mine = "—" if ours is None else f"{ours:.2f}"
+    if published is None:
+        return mine
+    return f"{mine} ({published:.2f}, {diff:+.2f})" if diff is not None else f"{mine} ({published:.2f})"
+
+
+def _fmt_average(entry: dict[str, Any]) -> str:
+    text = _fmt(entry)
+    if entry["ours"] is None and entry["complete"]:
+        text = text.replace("—", f"— ({entry['complete']}/{entry['of']} cells)", 1)
+    return text
+
+
+def _measure_table(table: dict[str, Any], measure: str) -> list[str]:
+    averages = [a for a in table["rows"][0]["averages"]] if table["rows"] else []
+    head = ["method", *table["datasets"], *averages]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in table["rows"]:
+        cells = [_fmt(row["cells"][d][measure]) for d in table["datasets"]]
+        cells += [_fmt_average(row["averages"][a][measure]) for a in averages]
+        lines.append("| " + " | ".join([row["name"], *cells]) + " |")
+    return lines
+
+
+def _cells_table(table: dict[str, Any]) -> list[str]:
+    head = "| cell | features | split | classes | template (rule) | n_ctx | preset | TTA | images | top-1 | seconds | device |"
+    lines = [head, "|" + " --- |" * 12]
+    for rec in table["cells"]:
+        s, m = rec["settings"], rec["metrics"]
+        tta = "—" if not s["tta"] else f"{s['tta']['method']} {s['tta']['views']} views, init {s['tta']['init']}"
+        seconds = f"= {rec['same_as']}" if rec.get("same_as") else f"{rec['seconds']:.1f}"
+        lines.append(
+            f"| {rec['key']} | {s['features']} | {s['split']} | {m.get('n_classes', s['n_classes'])} | "
+            f"`{rec['template_used']}` ({s['template_rule']}) | {s['n_ctx'] or '—'} | {s['preset'] or '—'} | {tta} | "
+            f"{m.get('n_images', '?')} | {m['top1']:.2f} | {seconds} | {rec['environment'].get('device', '?')} |"
+        )
+    return lines
+
+
+def render_markdown(table: dict[str, Any]) -> str:
+    """``TABLE.md``: ours (published, difference) per cell, recomputed averages, then every setting."""
+    out = [f"# {table['table']}", "", table["title"], ""]
+    out += ["Each cell: ours (published, ours − published). Averages and harmonic means are recomputed from the",
+            "rows; the number in brackets under an average is the paper's printed average.", ""]
+    measures = ("base", "novel", "hm") if table["splits"] == ["base", "novel"] else ("top1",)
+    for measure in measures:
+        if len(measures) > 1:
+            out += [f"## {measure if measure != 'hm' else 'harmonic mean'}", ""]
+        out += _measure_table(table, measure) + [""]
+    if table["departures"]:
+        out += ["## This run departs from the published protocol", ""] + [f"- {d}" for d in table["departures"]] + [""]
+    if table["missing_datasets"]:
+        out += ["## Missing datasets (not run)", ""]
+        out += [f"- {name}: {fix}" for name, fix in table["missing_datasets"].items()] + [""]
+    if table["rows_not_run"]:
+        out += ["## Rows not run", ""] + [f"- {r}: {why}" for r, why in table["rows_not_run"].items()] + [""]
+    out += ["## Protocol notes", ""] + [f"- {n}" for n in table["notes"]]
+    out += [f"- {row['name']}: {row['note']}" for row in table["rows"] if row["note"]] + [""]
+    out += ["## Cells", ""] + _cells_table(table) + [""]
+    if table["prompts"]:
+        out += ["## Prompts trained", "", "| preset | epochs | seconds | checkpoint |", "| --- | --- | --- | --- |"]
+        for preset, rec in table["prompts"].items():
+            out.append(f"| {preset} | {rec.get('epochs', '?')} | {float(rec.get('seconds', 0)):.1f} | {rec.get('checkpoint', '?')} |")
+        out.append("")
+    env = table["cells"][0]["environment"] if table["cells"] else {}
+    out += ["## Run", ""] + [f"- {k}: {v}" for k, v in {**table["run"], **env}.items()]
+    out += [f"- seconds: evaluation {table['seconds']['evaluation']}, training {table['seconds']['training']}", ""]
+    return "\n".join(out)
