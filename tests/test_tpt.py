@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from protext.checkpoint import PromptCheckpoint, load_coop
 from protext.prompts import PromptedTextEncoder, PromptShapeError
-from protext.tpt import (
+from protext.tta.tpt import (
     PromptTuner,
     TPTConfig,
     checkpoint_encoder,

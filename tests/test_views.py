@@ -12,7 +12,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
-from protext.views import (
+from protext.tta.views import (
     AUGMIX_OPS,
     CLIP_MEAN,
     CLIP_STD,

@@ -1,0 +1,198 @@
+"""TDA (Karmanov et al., CVPR'24): a training-free dynamic cache over the test stream (TTA.md §3).
+
+Online: every image first updates a positive cache (≤ 3 low-entropy features per predicted class)
+and, when its normalised entropy lies in the band ``0.2 < h < 0.5``, a negative cache (≤ 2 per
+class, with the sample's probabilities); its prediction then adds the positive cache's affinity
+to its class and subtracts the negative cache's from the classes it was unsure about. The result
+depends on the order of the stream; ``state_dict`` saves the caches so a stream can resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..zeroshot import ImageEncoder, logit_scale
+from .base import AdaptResult, Adapter, Stopwatch
+from .config import TDA_NEGATIVE
+from .selection import marginal_entropy, select_confident, view_entropy
+
+__all__ = ["CacheEntry", "Observation", "TDAAdapter", "TDACache", "observe"]
+
+POSITIVE_SHOTS = 3
+NEGATIVE_SHOTS = 2
+NEGATIVE_BAND = (0.2, 0.5)
+"""``h = H / log₂ C`` must lie strictly inside this band for the negative cache (as published)."""
+NEGATIVE_MASK = (0.03, 1.0)
+"""A cached probability marks its class for the negative logits when strictly inside this range."""
+
+
+@dataclass
+class Observation:
+    """What TDA reads from one image: feature ``f``, logits ``z``, probabilities ``p``, entropy ``H`` (nats)."""
+
+    feature: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    entropy: float
+
+    @property
+    def prediction(self) -> int:
+        return int(self.logits.argmax())
+
+
+@dataclass
+class CacheEntry:
+    feature: torch.Tensor
+    entropy: float
+    probs: Optional[torch.Tensor] = None
+
+
+def observe(image_features: torch.Tensor, class_features: torch.Tensor, scale: float, fraction: float = 0.1) -> Observation:
+    """TDA's view of one image from its normalised view features (n_views, D) (TTA.md §3.1).
+
+    One view: ``f = f_0``, ``z = scale·f_0·tᵀ``, ``p = softmax(z)``, ``H`` its entropy. Several:
+    the ``⌊n · fraction⌋`` views of lowest entropy, ``f`` the mean of their (normalised, not
+    re-normalised) features, ``z`` and ``p`` the means of their logits and softmaxes, ``H`` TPT's
+    marginal entropy.
+    """
+    logits = scale * image_features.float() @ class_features.float().t()
+    if image_features.shape[0] == 1:
+        return Observation(image_features[0].float(), logits[0], logits[0].softmax(-1), float(view_entropy(logits)[0]))
+    kept = select_confident(logits, fraction)
+    chosen = logits[kept]
+    return Observation(
+        image_features[kept].float().mean(0), chosen.mean(0), chosen.softmax(-1).mean(0), float(marginal_entropy(chosen))
+    )
+
+
+class TDACache:
+    """Per-class lists of at most ``shots`` entries, kept sorted by entropy (lowest first)."""
+
+    def __init__(self, shots: int) -> None:
+        self.shots = shots
+        self.entries: dict[int, list[CacheEntry]] = {}
+
+    def update(self, label: int, entry: CacheEntry) -> None:
+        """Append while there is room, else replace the worst entry if the new one is better; re-sort."""
+        items = self.entries.setdefault(label, [])
+        if len(items) < self.shots:
+            items.append(entry)
+        elif entry.entropy < items[-1].entropy:
+            items[-1] = entry
+        items.sort(key=lambda e: e.entropy)  # stable, as the published sorted()
+
+    def __bool__(self) -> bool:
+        return any(self.entries.values())
+
+    def affinity_logits(self, feature: torch.Tensor, beta: float, values: torch.Tensor) -> torch.Tensor:
+        """``Σ_j exp(−β(1 − f·k_j)) · values_j`` over the cached keys in class order."""
+        keys = torch.stack([e.feature for label in sorted(self.entries) for e in self.entries[label]])
+        affinity = keys.to(feature.device) @ feature
+        return torch.exp(-beta * (1.0 - affinity)) @ values.to(feature.device)
+
+    def keys_in_order(self) -> list[tuple[int, CacheEntry]]:
+        return [(label, e) for label in sorted(self.entries) for e in self.entries[label]]
+
+    def state(self) -> dict[str, Any]:
+        out = {}
+        for label, items in self.entries.items():
+            if not items:
+                continue
+            out[str(label)] = {
+                "features": torch.stack([e.feature.cpu() for e in items]),
+                "entropy": torch.tensor([e.entropy for e in items], dtype=torch.float64),
+            }
+            if items[0].probs is not None:
+                out[str(label)]["probs"] = torch.stack([e.probs.cpu() for e in items])
+        return out
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        self.entries = {}
+        for label, saved in state.items():
+            probs = saved.get("probs")
+            self.entries[int(label)] = [
+                CacheEntry(saved["features"][i].to(device), float(saved["entropy"][i]), None if probs is None else probs[i].to(device))
+                for i in range(saved["features"].shape[0])
+            ]
+
+
+class TDAAdapter(Adapter):
+    """TDA on fixed class features (C, D): online, no backward.
+
+    Args:
+        model: the CLIP model (image tower and temperature).
+        class_features: (n_classes, embed_dim), normalised here.
+        alpha, beta: the positive cache's (α⁺, β⁺); the negative cache uses (0.117, 1.0).
+        fraction: share of views kept when there are several (0.1).
+        image_dtype: image-encoding precision.
+    """
+
+    online = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_features: torch.Tensor,
+        alpha: float,
+        beta: float,
+        fraction: float = 0.1,
+        image_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.classes = F.normalize(class_features.detach().float(), dim=-1).to(next(model.parameters()).device)
+        self.scale = float(logit_scale(model))
+        self.alpha, self.beta = alpha, beta
+        self.neg_alpha, self.neg_beta = TDA_NEGATIVE
+        self.fraction = fraction
+        self.image_encoder = ImageEncoder(model, image_dtype)
+        self.positive = TDACache(POSITIVE_SHOTS)
+        self.negative = TDACache(NEGATIVE_SHOTS)
+        self.seen = 0
+
+    def normalised_entropy(self, entropy: float) -> float:
+        """``h = H / log₂ C``: nats over bits, as published (the band's units)."""
+        return entropy / math.log2(self.classes.shape[0])
+
+    def step(self, obs: Observation) -> torch.Tensor:
+        """Update the caches with ``obs`` and return its final logits (TTA.md §3.3–3.5)."""
+        label = obs.prediction
+        self.positive.update(label, CacheEntry(obs.feature, obs.entropy))
+        h = self.normalised_entropy(obs.entropy)
+        if NEGATIVE_BAND[0] < h < NEGATIVE_BAND[1]:
+            self.negative.update(label, CacheEntry(obs.feature, obs.entropy, obs.probs))
+        self.seen += 1
+        final = obs.logits.clone()
+        n_classes = self.classes.shape[0]
+        if self.positive:
+            labels = torch.tensor([label for label, _ in self.positive.keys_in_order()])
+            onehot = F.one_hot(labels, n_classes).float()
+            final = final + self.alpha * self.positive.affinity_logits(obs.feature, self.beta, onehot)
+        if self.negative:
+            probs = torch.stack([e.probs for _, e in self.negative.keys_in_order()])
+            mask = ((probs > NEGATIVE_MASK[0]) & (probs < NEGATIVE_MASK[1])).float()
+            final = final - self.neg_alpha * self.negative.affinity_logits(obs.feature, self.neg_beta, mask)
+        return final
+
+    def adapt(self, views: torch.Tensor) -> AdaptResult:
+        watch = Stopwatch()
+        with watch("images"):
+            features = self.image_encoder(views)
+        with watch("cache"):
+            obs = observe(features, self.classes.to(features.device), self.scale, self.fraction)
+            final = self.step(obs)
+        logits = final.detach().float().cpu()
+        return AdaptResult(logits, logits, watch.timings)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"positive": self.positive.state(), "negative": self.negative.state(), "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.classes.device
+        self.positive.load(state.get("positive", {}), device)
+        self.negative.load(state.get("negative", {}), device)
+        self.seen = int(state.get("seen", 0))

@@ -1,0 +1,404 @@
+"""Test-time prompt tuning (TPT, Shu et al. NeurIPS'22) exactly as ALGORITHMS.md §5 states it.
+
+For every test image, independently: logits of its views under the current prompts, keep the
+``⌊n · 0.1⌋`` most confident views (lowest entropy), take one AdamW step that lowers the entropy of
+their averaged prediction, predict from view 0 with the tuned prompts, and reset the prompts.
+
+Two implementations of the same mathematics:
+
+* the **fast** path (default) encodes the views once without gradient and reuses view 0's feature
+  for the prediction; runs the text tower on class prompts batched by length, each batch cut at its
+  own longest end-of-text token, with the prompt prefix (start-of-text and context, identical in
+  every class prompt) computed once for all classes; and, because the prompts are reset before every image, reuses the
+  text features at the initialisation (computed once) for the first step's loss. The gradient is
+  then taken in two passes — ``dL/d(text features)`` from the cached features, then one batch of
+  classes at a time re-encoded with gradient and back-propagated — so memory stays bounded by one
+  batch whatever the number of classes;
+* the **naive** path does what the published code does: views re-encoded every step and view 0
+  again at prediction, every class prompt run through all 77 positions in one autograd graph. It
+  exists for the benchmark and for the tests that prove the fast path equal to it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import ContextManager, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import PromptCheckpoint
+from ..prompts import DEFAULT_CTX_INIT, PromptedTextEncoder
+from ..shared_prefix import shared_prefix_features, supports_shared_prefix
+from ..zeroshot import DEFAULT_TOKEN_BUDGET, ImageEncoder, length_chunks, logit_scale
+from .base import AdaptResult, Adapter
+from .selection import marginal_entropy, n_confident, select_confident, view_entropy  # noqa: F401 (re-exported)
+
+TPT_INITS = ("handcrafted", "prompts", "coop")
+TPT_TUNE = ("all", "shallow")
+HANDCRAFTED_N_CTX = 4
+AMP_INIT_SCALE = 1000.0
+"""The published code's ``GradScaler(init_scale=1000)``."""
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration and result
+
+
+@dataclass
+class TPTConfig:
+    """Settings of test-time prompt tuning; the defaults are the published ones (PRESETS.md).
+
+    Attributes:
+        n_views: views per test image, view 0 included.
+        selection: fraction of views kept by confidence selection.
+        steps: optimisation steps per image (the selection of the first step is kept for later
+            steps, as published).
+        lr: AdamW learning rate (other AdamW settings are PyTorch's defaults).
+        tune: ``all`` tunes the context and the deep prompts; ``shallow`` the context only.
+        naive: use the naive (published-style) path instead of the fast one.
+        token_budget: tokens per text batch on the fast path (bounds memory).
+        shared_prefix: on the fast path, run the prompt prefix once for all classes
+            (:func:`shared_prefix_features`); off only to measure what it saves.
+        naive_class_chunk: on the naive path, at most this many classes per autograd graph (the
+            gradient is then taken in two passes, which costs one extra text forward); ``None``
+            keeps all classes in one graph as published.
+        amp: fp16 autocast with a gradient scaler (CUDA only), as published on GPU.
+        image_dtype: precision of image encoding only (``torch.bfloat16`` on CPUs that have it,
+            or on CUDA: a bf16 copy of the image tower, see :class:`ImageEncoder`); ``None`` for
+            the model's own precision.
+    """
+
+    n_views: int = 64
+    selection: float = 0.1
+    steps: int = 1
+    lr: float = 5e-3
+    tune: str = "all"
+    naive: bool = False
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    shared_prefix: bool = True
+    naive_class_chunk: Optional[int] = None
+    amp: bool = False
+    image_dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self) -> None:
+        if self.n_views < 1:
+            raise ValueError(f"--tpt-views must be at least 1, got {self.n_views}.")
+        if not 0.0 < self.selection <= 1.0:
+            raise ValueError(f"--tpt-selection must be in (0, 1], got {self.selection}.")
+        if self.steps < 0:
+            raise ValueError(f"--tpt-steps must be >= 0, got {self.steps}.")
+        if self.lr <= 0:
+            raise ValueError(f"--tpt-lr must be positive, got {self.lr}.")
+        if self.tune not in TPT_TUNE:
+            raise ValueError(f"--tpt-tune must be one of {', '.join(TPT_TUNE)}, got '{self.tune}'.")
+
+
+@dataclass
+class TPTOutput:
+    """What tuning on one image produced.
+
+    Attributes:
+        logits: view 0's logits under the tuned prompts, fp32 on the CPU, shape (n_classes,).
+        selected: indices of the confident views chosen at the first step (empty for 0 steps).
+        losses: the marginal entropy before each step.
+        tuned: the prompt vectors after the last step (only when asked for).
+        timings: seconds spent per phase (``images``, ``text``, ``step``, ``predict``).
+    """
+
+    logits: torch.Tensor
+    selected: torch.Tensor
+    losses: list[float]
+    tuned: Optional[dict[str, torch.Tensor]] = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of one test image, keyed by (seed, dataset index).
+
+    Views therefore depend neither on the order images are processed in nor on how they are
+    sharded over processes; ``SeedSequence`` mixes the pair so neighbouring indices get unrelated
+    streams.
+    """
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+    generator = torch.Generator()
+    generator.manual_seed(int(state) & ((1 << 63) - 1))
+    return generator
+
+
+# --------------------------------------------------------------------------------------------------
+# building the prompts to tune
+
+
+def context_template(template: str, ctx_init: Optional[str]) -> str:
+    """The class part of a prompt for a context learned from ``ctx_init`` (or from noise).
+
+    Dataset templates start with the init phrase ``a photo of a`` whose positions the context
+    takes (PRESETS.md). :class:`PromptedTextEncoder` drops the phrase itself when it knows it; a
+    context learned from noise (``ctx_init`` None: CoOp, or n_ctx > 4) does not, so the phrase is
+    dropped here, giving ``X X … X {class}, a type of pet.`` rather than ``X … X a photo of a …``.
+    """
+    if ctx_init is None and template.lower().startswith(DEFAULT_CTX_INIT):
+        return template[len(DEFAULT_CTX_INIT) :].lstrip()
+    return template
+
+
+def handcrafted_encoder(model: nn.Module, tokenizer, classnames: Sequence[str], template: str) -> PromptedTextEncoder:
+    """TPT's hand-crafted initialisation: the 4 token embeddings of ``a photo of a``, depth 1."""
+    return PromptedTextEncoder(
+        model, tokenizer, classnames, n_ctx=HANDCRAFTED_N_CTX, depth=1, ctx_init=DEFAULT_CTX_INIT, template=template
+    )
+
+
+def checkpoint_encoder(
+    checkpoint: PromptCheckpoint, model: nn.Module, tokenizer, classnames: Sequence[str], template: str
+) -> PromptedTextEncoder:
+    """An encoder carrying a ProText or CoOp checkpoint's prompts, for ``classnames`` and ``template``.
+
+    Raises:
+        PromptShapeError: the prompts were learned for another text width (names both widths).
+    """
+    return checkpoint.build_encoder(model, tokenizer, classnames, context_template(template, checkpoint.ctx_init))
+
+
+# --------------------------------------------------------------------------------------------------
+# the tuner
+
+
+def _autocast(device: torch.device, enabled: bool) -> ContextManager:
+    return torch.autocast(device_type=device.type, dtype=torch.float16) if enabled else nullcontext()
+
+
+class PromptTuner:
+    """Runs TPT image by image on one :class:`PromptedTextEncoder`, resetting it after each.
+
+    The encoder's prompts at construction are the initialisation every image starts from.
+
+    Args:
+        model: the frozen CLIP model the encoder borrows (its image tower encodes the views).
+        encoder: the prompts to tune; its parameters are switched to ``requires_grad`` per ``tune``.
+        config: :class:`TPTConfig`.
+    """
+
+    def __init__(self, model: nn.Module, encoder: PromptedTextEncoder, config: TPTConfig) -> None:
+        self.model = model
+        self.encoder = encoder
+        self.config = config
+        self.device = encoder.ctx.device
+        if config.amp and self.device.type != "cuda":
+            raise ValueError("fp16 autocast with a gradient scaler (--precision amp) needs a CUDA device.")
+        self.scale = logit_scale(model).to(self.device)
+        self.initial = {k: v.clone() for k, v in encoder.prompt_state().items()}
+        encoder.ctx.requires_grad_(True)
+        if encoder.deep_prompts is not None:
+            encoder.deep_prompts.requires_grad_(config.tune == "all")
+        self.params = [p for p in encoder.parameters() if p.requires_grad]
+        self.image_encoder = ImageEncoder(model, torch.float16 if config.amp else config.image_dtype)
+        self.chunks = length_chunks(encoder.eot, config.token_budget)
+        self.shared_prefix = config.shared_prefix and not config.naive and supports_shared_prefix(encoder)
+        self._initial_text: Optional[torch.Tensor] = None
+
+    # ---------------------------------------------------------------- text and image features
+
+    def _encode(self, chunk: torch.Tensor, truncate: bool) -> torch.Tensor:
+        """Raw features of one batch of classes (the fast path shares the prompt prefix)."""
+        with _autocast(self.device, self.config.amp):
+            if truncate and self.shared_prefix:
+                return shared_prefix_features(self.encoder, chunk)
+            return self.encoder(chunk, truncate=truncate)
+
+    def _text_fast(self) -> torch.Tensor:
+        """Raw class features under the current prompts, batched by length, no gradient."""
+        out = None
+        with torch.no_grad():
+            for chunk in self.chunks:
+                feats = self._encode(chunk, truncate=True)
+                if out is None:
+                    out = feats.new_empty(self.encoder.tokens.shape[0], feats.shape[1])
+                out[chunk] = feats
+        return out
+
+    def initial_text_features(self) -> torch.Tensor:
+        """Raw class features at the initialisation: the same for every image, so computed once."""
+        if self._initial_text is None:
+            self._initial_text = self._text_fast()
+        return self._initial_text
+
+    def _images(self, views: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(views)
+
+    def _logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return self.scale * image_features.float() @ F.normalize(text_features.float(), dim=-1).t()
+
+    # ---------------------------------------------------------------- one image
+
+    def reset(self) -> None:
+        """Put the initial prompts back (after every image)."""
+        self.encoder.load_prompt_state(self.initial)
+
+    def _optimiser(self) -> tuple[torch.optim.Optimizer, Optional[torch.amp.GradScaler]]:
+        # fresh state for every image: the published code reloads the optimiser's initial state dict
+        optimiser = torch.optim.AdamW(self.params, lr=self.config.lr)
+        # a fresh scaler too, so that a skipped step on one image cannot change the next image's run
+        scaler = torch.amp.GradScaler("cuda", init_scale=AMP_INIT_SCALE) if self.config.amp else None
+        return optimiser, scaler
+
+    def _backward_through_chunks(self, grad: torch.Tensor, chunks: Sequence[torch.Tensor], truncate: bool) -> None:
+        """Second pass: re-encode each class batch with gradient and push ``grad`` (dL/dfeatures) back."""
+        for chunk in chunks:
+            feats = self._encode(chunk, truncate)
+            feats.backward(grad[chunk].to(feats.dtype))
+
+    def _step(
+        self,
+        image_features: torch.Tensor,
+        text_features: Optional[torch.Tensor],
+        selected: Optional[torch.Tensor],
+        optimiser: torch.optim.Optimizer,
+        scaler: Optional[torch.amp.GradScaler],
+        chunks: Sequence[torch.Tensor],
+        truncate: bool,
+    ) -> tuple[torch.Tensor, float]:
+        """One tuning step; returns (selected view indices, loss before the step).
+
+        With ``text_features`` given (no gradient) the gradient goes in two passes over ``chunks``;
+        with None, all classes are encoded in one autograd graph (the published way).
+        """
+        optimiser.zero_grad(set_to_none=True)
+        if text_features is None:
+            with _autocast(self.device, self.config.amp):
+                text = self.encoder(truncate=truncate)
+            leaf = None
+        else:
+            leaf = text_features.detach().float().requires_grad_(True)
+            text = leaf
+        logits = self._logits(image_features, text)
+        if selected is None:
+            selected = select_confident(logits, self.config.selection)
+        loss = self._loss(logits[selected], text)
+        scaled = scaler.scale(loss) if scaler is not None else loss
+        if leaf is None:
+            scaled.backward()
+        else:
+            (grad,) = torch.autograd.grad(scaled, leaf)
+            self._backward_through_chunks(grad, chunks, truncate)
+        if scaler is not None:
+            scaler.step(optimiser)
+            scaler.update()
+        else:
+            optimiser.step()
+        return selected, float(loss.detach())
+
+    def _loss(self, selected_logits: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """TPT's loss: the entropy of the kept views' mean prediction (C-TPT adds a term)."""
+        return marginal_entropy(selected_logits)
+
+    def adapt(self, views: torch.Tensor, return_tuned: bool = False) -> TPTOutput:
+        """Tune on the views of one image (view 0 = the image), predict from view 0, then reset.
+
+        Args:
+            views: normalised views, shape (n_views, 3, R, R); view 0 is the test image itself.
+            return_tuned: also return copies of the tuned prompt vectors.
+        """
+        if views.ndim != 4:
+            raise ValueError(f"views must be (n_views, 3, H, W), got shape {tuple(views.shape)}.")
+        try:
+            run = self._adapt_naive if self.config.naive else self._adapt_fast
+            return run(views.to(self.device), return_tuned)
+        finally:
+            self.reset()
+
+    def _adapt_fast(self, views: torch.Tensor, return_tuned: bool) -> TPTOutput:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        image_features = self._images(views)  # once: image features do not depend on the prompts
+        timings["images"] = time.perf_counter() - start
+
+        optimiser, scaler = self._optimiser()
+        selected, losses = None, []
+        for step in range(self.config.steps):
+            start = time.perf_counter()
+            # the prompts were reset before this image, so step 0 sees the cached initial features
+            text = self.initial_text_features() if step == 0 else self._text_fast()
+            timings["text"] = timings.get("text", 0.0) + time.perf_counter() - start
+            start = time.perf_counter()
+            selected, loss = self._step(image_features, text, selected, optimiser, scaler, self.chunks, True)
+            timings["step"] = timings.get("step", 0.0) + time.perf_counter() - start
+            losses.append(loss)
+
+        start = time.perf_counter()
+        text = self.initial_text_features() if self.config.steps == 0 else self._text_fast()
+        logits = self._logits(image_features[:1], text)[0]  # view 0's feature, reused
+        timings["predict"] = time.perf_counter() - start
+        return self._output(logits, selected, losses, return_tuned, timings)
+
+    def _adapt_naive(self, views: torch.Tensor, return_tuned: bool) -> TPTOutput:
+        timings: dict[str, float] = {}
+        n_classes = self.encoder.tokens.shape[0]
+        chunk = self.config.naive_class_chunk
+        chunks = None
+        if chunk is not None and chunk < n_classes:
+            chunks = list(torch.arange(n_classes, device=self.device).split(chunk))
+        optimiser, scaler = self._optimiser()
+        selected, losses = None, []
+        for _ in range(self.config.steps):
+            start = time.perf_counter()
+            image_features = self._images(views)  # re-encoded at every step, as published
+            timings["images"] = timings.get("images", 0.0) + time.perf_counter() - start
+            text = None
+            if chunks is not None:  # memory-bounded: a first pass for the loss, without gradient
+                start = time.perf_counter()
+                text = self._text_full(chunks)
+                timings["text"] = timings.get("text", 0.0) + time.perf_counter() - start
+            start = time.perf_counter()
+            selected, loss = self._step(image_features, text, selected, optimiser, scaler, chunks or [], False)
+            timings["step"] = timings.get("step", 0.0) + time.perf_counter() - start
+            losses.append(loss)
+
+        start = time.perf_counter()
+        view0 = self._images(views[:1])  # the published code encodes the test image again
+        text = self._text_full(chunks or [torch.arange(n_classes, device=self.device)])
+        logits = self._logits(view0, text)[0]
+        timings["predict"] = time.perf_counter() - start
+        return self._output(logits, selected, losses, return_tuned, timings)
+
+    def _text_full(self, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Raw class features through all 77 positions, no gradient."""
+        with torch.no_grad(), _autocast(self.device, self.config.amp):
+            parts = [self.encoder(chunk, truncate=False) for chunk in chunks]
+        return torch.cat(parts)
+
+    def _output(
+        self,
+        logits: torch.Tensor,
+        selected: Optional[torch.Tensor],
+        losses: list[float],
+        return_tuned: bool,
+        timings: dict[str, float],
+    ) -> TPTOutput:
+        tuned = {k: v.to("cpu") for k, v in self.encoder.prompt_state().items()} if return_tuned else None
+        chosen = selected.to("cpu") if selected is not None else torch.empty(0, dtype=torch.long)
+        return TPTOutput(logits.detach().float().to("cpu"), chosen, losses, tuned, timings)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# the common adapter interface
+
+
+class TPTAdapter(Adapter):
+    """TPT or C-TPT behind :class:`~protext.tta.base.Adapter`: one :class:`PromptTuner` per run.
+
+    ``logits`` and ``calibration_logits`` are both view 0's logits under the tuned prompts.
+    """
+
+    def __init__(self, tuner: PromptTuner) -> None:
+        self.tuner = tuner
+
+    def adapt(self, views: torch.Tensor) -> AdaptResult:
+        out = self.tuner.adapt(views)
+        return AdaptResult(out.logits, out.logits, out.timings)
