@@ -1,0 +1,210 @@
+"""The published tables as data, checked against PUBLISHED.md and PRESETS.md parsed at test time.
+
+Every number typed into :mod:`protext.protocols` must equal the design doc's; every cell's settings
+(template, class split and count, n_ctx, TTA) must equal what the protocol text says. The expected
+values come from parsing the docs and ``../shared/classnames`` here, not from protext's own tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from protext.protocols import PROTOCOLS, get_protocol, table_names
+from protext.reproduction import ReproduceConfig, plan_cells
+
+# the doc's short column names for the ImageNet variants
+_COLUMN = {"A": "imagenet_a", "V2": "imagenet_v2", "R": "imagenet_r", "K": "imagenet_sketch"}
+_NAMES_FILE = {
+    "imagenet": "imagenet.json", "caltech101": "caltech101.json", "dtd": "dtd.json", "eurosat": "eurosat.json",
+    "fgvc_aircraft": "aircraft.json", "food101": "food101.json", "oxford_flowers": "flower102.json",
+    "oxford_pets": "pets.json", "stanford_cars": "cars.json", "sun397": "sun397.json", "ucf101": "ucf101.json",
+}
+
+
+@pytest.fixture(scope="module")
+def published_md(shared_dir) -> str:
+    return (shared_dir / "design" / "PUBLISHED.md").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def presets_md(shared_dir) -> str:
+    return (shared_dir / "design" / "PRESETS.md").read_text(encoding="utf-8")
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every pipe table of a markdown text, header row included, separator rows dropped."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _number(text: str) -> float:
+    return float(text.rstrip("*"))
+
+
+def _by_method(table: list[list[str]]) -> dict[tuple[str, str], str]:
+    """Tables with methods as rows and datasets as columns -> {(method, column): text}."""
+    head = [_COLUMN.get(h, h) for h in table[0]]
+    return {(row[0], head[i]): row[i] for row in table[1:] for i in range(1, len(row))}
+
+
+def _by_dataset(table: list[list[str]]) -> dict[tuple[str, str], str]:
+    """Tables with datasets as rows and methods as columns -> {(method, dataset): text}."""
+    head = table[0]
+    return {(head[i], row[0]): row[i] for row in table[1:] for i in range(1, len(row))}
+
+
+def _expected(published_md: str) -> dict[str, dict[tuple[str, str], str]]:
+    t = markdown_tables(published_md)
+    # order in PUBLISHED.md: text-only, base2novel, cross-dataset, DG, TPT OOD, TPT XD, ZERO..., ZERO...
+    return {
+        "protext-text-only": _by_dataset(t[0]),
+        "protext-base2novel": _by_dataset(t[1]),
+        "protext-cross-dataset": _by_method(t[2]),
+        "protext-dg": _by_method(t[3]),
+        "tpt-ood": _by_method(t[4]),
+        "tpt-xd": _by_method(t[5]),
+        "protext-tpt": {k: v for k, v in _by_method(t[2]).items() if k[0] == "ProText"},
+    }
+
+
+def _split_cell(text: str, measures: tuple[str, ...]) -> dict[str, float]:
+    parts = [p.strip() for p in text.split("/")]
+    assert len(parts) == len(measures), text
+    return {m: _number(p) for m, p in zip(measures, parts)}
+
+
+def test_every_typed_number_equals_published_md(published_md):
+    expected = _expected(published_md)
+    assert set(expected) == set(PROTOCOLS)
+    for name, cells in expected.items():
+        p = get_protocol(name)
+        averages = {a.name for a in p.averages}
+        seen_cells, seen_averages = {}, {}
+        for (method, column), text in cells.items():
+            numbers = _split_cell(text, p.measures())
+            for measure, value in numbers.items():
+                if column in averages or method.startswith("average"):
+                    # text-only and base-to-novel put averages in a row, the others in a column
+                    key = (column, method, measure) if method.startswith("average") else (method, column, measure)
+                    seen_averages[key] = value
+                else:
+                    seen_cells[(method, column, measure)] = value
+        assert dict(p.published) == seen_cells, name
+        assert dict(p.published_averages) == seen_averages, name
+
+
+def test_paper_text_only_clip_average_is_not_the_mean_of_its_row():
+    p = get_protocol("protext-text-only")
+    row = [p.published[("CLIP", d, "top1")] for d in p.datasets]
+    # hand-computed: the 11 CLIP cells sum to 718.25 (mean 65.295); without ImageNet 651.53 (mean 65.153)
+    assert sum(row) == pytest.approx(718.25)
+    assert p.published_averages[("CLIP", "average (11)", "top1")] == 65.15
+    assert sum(row[1:]) / 10 == pytest.approx(65.153)
+
+
+def test_unknown_table_lists_the_names():
+    from protext.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        get_protocol("protext-texts-only")
+    for name in table_names():
+        assert name in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# cell settings against the protocol text
+
+
+def _clip_templates(published_md: str) -> tuple[dict[str, str], str]:
+    """CoOp's templates from the ProText "CLIP" protocol bullet: ({dataset: template}, default)."""
+    bullet = published_md.split("- **CLIP**:", 1)[1].split("\n- **", 1)[0]
+    pairs = dict(re.findall(r"(\w+) `([^`]+)`", bullet))
+    default = re.search(r"all others.*?`([^`]+)`", bullet, re.S).group(1)
+    return {k: v for k, v in pairs.items() if "{}" in v}, default
+
+
+def _presets_table(presets_md: str) -> dict[str, int]:
+    """n_ctx per preset name, from PRESETS.md's hyper-parameter table."""
+    table = markdown_tables(presets_md)[0]
+    out, setting = {}, None
+    for row in table[1:]:
+        if row[0]:
+            setting = "cross_dataset" if row[0].startswith("cross") else ("text_only" if row[0].startswith("text") else "base2novel")
+        name = "cross_dataset" if setting == "cross_dataset" else f"{setting}/{row[1]}"
+        out[name] = int(row[2])
+    return out
+
+
+def _cross_templates(presets_md: str) -> dict[str, str]:
+    table = markdown_tables(presets_md)[1]
+    return {row[0]: row[1].strip("`") for row in table[1:] if not row[0].startswith("all others")}
+
+
+def _n_classes(shared_dir, dataset: str) -> int:
+    if dataset in ("imagenet_a", "imagenet_r"):
+        return 200
+    if dataset.startswith("imagenet"):
+        return 1000
+    return len(json.loads((shared_dir / "classnames" / _NAMES_FILE[dataset]).read_text()))
+
+
+@pytest.mark.parametrize("name", list(PROTOCOLS))
+def test_cell_settings_follow_the_protocol_text(name, published_md, presets_md, shared_dir):
+    coop, default = _clip_templates(published_md)
+    n_ctx = _presets_table(presets_md)
+    cross = _cross_templates(presets_md)
+    p = get_protocol(name)
+    cells = plan_cells(p, ReproduceConfig(name, "unused"))
+    assert len(cells) == len(p.rows) * len(p.datasets) * len(p.splits)
+    assert {(c.row, c.dataset, c.split) for c in cells} == {
+        (r.name, d, s) for r in p.rows for d in p.datasets for s in p.splits
+    }
+    for c in cells:
+        total = _n_classes(shared_dir, c.dataset)
+        assert c.n_classes == {"all": total, "base": math.ceil(total / 2), "novel": total // 2}[c.split]
+        if c.row.startswith("CLIP (") or c.row.startswith("TPT") or c.row.startswith("CoOp"):
+            assert c.template == "a photo of a {}." and c.template_rule == "tpt"  # TPT: one template everywhere
+        elif c.features == "clip" or c.row == "CuPL":
+            assert c.template == coop.get(c.dataset, default) and c.template_rule == "coop"
+        if c.features == "prompts" and c.preset:
+            assert c.n_ctx == n_ctx[c.preset]
+            trained_on = "imagenet" if c.preset == "cross_dataset" else c.preset.split("/")[1]
+            in_domain = trained_on == c.dataset
+            want = "a photo of a {}." if in_domain else cross.get(c.dataset, "a photo of a {}.")
+            assert c.template == want, c
+        if c.tta:
+            assert (c.tta["views"], int(c.tta["views"] * c.tta["selection"]), c.tta["steps"], c.tta["lr"]) == (64, 6, 1, 5e-3)
+
+
+def test_rows_use_the_presets_the_paper_names():
+    presets = {(c.row, c.dataset, c.split): c.preset for p in PROTOCOLS.values() for c in plan_cells(p, ReproduceConfig(p.name, "x"))}
+    assert presets[("ProText", "dtd", "all")] in ("text_only/dtd", "cross_dataset")
+    text_only = plan_cells(get_protocol("protext-text-only"), ReproduceConfig("protext-text-only", "x"))
+    assert {c.preset for c in text_only if c.row == "ProText"} == {f"text_only/{d}" for d in get_protocol("protext-text-only").datasets}
+    b2n = plan_cells(get_protocol("protext-base2novel"), ReproduceConfig("protext-base2novel", "x"))
+    assert all(c.preset == f"base2novel/{c.dataset}" for c in b2n if c.row == "ProText")
+    # CuPL has no descriptions of novel classes: its novel cells are CLIP's
+    assert all(c.features == "clip" for c in b2n if c.row == "CuPL" and c.split == "novel")
+    assert all(c.features == "cupl" for c in b2n if c.row == "CuPL" and c.split == "base")
+    dg = plan_cells(get_protocol("protext-dg"), ReproduceConfig("protext-dg", "x"))
+    assert {c.preset for c in dg if c.row == "ProText"} == {"text_only/imagenet"}
+    assert {c.n_ctx for c in dg if c.row == "ProText"} == {16}
+    xd = plan_cells(get_protocol("protext-cross-dataset"), ReproduceConfig("protext-cross-dataset", "x"))
+    assert {c.preset for c in xd if c.row == "ProText"} == {"cross_dataset"}
+    tpt = plan_cells(get_protocol("protext-tpt"), ReproduceConfig("protext-tpt", "x"))
+    assert {c.tta["init"] for c in tpt if c.tta} == {"prompts"} and {c.preset for c in tpt} == {"cross_dataset"}
+    ood = plan_cells(get_protocol("tpt-ood"), ReproduceConfig("tpt-ood", "x"))
+    assert {c.tta["init"] for c in ood if c.tta} == {"handcrafted", "coop"}
+    assert {c.n_ctx for c in ood if c.tta and c.tta["init"] == "handcrafted"} == {4}
