@@ -1,18 +1,35 @@
-"""The little that evaluation needs from torch.distributed: ranks, shards and one gather.
+"""The little that evaluation needs from torch.distributed: ranks, shards, one gather, no hung ranks.
 
 Under ``torchrun`` the environment names the rank and world size; gloo is used on the CPU and nccl
 on CUDA. Without it everything degrades to a single process with no process group.
+
+A rank must never outlive its job. Two things guard it:
+
+* a watchdog thread exits the rank as soon as its parent (the torchrun agent) is gone: a SIGKILLed
+  agent cannot tell its workers, and they would otherwise wait in a collective until its timeout;
+* ranks meet only at the end, and only once every rank has said it is finished (a counter in the
+  job's store, polled), so the collective itself never waits long and its timeout can be short.
+  A rank that dies makes the agent stop the others (torchrun's own rule).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+#: collectives run only once all ranks are ready, so they never need long (see :func:`wait_for_peers`)
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+#: how often the watchdog looks at the parent process and :func:`wait_for_peers` at the store
+POLL_SECONDS = 0.5
+#: exit status of a rank whose agent vanished
+EXIT_ORPHANED = 3
 
 
 @dataclass
@@ -33,24 +50,50 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(use_cuda: bool, timeout_minutes: float = 60.0) -> DistContext:
-    """Join the process group ``torchrun`` set up, if any (``WORLD_SIZE`` > 1).
+_watchdog: list[threading.Thread] = []
+
+
+def start_parent_watchdog(poll_seconds: float = POLL_SECONDS) -> threading.Thread:
+    """Exit this process (status 3) as soon as its parent process is gone.
+
+    A process whose parent dies is re-parented (to init or a subreaper), so ``getppid`` changes;
+    ``os._exit`` is used because a rank blocked in a collective cannot run Python cleanup anyway.
+    """
+    if _watchdog:
+        return _watchdog[0]
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(EXIT_ORPHANED)
+            time.sleep(poll_seconds)
+
+    thread = threading.Thread(target=watch, name="protext-parent-watchdog", daemon=True)
+    thread.start()
+    _watchdog.append(thread)
+    return thread
+
+
+def init_distributed(use_cuda: bool, timeout: timedelta = COLLECTIVE_TIMEOUT) -> DistContext:
+    """Join the process group ``torchrun`` set up, if any (``WORLD_SIZE`` > 1), and watch the agent.
 
     Args:
         use_cuda: pick nccl (and this rank's GPU) instead of gloo.
-        timeout_minutes: how long a collective may wait; a rank that is much slower than the
-            others (TPT on an unlucky shard) must not be mistaken for a dead one.
+        timeout: how long one collective may wait. Short on purpose: ranks enter collectives only
+            after :func:`wait_for_peers`, so no rank waits for a slow peer's work inside one.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
+    start_parent_watchdog()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend=backend, timeout=timeout)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
 
 
@@ -59,10 +102,39 @@ def shard(indices: Sequence[int], ctx: DistContext) -> list[int]:
     return list(indices[ctx.rank :: ctx.world_size])
 
 
+def _store() -> Optional[Any]:
+    try:  # the job's key-value store; private in torch, hence the fallback to a plain barrier
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+_rounds = [0]
+
+
+def wait_for_peers(ctx: DistContext, poll_seconds: float = POLL_SECONDS) -> None:
+    """Return once every rank has called this for the same time (each adds 1 to a counter of this
+    round; all poll until it reaches the world size). Waiting here, outside any collective, is what
+    lets the collective timeout be short: a rank that finishes an hour before its peers just polls,
+    watched by the parent watchdog."""
+    if not ctx.active:
+        return
+    _rounds[0] += 1  # every rank calls this in the same order, so the round names agree
+    key = f"protext/finished/{_rounds[0]}"
+    store = _store()
+    if store is None:
+        dist.barrier()
+        return
+    store.add(key, 1)
+    while store.add(key, 0) < ctx.world_size:
+        time.sleep(poll_seconds)
+
+
 def gather(obj: Any, ctx: DistContext) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (after :func:`wait_for_peers`)."""
     if not ctx.active:
         return [obj]
+    wait_for_peers(ctx)
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -71,4 +143,10 @@ def gather(obj: Any, ctx: DistContext) -> list[Any]:
 def shutdown(ctx: DistContext) -> None:
     """Leave the process group (safe to call when there is none)."""
     if ctx.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shutdown_all() -> None:
+    """Leave the process group if this process is in one (the command's last step)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,59 @@
+"""Evaluation: zero-shot or test-time adaptation over a dataset, resumable, with calibration and cost.
+
+Use from Python::
+
+    from protext.evaluation import EvalConfig, evaluate
+
+    payload = evaluate(EvalConfig(dataset="dtd", root="data", method="clip", templates="coop"))
+    print(payload["metrics"]["top1"], payload["metrics"]["ece"])
+
+:func:`evaluate` checks everything that needs no model first (flags, input files, every output
+path), then runs, appending each finished image to a log beside the results file; rerunning the
+same call after a kill continues from the log and gives the same results. Under ``torchrun`` the
+images are sharded (every ``world_size``-th image per rank) and merged exactly. Rank 0 writes the
+results JSON, its markdown summary and reliability diagram (:func:`protext.results.write_results`),
+then removes the log.
+
+Modules: :mod:`.config` (settings, no torch), :mod:`.preflight`, :mod:`.data`, :mod:`.features`
+(class features and templates), :mod:`.adapters` (the bridge to :mod:`protext.tta`), :mod:`.resume`
+(the log), :mod:`.loop`, :mod:`.payload`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .config import METHODS, PRECISIONS, SPLITS, TEMPLATE_RULES, TTA_METHODS, EvalConfig, EvalError
+
+__all__ = ["EvalConfig", "EvalError", "METHODS", "PRECISIONS", "SPLITS", "TEMPLATE_RULES", "TTA_METHODS", "evaluate"]
+
+
+def evaluate(config: EvalConfig, *, clip: Any = None, progress: bool = True, command: Optional[str] = None) -> dict[str, Any]:
+    """Evaluate ``config`` and write its results; returns the results payload (on every rank).
+
+    Args:
+        config: the run's settings (``config.output_path()`` is where results and the log go).
+        clip: an already loaded :class:`protext.models.LoadedClip` to use instead of loading
+            ``config.model``/``config.pretrained`` (it must be what those name: the results say so).
+        progress: allow a progress bar (``config.progress`` must allow it too).
+        command: the command line to record (default: a Python call).
+
+    Raises:
+        protext.errors.UserError: bad flags, inputs or output paths (before any model loads), or
+            bad data found during the run; the message is one line naming the flag or file.
+    """
+    import time
+
+    from ..results import write_results
+    from .loop import evaluate_shards
+    from .payload import build_payload
+    from .resume import remove_logs
+
+    start = time.perf_counter()
+    setup, parts = evaluate_shards(config, clip=clip, progress=progress)
+    payload = build_payload(setup, parts, command or f"protext.evaluation.evaluate({config!r})", time.perf_counter() - start)
+    if setup.ctx.is_main:
+        out = config.output_path()
+        write_results(payload, out)
+        remove_logs(out, setup.fingerprint)
+    return payload

@@ -1,0 +1,183 @@
+"""Class features for the loop: which template, which checkpoint, and the features themselves.
+
+``--method clip`` (one template), ``cupl`` (mean of description features), ``prompts`` (a learned
+checkpoint through :func:`protext.checkpoint.class_encoder`, the one checkpoint→encoder path) and
+``ensemble`` (ZERO+Ensemble's seven templates, TTA.md §1.6, averaged like CuPL's descriptions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..checkpoint import PromptCheckpoint, check_weights, class_encoder, load_coop, load_prompts
+from ..templates import template_for
+from .config import COOP_SUFFIXES, EvalConfig
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file: the identity of a checkpoint or description file in the results."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_digests(config: EvalConfig) -> dict[str, str]:
+    """sha256 of every input file that exists (for the resume fingerprint and the results)."""
+    return {flag: file_digest(path) for flag, path in config.input_paths().items() if Path(path).is_file()}
+
+
+def load_checkpoint(config: EvalConfig) -> Optional[PromptCheckpoint]:
+    """The checkpoint ``--prompts`` names, read in the format the TTA init or the suffix asks for."""
+    if not config.prompts:
+        return None
+    coop = (config.tunes_prompts and config.resolved_tta_init() == "coop") or Path(config.prompts).suffix in COOP_SUFFIXES
+    return load_coop(config.prompts) if coop else load_prompts(config.prompts)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def checkpoint_identity(path: str, checkpoint: PromptCheckpoint, weights) -> dict[str, Any]:
+    """What the results record of a checkpoint: file hash, shape, metadata, both fingerprints."""
+    # class lists can hold a thousand names: count them instead of copying them into every result
+    meta = {k: v for k, v in checkpoint.meta.items() if k not in ("classnames", "classes") and _jsonable(v)}
+    if isinstance(checkpoint.meta.get("classes"), list):
+        meta["n_classes"] = len(checkpoint.meta["classes"])
+    return {
+        "path": str(path),
+        "sha256": file_digest(path),
+        "n_ctx": checkpoint.n_ctx,
+        "depth": checkpoint.depth,
+        "width": checkpoint.width,
+        "context_replaces": checkpoint.context_replaces,
+        "text_tower_fingerprint": {"checkpoint": weights.checkpoint, "model": weights.model, "matches": weights.matches},
+        "meta": meta,
+    }
+
+
+def training_dataset(meta: dict[str, Any]) -> Optional[str]:
+    """The dataset a checkpoint's prompts were learned for, from its metadata (None if unknown).
+
+    protext training records its preset (``text_only/dtd``, ``base2novel/dtd``, ``cross_dataset``)
+    and the preset's values, which name the dataset.
+    """
+    if meta.get("dataset"):
+        return str(meta["dataset"])
+    values = meta.get("preset_values")
+    if isinstance(values, dict) and values.get("dataset"):
+        return str(values["dataset"])
+    preset = meta.get("preset")
+    if isinstance(preset, str) and "/" in preset:
+        return preset.rsplit("/", 1)[1]
+    return None
+
+
+@dataclass
+class TemplateChoice:
+    """The template a run used and why (recorded in every result)."""
+
+    template: str
+    source: str
+    rule: str
+
+    def record(self) -> dict[str, str]:
+        return {"template": self.template, "source": self.source, "rule": self.rule}
+
+
+def resolve_template(config: EvalConfig, dataset_name: str, checkpoint: Optional[PromptCheckpoint]) -> TemplateChoice:
+    """``--template`` wins; prompts evaluated on the dataset they were trained on keep their training
+    template (ProText's in-domain protocol); everything else takes ``--templates RULE``'s template."""
+    rule = config.templates
+    if config.template:
+        return TemplateChoice(config.template, "--template", rule)
+    if config.uses_checkpoint() and checkpoint is not None:
+        trained_on = training_dataset(checkpoint.meta)
+        if trained_on and trained_on in (config.dataset, dataset_name) and checkpoint.meta.get("template"):
+            return TemplateChoice(str(checkpoint.meta["template"]), "checkpoint (same dataset)", rule)
+    return TemplateChoice(template_for(dataset_name, rule), f"--templates {rule}", rule)
+
+
+def ensemble_templates() -> tuple[str, ...]:
+    """ZERO+Ensemble's seven templates (owned by :mod:`protext.tta.zero`)."""
+    from ..tta.zero import ENSEMBLE_TEMPLATES
+
+    return tuple(ENSEMBLE_TEMPLATES)
+
+
+def prompt_encoder(config: EvalConfig, clip, classnames: Sequence[str], template: str, checkpoint: Optional[PromptCheckpoint]):
+    """The prompted encoder TPT/C-TPT tune, or ``--method prompts`` reads: the checkpoint's prompts,
+    or TPT's hand-crafted ``a photo of a`` when nothing is loaded from ``--prompts``."""
+    use = checkpoint if config.uses_checkpoint() else None
+    return class_encoder(clip.model, clip.tokenizer, classnames, template, use)
+
+
+@torch.no_grad()
+def class_features(config: EvalConfig, clip, classnames: Sequence[str], template: str, checkpoint, descriptions=None) -> torch.Tensor:
+    """Normalised fp32 class features ``(n_classes, dim)`` for ``config.method``."""
+    from ..zeroshot import clip_text_features, cupl_text_features, prompt_text_features
+
+    model, tokenizer = clip.model, clip.tokenizer
+    if config.method == "clip":
+        return clip_text_features(model, tokenizer, classnames, template)
+    if config.method == "cupl":
+        return cupl_text_features(model, tokenizer, classnames, descriptions, source=config.descriptions)
+    if config.method == "ensemble":
+        from ..classlists import clean_classname
+
+        texts = {name: [t.format(clean_classname(name)) for t in ensemble_templates()] for name in classnames}
+        return cupl_text_features(model, tokenizer, classnames, texts, source="the ensemble templates")
+    return prompt_text_features(prompt_encoder(config, clip, classnames, template, checkpoint))
+
+
+def read_description_source(path: str) -> dict[str, list[str]]:
+    """A protext description cache (.jsonl) or a CuPL JSON file, as ``{class: [descriptions]}``."""
+    from .. import descriptions
+
+    if Path(path).suffix == ".json":
+        return descriptions.load_cupl_json(path)
+    return descriptions.read_descriptions(path)
+
+
+def check_finite(logits: torch.Tensor, config: EvalConfig) -> None:
+    """Non-finite logits mean corrupted inputs: refuse, naming what the features came from."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    from .config import EvalError
+
+    source = {"prompts": f"checkpoint {config.prompts}", "cupl": f"descriptions {config.descriptions}"}.get(
+        config.method, f"model {config.model} ({config.pretrained})"
+    )
+    if config.tunes_prompts and config.prompts:
+        source = f"checkpoint {config.prompts}"
+    raise EvalError(f"logits are not finite (NaN or inf): {source} holds corrupted values; restore it or train again.")
+
+
+__all__ = [
+    "TemplateChoice",
+    "check_finite",
+    "check_weights",
+    "checkpoint_identity",
+    "class_features",
+    "ensemble_templates",
+    "file_digest",
+    "input_digests",
+    "load_checkpoint",
+    "prompt_encoder",
+    "read_description_source",
+    "resolve_template",
+    "training_dataset",
+]

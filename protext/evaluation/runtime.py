@@ -1,0 +1,90 @@
+"""Device, precision and the facts about the machine that every result records."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..distributed import DistContext
+from .config import EvalConfig, EvalError
+
+
+@dataclass
+class Runtime:
+    """Resolved device and numeric settings."""
+
+    device: torch.device
+    precision: str
+    image_dtype: Optional[torch.dtype]
+
+    @property
+    def fp16(self) -> bool:
+        return self.precision == "fp16"
+
+
+def resolve_runtime(config: EvalConfig, ctx: DistContext) -> Runtime:
+    """``--device``/``--precision`` to a device and dtypes (auto: CUDA + fp16 if present, else CPU + fp32)."""
+    name = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
+    name = "cpu" if name == "auto" else name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"--device must be auto, cpu, cuda or cuda:N, got '{config.device}'.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {config.device}: CUDA is not available on this machine; use --device cpu.")
+        if ctx.active or device.index is None:
+            device = torch.device("cuda", ctx.local_rank if ctx.active else torch.cuda.current_device())
+    precision = config.precision
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise EvalError("--precision fp16 (autocast with a gradient scaler, as published) needs CUDA; use fp32 or bf16 on the CPU.")
+    image_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return Runtime(device, precision, image_dtype)
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's or the CPU's name, as a result should record it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory of this process: max allocated on CUDA, peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return {"kind": "cuda_max_allocated", "mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return {"kind": "cpu_peak_rss", "mib": mib}
+
+
+def versions() -> dict[str, str]:
+    """torch, open_clip and protext versions."""
+    from .. import __version__
+
+    try:
+        import open_clip
+
+        open_clip_version = getattr(open_clip, "__version__", "unknown")
+    except ImportError:
+        open_clip_version = "not installed"
+    return {"protext": __version__, "torch": torch.__version__, "open_clip": open_clip_version, "python": platform.python_version()}
