@@ -1,0 +1,148 @@
+"""ZERO against a hand-written reference of TTA.md §1 (votes, tie rule, fallback, fp16 votes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protext.tta import TTAConfig, build_adapter
+from protext.tta.zero import ENSEMBLE_TEMPLATES, zero_votes
+
+SCALE = 100.0
+C = 5
+
+
+def reference_zero(cos: list[list[float]], scale: float, keep: int, fp16: bool = False) -> tuple[list[float], int, list[int]]:
+    """TTA.md §1 step by step in plain Python (float64): entropy ranking, votes, tie rule, +1."""
+    n, c = len(cos), len(cos[0])
+
+    def entropy(row):
+        z = [scale * x for x in row]
+        top = max(z)
+        e = [math.exp(v - top) for v in z]
+        s = sum(e)
+        return -sum((v / s) * math.log(v / s) for v in e if v > 0)
+
+    order = sorted(range(n), key=lambda v: (entropy(cos[v]), v))
+    kept, rest = order[:keep], order[keep:]
+    argmax = lambda row: max(range(c), key=lambda k: (row[k], -k))  # noqa: E731  first of equal maxima
+    votes = [0.0] * c
+    for v in kept:
+        if fp16:
+            row = [float(torch.tensor(x).half()) * 1024.0 for x in cos[v]]
+            top = max(row)
+            e = [math.exp(x - top) for x in row]
+            for k in range(c):
+                votes[k] += e[k] / sum(e)
+        else:
+            votes[argmax(cos[v])] += 1
+    best = max(votes)
+    tied = [k for k in range(c) if votes[k] == best]
+    winner = tied[0]
+    if len(tied) > 1:
+        winner = None
+        for v in rest:
+            if argmax(cos[v]) in tied:
+                winner = argmax(cos[v])
+                break
+        if winner is None:
+            winner = max(tied, key=lambda k: (cos[rest[0]][k], -k))
+    votes[winner] += 1
+    return votes, winner, kept
+
+
+def view(cls: int, rank: int, extra: dict[int, float] | None = None) -> list[float]:
+    """A view voting ``cls``, less confident the larger ``rank`` (entropies well apart)."""
+    row = [0.0] * C
+    row[cls] = 0.2 - 0.002 * rank
+    for k, v in (extra or {}).items():
+        row[k] = v
+    return row
+
+
+def stream(kept_classes: list[int], rest: list[tuple[int, dict | None]]) -> list[list[float]]:
+    rows = [view(c, r) for r, c in enumerate(kept_classes)]
+    rows += [r if isinstance(r, list) else view(r[0], len(kept_classes) + i, r[1]) for i, r in enumerate(rest)]
+    assert len(rows) == 64
+    # shuffle the view order: the ranking, not the position, decides (view 0 competes like any other)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    return [rows[p] for p in perm]
+
+
+def check(rows, expect_winner, fp16=False):
+    cos = torch.tensor(rows, dtype=torch.float32)
+    got = zero_votes(cos, SCALE, 0.3, "fp16" if fp16 else "hard")
+    votes, winner, kept = reference_zero(rows, SCALE, 19, fp16)
+    assert winner == expect_winner == got.prediction
+    assert got.kept.tolist() == kept and len(kept) == 19  # 19 of 64 = ⌊64·0.3⌋
+    torch.testing.assert_close(got.votes, torch.tensor(votes, dtype=torch.float32), atol=1e-5, rtol=0)
+    assert int(got.votes.argmax()) == winner
+    return got
+
+
+def test_majority_without_tie():
+    rows = stream([2] * 10 + [1] * 9, [(1, None)] * 45)
+    got = check(rows, 2)
+    assert got.tie_broken_by is None and float(got.votes[2]) == 11.0  # 10 votes + 1
+
+
+def test_tie_broken_by_first_discarded_view_voting_a_tied_class():
+    # kept: 9 × class 1, 9 × class 3, 1 × class 0; discarded in order: 4, 0, 3, 1, ...
+    rows = stream([1] * 9 + [3] * 9 + [0], [(4, None), (0, None), (3, None), (1, None)] + [(4, None)] * 41)
+    got = check(rows, 3)
+    assert got.tie_broken_by is not None and got.tie_broken_by >= 0
+    assert float(got.votes[3]) == 10.0 and float(got.votes[1]) == 9.0
+
+
+def test_tie_fallback_largest_cosine_of_first_discarded_among_tied_only():
+    # no discarded view votes 1 or 3; the most confident discarded view prefers 4, then 3 over 1
+    # (and 0 above both: a mask letting non-tied classes in would pick 0); the others prefer 1 to 3
+    first = [0.15, 0.01, 0.0, 0.04, 0.16]
+    later = [[0.0, 0.03, 0.035 + 0.0001 * r, 0.0, 0.0] for r in range(44)]
+    rows = stream([1] * 9 + [3] * 9 + [0], [first] + later)
+    got = check(rows, 3)
+    assert got.tie_broken_by == -1
+
+
+def test_fp16_votes_split_near_ties():
+    """fp16 soft votes: 10 views barely prefer 0 over 1 (by 0.001), 9 views clearly vote 1.
+    Hard votes pick 0; the published fp16 votes give the near-ties ~0.73/0.27 and pick 1."""
+    near = [[0.3, 0.299, 0.0, 0.0, 0.0] for _ in range(10)]
+    clear = [[0.0, 0.25, 0.0, 0.0, 0.0] for _ in range(9)]
+    rest = [[0.0, 0.0, 0.0, 0.01 * (k % 3), 0.0] for k in range(45)]
+    rows = near + clear + rest  # near and clear views are the most confident (19 kept)
+    hard = check(rows, 0)
+    soft = check(rows, 1, fp16=True)
+    assert hard.prediction != soft.prediction
+
+
+def test_ensemble_templates_are_the_seven_of_tta_md():
+    assert ENSEMBLE_TEMPLATES == (
+        "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+        "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+    )
+
+
+def test_adapter_on_tiny_clip_equals_reference(tiny_clip):
+    model = tiny_clip.model
+    views = torch.randn(64, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    classes = torch.randn(7, 32, generator=torch.Generator().manual_seed(5))
+    adapter = build_adapter(TTAConfig(method="zero"), model, "dtd", text_features=classes)
+    out = adapter.adapt(views)
+    with torch.no_grad():
+        feats = F.normalize(model.encode_image(views), dim=-1)
+    cos = (feats @ F.normalize(classes, dim=-1).t()).tolist()
+    scale = float(model.logit_scale.exp())
+    votes, winner, _ = reference_zero(cos, scale, 19)
+    assert int(out.logits.argmax()) == winner
+    torch.testing.assert_close(out.logits, torch.tensor(votes, dtype=torch.float32))
+    # the votes are not probabilities: calibration comes from view 0's logits
+    torch.testing.assert_close(out.calibration_logits, scale * torch.tensor(cos[0]), atol=1e-4, rtol=0)
+    assert set(out.timings) >= {"images"}
+    batch = adapter.adapt_batch([views, views.flip(-1)])
+    torch.testing.assert_close(batch[0].logits, out.logits)
+    torch.testing.assert_close(batch[0].calibration_logits, out.calibration_logits, atol=1e-4, rtol=0)
+    assert torch.equal(batch[1].logits, adapter.adapt(views.flip(-1)).logits)
