@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import signal
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
@@ -373,26 +374,17 @@ def _cupl_source(dataset: str) -> str:
     return "imagenet" if dataset.startswith("imagenet") else dataset
 
 
-def _release_descriptions(folder: str, dataset: str) -> tuple[dict[str, list[str]], str]:
-    """CuPL's descriptions for ``dataset`` from CuPL's release folder, and the file they came from."""
-    from .presets import CUPL_FILES
+def _release_descriptions(folder: str, dataset: str, classes: list[str]) -> dict[str, list[str]]:
+    """CuPL's descriptions of ``classes`` from CuPL's release folder (its file names and original
+    keys, renamed through protext's documented key map), keyed by the dataset's class names."""
+    from .descriptions.cupl import release_descriptions
 
-    path = Path(folder) / CUPL_FILES[dataset]
     try:
-        from .descriptions.cupl import release_descriptions
-    except ImportError:  # before the release reader lands: the file as CuPL wrote it
-        release_descriptions = None
-    if release_descriptions is not None:
-        return release_descriptions(folder, dataset), str(path)
-    if not path.is_file():
-        raise ReproduceError(f"--descriptions {folder}: no {CUPL_FILES[dataset]} (CuPL's file for {dataset}) there.")
-    return _read_json(path, "pass CuPL's release folder as --descriptions"), str(path)
-
-
-def _name_key(name: str) -> str:
-    from .classlists import clean_classname
-
-    return clean_classname(name).casefold()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # keys of classes a dataset lacks: CuPL's, not the user's
+            return release_descriptions(folder, _cupl_source(dataset), classes=classes)
+    except UserError as err:
+        raise ReproduceError(f"--descriptions: {err}") from None
 
 
 def prepare_descriptions(
@@ -434,24 +426,20 @@ def _merge(first: list[str], second: list[str]) -> list[str]:
 
 
 def _materialise(release: str, dataset: str, classes: list[str], folder: RunFolder) -> Path:
-    raw, source = _release_descriptions(release, _cupl_source(dataset))
-    by_key = {_name_key(k): v for k, v in raw.items()}
-    absent = [c for c in classes if not by_key.get(_name_key(c))]
-    if absent:
-        shown = ", ".join(absent[:8]) + (", ..." if len(absent) > 8 else "")
-        raise ReproduceError(
-            f"--descriptions {release}: {source} has no descriptions for {len(absent)} of {dataset}'s "
-            f"{len(classes)} classes ({shown}); use CuPL's own file for {dataset}."
-        )
-    payload = {c: list(by_key[_name_key(c)]) for c in classes}
-    path = folder.path / "descriptions" / f"{dataset}.json"
-    text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
-    if path.exists() and path.read_text(encoding="utf-8") != text:
-        raise ReproduceError(
-            f"{path} differs from {source}: the descriptions changed since this run began; pass another --out."
-        )
-    if not path.exists():
-        _write_text(path, text)
+    """Write ``dataset``'s descriptions (every sample, repeats kept) as a protext description file."""
+    from .descriptions import read_descriptions
+    from .descriptions.cupl import import_descriptions
+
+    data = _release_descriptions(release, dataset, classes)
+    path = folder.path / "descriptions" / f"{dataset}.jsonl"
+    if path.exists():
+        if read_descriptions(path) != data:
+            raise ReproduceError(
+                f"{path} differs from CuPL's file for {dataset} in {release}: the descriptions changed since "
+                "this run began; pass another --out."
+            )
+        return path
+    import_descriptions(data, path)
     return path
 
 
@@ -791,3 +779,130 @@ def render_markdown(table: dict[str, Any]) -> str:
     out += ["## Run", ""] + [f"- {k}: {v}" for k, v in {**table["run"], **env}.items()]
     out += [f"- seconds: evaluation {table['seconds']['evaluation']}, training {table['seconds']['training']}", ""]
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# the real runner: protext's training and evaluation on one model loaded once
+
+
+class LibraryRunner:
+    """Trains with :func:`protext.training.run_training`, evaluates with :func:`protext.evaluation.evaluate`.
+
+    The model is loaded once, on first use, and passed to every training and evaluation.
+    """
+
+    def __init__(self, config: ReproduceConfig) -> None:
+        self.config = config
+        self._clip = None
+        self._device = None
+
+    def _load(self):
+        if self._clip is None:
+            import torch
+
+            from .models import load_clip
+
+            name = self.config.device
+            name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+            self._device = torch.device(name)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+                try:
+                    self._clip = load_clip(self.config.model, self.config.pretrained, device=self._device, seed=self.config.seed)
+                except (ValueError, FileNotFoundError, RuntimeError) as err:
+                    raise ReproduceError(f"--model {self.config.model} --pretrained {self.config.pretrained}: {err}") from None
+        return self._clip
+
+    def environment(self) -> dict[str, Any]:
+        from .evaluation.runtime import device_name, versions
+        from .models import text_fingerprint
+
+        clip = self._load()
+        return {
+            "device": str(self._device),
+            "device_name": device_name(self._device),
+            "versions": versions(),
+            "python": platform.python_version(),
+            "model": clip.identity,
+            "text_tower_fingerprint": text_fingerprint(clip.model),
+        }
+
+    def check_prompts(self, path: Path) -> None:
+        from .checkpoint import check_weights, load_prompts
+
+        check_weights(load_prompts(path), self._load(), path)
+
+    def train(self, job: PromptJob) -> dict[str, Any]:
+        from .training import TrainJob, run_training
+
+        classes = job.checkpoint.with_suffix(".classes.json")
+        _write_json(classes, job.classes)
+        train_job = TrainJob(
+            descriptions=job.descriptions, preset=job.preset, classes=str(classes), split=job.split,
+            overrides={"epochs": job.epochs} if job.epochs else {}, out=job.checkpoint,
+            cache_dir=job.checkpoint.parent / "targets", resume=True, model=self.config.model,
+            pretrained=self.config.pretrained, device=str(self._device or self.config.device),
+        )
+        self._load()
+        outcome = run_training(train_job, clip=self._clip, progress=self.config.progress)
+        if not outcome.complete:
+            raise ReproduceError(f"training {job.preset} stopped: {outcome.message or outcome.status}")
+        last = outcome.history[-1] if outcome.history else None
+        return {
+            "seconds": round(float(outcome.seconds), 3), "epochs": len(outcome.history),
+            "final_loss": getattr(last, "loss", None), "samples": outcome.samples, "classes": len(outcome.classes),
+            "settings": _jsonable(train_job.settings()),
+        }
+
+    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
+        from .evaluation import EvalConfig, evaluate
+
+        cell, tta = request.cell, request.cell.tta or {}
+        config = EvalConfig(
+            dataset=cell.dataset, root=request.root, split=cell.split, limit=request.limit,
+            model=self.config.model, pretrained=self.config.pretrained, device=self.config.device,
+            precision=self.config.precision, method=cell.features, template=cell.template,
+            templates=cell.template_rule, descriptions=_opt(request.descriptions), prompts=_opt(request.checkpoint),
+            tta=tta.get("method"), tta_views=tta.get("views"), tta_selection=tta.get("selection"),
+            tta_steps=tta.get("steps"), tta_lr=tta.get("lr"), tta_init=tta.get("init"),
+            batch_size=self.config.batch_size, workers=self.config.workers, seed=self.config.seed,
+            out=str(request.out / "results.json"), progress=self.config.progress,
+        )
+        done = request.out / "results.json"
+        if done.is_file():  # evaluated before a kill that came before the cell file: not redone
+            return _cell_result(_read_json(done, f"delete {request.out} to re-evaluate the cell"))
+        payload = evaluate(config, clip=self._load(), progress=self.config.progress)
+        return _cell_result(payload)
+
+
+def _opt(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(asdict(value), default=str))
+    except TypeError:
+        return str(value)
+
+
+def _cell_result(payload: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an evaluation's results a table cell keeps."""
+    metrics = payload["metrics"]
+    kept = {k: metrics[k] for k in ("top1", "top5", "mean_per_class", "ece", "acc1", "acc5", "mean_per_class_recall", "n_images")
+            if k in metrics}
+    kept["n_classes"] = payload["dataset"]["n_classes"]
+    return {
+        "metrics": kept,
+        "seconds": payload["timing"]["eval_seconds"],
+        "template": payload["template"]["template"],
+        "details": {
+            "template": payload["template"],
+            "method": payload["method"],
+            "checkpoint": payload.get("checkpoint"),
+            "tta": {k: v for k, v in (payload.get("tta") or {}).items() if not k.startswith("seconds")} or None,
+            "seconds_per_image": payload["timing"]["seconds_per_image"],
+            "peak_memory": payload["timing"]["peak_memory"],
+            "runtime": payload["runtime"],
+        },
+    }
