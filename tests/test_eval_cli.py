@@ -88,7 +88,7 @@ def test_clip_on_folder_equals_direct_computation(tiny_clip, folder, tmp_path):
     result = run_cli(["--dataset", "folder", "--root", str(folder), "--batch-size", "4", "--save-logits"], tmp_path / "r.json")
     assert result["method"] == "clip" and result["dataset"]["n_classes"] == 3
     assert result["metrics"]["n_images"] == 9 and result["predictions"]["index"] == list(range(9))
-    assert result["template"] == {"template": "a photo of a {}.", "source": "dataset"}
+    assert result["template"] == {"template": "a photo of a {}.", "source": "--templates protext", "rule": "protext"}
     assert result["model"]["identity"] == "tiny-clip/random" and result["settings"]["batch_size"] == 4
     assert result["timing"]["images_per_second"] > 0
 
@@ -135,12 +135,12 @@ def test_in_domain_checkpoint_keeps_its_training_template(tiny_clip, dtd, tmp_pa
     in_domain = tmp_path / "dtd.safetensors"
     save_prompts(in_domain, encoder, {"preset": "text_only/dtd", "classes": DTD_CLASSES})
     result = run_cli([*base, "--prompts", str(in_domain)], tmp_path / "a.json")
-    assert result["template"] == {"template": "{}.", "source": "checkpoint (same dataset)"}
+    assert result["template"] == {"template": "{}.", "source": "checkpoint (same dataset)", "rule": "protext"}
     assert result["checkpoint"]["meta"]["n_classes"] == 4 and "classes" not in result["checkpoint"]["meta"]
     cross = tmp_path / "imagenet.safetensors"
     save_prompts(cross, encoder, {"preset": "cross_dataset", "preset_values": {"dataset": "imagenet"}})
     result = run_cli([*base, "--prompts", str(cross)], tmp_path / "b.json")
-    assert result["template"] == {"template": "a photo of a {}, a type of a texture.", "source": "dataset"}
+    assert result["template"] == {"template": "a photo of a {}, a type of a texture.", "source": "--templates protext", "rule": "protext"}
     result = run_cli([*base, "--prompts", str(in_domain), "--template", "itap of a {}."], tmp_path / "c.json")
     assert result["template"]["source"] == "--template"
 
