@@ -34,6 +34,7 @@ CoOp's do; CIFAR's meta names all classes).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# PROTEXT_SHARED: the same override as conftest.py (copies of the tree find the same data)
+SHARED = Path(os.environ.get("PROTEXT_SHARED", REPO.parent / "shared"))
 
 PARTITIONS = ("train", "val", "test")
 LAYOUTS = ("coop", "tpt")
@@ -204,7 +206,7 @@ def _relative_path(name: str, cls: str, partition: str, k: int, ident: int) -> s
     if name == "sun397":
         return f"{slug[0]}/{slug}/sun_{ident:08d}.jpg"
     if name == "ucf101":
-        return f"{slug}/v_{slug}_g{k:02d}_c01.jpg"
+        return f"{slug}/v_{slug}_g{k + 1:02d}_c{ident:05d}.jpg"
     if name == "eurosat":
         folder = cls.replace(" ", "")
         return f"{folder}/{folder}_{ident}.jpg"

@@ -1,15 +1,30 @@
-"""protext.datasets on generated layouts: folders, CoOp splits (both conventions), ImageNet family."""
+"""protext.datasets against generated trees: every dataset in CoOp's and TPT's layout, folders, errors.
+
+The expectations (class names in label order, which image has which label) come from
+tests/synthetic_datasets.py, which builds the trees from the published layouts and the real class
+names in ../shared, and encodes each image's id in its pixels.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic_datasets import (  # noqa: F401  (make_dataset_tree is a fixture)
+    ALL_DATASETS,
+    LAYOUTS,
+    SPLIT_DATASETS,
+    image_id,
+    imagenet_wnids,
+    make_dataset_tree,
+    write_image,
+)
 
 from protext.datasets import (
     DATASET_NAMES,
@@ -20,62 +35,58 @@ from protext.datasets import (
     is_imagenet_family,
     split_classes,
 )
+from protext.errors import UserError
 
-SHARED_VARIANTS = Path(__file__).resolve().parents[2] / "shared" / "classnames" / "imagenet_variants.json"
 PACKAGED = Path(__file__).resolve().parents[1] / "protext" / "data" / "imagenet_variants.json"
 
 
-def _image(path: Path, seed: int, size: tuple[int, int] = (12, 10), mode: str = "RGB") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    img = Image.fromarray(arr)
-    if mode != "RGB":
-        img = img.convert(mode)
-    img.save(path)
-    return path
+def _ids_and_labels(ds) -> list[tuple[int, int]]:
+    """(pixel-encoded image id, label) of every item, in dataset order, read through ``ds[i]``."""
+    return [(image_id(ds[i][0]), ds[i][1]) for i in range(len(ds))]
 
 
-def _wnids() -> list[str]:
-    return json.loads(PACKAGED.read_text())["imagenet_wnids"]
+def _expected(images) -> list[tuple[int, int]]:
+    return sorted((im.id, im.label) for im in images)
 
 
 # --------------------------------------------------------------------------------------------
-# names, templates, subsets
-# --------------------------------------------------------------------------------------------
+# names, templates, class halves
 
 
 def test_names_templates_family():
-    assert len(DATASET_NAMES) == 15 and len(set(DATASET_NAMES)) == 15
+    assert set(DATASET_NAMES) == set(ALL_DATASETS) and len(DATASET_NAMES) == 17
     assert dataset_template("oxford_pets") == "a photo of a {}, a type of pet."
-    assert dataset_template("oxford_flowers") == "a photo of a {}, a type of flower."
-    assert dataset_template("fgvc_aircraft") == "a photo of a {}, a type of aircraft."
     assert dataset_template("dtd") == "a photo of a {}, a type of a texture."
+    assert dataset_template("DTD", "coop") == "{} texture."
     assert dataset_template("eurosat") == "a photo of a centered satellite photo of {}."
-    assert dataset_template("food101") == "a photo of a {}, a type of food."
-    for name in ("imagenet", "imagenet_a", "sun397", "caltech101", "ucf101", "stanford_cars", "folder"):
+    assert dataset_template("pets", "tpt") == "a photo of a {}."
+    for name in ("imagenet", "imagenet_a", "sun397", "caltech101", "ucf101", "stanford_cars", "cifar10", "folder"):
         assert dataset_template(name) == "a photo of a {}."
     assert [n for n in DATASET_NAMES if is_imagenet_family(n)] == [
         "imagenet", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch"
     ]
-    assert is_imagenet_family("imagenet-a") and is_imagenet_family("ImageNetV2")
-    assert not is_imagenet_family("folder") and not is_imagenet_family("DTD")
+    assert is_imagenet_family("imagenet-a") and is_imagenet_family("ImageNetV2") and is_imagenet_family("K")
+    assert not is_imagenet_family("folder") and not is_imagenet_family("DTD") and not is_imagenet_family("cifar10")
 
 
-def test_split_classes():
-    assert split_classes(47, "base") == range(0, 24)
-    assert split_classes(47, "novel") == range(24, 47)
-    assert split_classes(100, "base") == range(50) and split_classes(100, "novel") == range(50, 100)
-    assert split_classes(5, "all") == range(5)
-    assert split_classes(1, "novel") == range(1, 1)
-    with pytest.raises(ValueError, match="subset"):
-        split_classes(4, "half")
+def test_split_classes_names_and_deprecated_range():
+    names = [f"c{i}" for i in range(47)]
+    assert split_classes(names, "base") == names[:24] and split_classes(names, "novel") == names[24:]
+    assert split_classes(names, "all") == names
+    with pytest.warns(DeprecationWarning, match="split_range"):
+        assert split_classes(47, "base") == range(0, 24)
+    with pytest.warns(DeprecationWarning):
+        assert split_classes(100, "new") == range(50, 100)
 
 
-def test_packaged_imagenet_facts_match_shared():
-    if not SHARED_VARIANTS.is_file():
-        pytest.skip("../shared not present")
-    shared = json.loads(SHARED_VARIANTS.read_text())
+def test_dataset_error_is_a_user_error():
+    assert issubclass(DatasetError, UserError)
+    with pytest.raises(DatasetError, match="unknown dataset 'mnist'"):
+        build_dataset("mnist", ".")
+
+
+def test_packaged_imagenet_facts_match_shared(shared_dir):
+    shared = json.loads((shared_dir / "classnames" / "imagenet_variants.json").read_text())
     packaged = json.loads(PACKAGED.read_text())
     for key in ("imagenet_wnids", "imagenet_a_indices", "imagenet_r_indices"):
         assert packaged[key] == shared[key]
@@ -84,324 +95,280 @@ def test_packaged_imagenet_facts_match_shared():
 
 
 # --------------------------------------------------------------------------------------------
-# plain image folder
+# every dataset, both layouts
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ALL_DATASETS)
+def test_every_dataset_in_both_layouts(make_dataset_tree, name, layout):
+    tree = make_dataset_tree([name], layout=layout, per_class=2, classes_per_dataset=6)
+    want = tree[name]
+    ds = build_dataset(name, want.root)
+    assert ds.name == name and ds.partition == "test" and ds.split == "all"
+    assert ds.classnames == want.classnames
+    assert sorted(_ids_and_labels(ds)) == _expected(want.images["test"])
+    assert len(ds) == len(want.images["test"]) == 12
+    image, _ = ds[0]
+    assert image.mode == "RGB"
+
+    n = len(want.classnames)
+    half = -(-n // 2)
+    for split, keep in (("base", range(half)), ("novel", range(half, n))):
+        part = build_dataset(name, want.root, split=split)
+        assert part.classnames == want.classnames[keep.start : keep.stop]
+        expected = [(im.id, im.label - keep.start) for im in want.images["test"] if im.label in keep]
+        assert sorted(_ids_and_labels(part)) == sorted(expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_and_val_partitions(make_dataset_tree, layout):
+    names = [*SPLIT_DATASETS, "fgvc_aircraft"]
+    tree = make_dataset_tree(names, layout=layout, classes_per_dataset=3)
+    for name in names:
+        for partition in ("train", "val"):
+            ds = build_dataset(name, tree[name].root, partition=partition)
+            assert ds.partition == partition
+            assert sorted(_ids_and_labels(ds)) == _expected(tree[name].images[partition]), (name, partition)
+
+
+def test_cifar_train_partition_and_pixels(make_dataset_tree):
+    tree = make_dataset_tree(["cifar10", "cifar100"], classes_per_dataset=4)
+    for name in ("cifar10", "cifar100"):
+        train = build_dataset(name, tree[name].root, partition="train")
+        assert sorted(_ids_and_labels(train)) == _expected(tree[name].images["train"])
+        assert train[0][0].size == (32, 32)
+        with pytest.raises(DatasetError, match=f"{name} has no 'val' partition"):
+            build_dataset(name, tree[name].root, partition="val")
+    assert build_dataset("cifar100", tree["cifar100"].root).classnames[1] == "aquarium_fish"
+
+
+def test_root_may_be_the_dataset_folder(make_dataset_tree):
+    names = ["dtd", "oxford_pets", "imagenet_a", "imagenet_v2", "fgvc_aircraft", "cifar10"]
+    for layout in LAYOUTS:
+        tree = make_dataset_tree(names, layout=layout, classes_per_dataset=3)
+        for name in names:
+            ds = build_dataset(name, tree[name].folder)
+            assert sorted(_ids_and_labels(ds)) == _expected(tree[name].images["test"]), (name, layout)
+
+
+def test_tpt_split_files_in_other_places(make_dataset_tree, tmp_path):
+    tree = make_dataset_tree(["dtd", "ucf101"], layout="tpt", classes_per_dataset=3)
+    root = tree["dtd"].root
+    want = {n: _expected(tree[n].images["test"]) for n in tree}
+    # data/data_splits/ (TPT's own place inside its checkout)
+    (root / "data").mkdir()
+    (root / "data_splits").rename(root / "data" / "data_splits")
+    assert sorted(_ids_and_labels(build_dataset("dtd", root))) == want["dtd"]
+    # anywhere, named explicitly
+    elsewhere = tmp_path / "TPT" / "data" / "data_splits"
+    elsewhere.parent.mkdir(parents=True)
+    (root / "data" / "data_splits").rename(elsewhere)
+    with pytest.raises(DatasetError, match=r"split_zhou_DescribableTextures\.json not found.*data_splits"):
+        build_dataset("dtd", root)
+    ds = build_dataset("ucf101", root, splits_dir=elsewhere)
+    assert ds.layout == "tpt" and sorted(_ids_and_labels(ds)) == want["ucf101"]
+    # root = the dataset folder, split files in its parent's data_splits/
+    elsewhere.rename(root / "data_splits")
+    assert sorted(_ids_and_labels(build_dataset("dtd", root / "DTD"))) == want["dtd"]
+
+
 # --------------------------------------------------------------------------------------------
+# classes, legacy keywords
+
+
+def test_classes_replace_names(make_dataset_tree, tmp_path):
+    tree = make_dataset_tree(["dtd", "imagenet"], classes_per_dataset=4)
+    dtd = tree["dtd"]
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"texture {i}\n" for i in range(47)))
+    assert build_dataset("dtd", dtd.root, classes=names).classnames == [f"texture {i}" for i in range(47)]
+    novel = tmp_path / "novel.json"
+    novel.write_text(json.dumps([f"n{i}" for i in range(23)]))
+    assert build_dataset("dtd", dtd.root, split="novel", classes=novel).classnames == [f"n{i}" for i in range(23)]
+    with pytest.raises(DatasetError, match=r"novel\.json names 23 classes, but dtd .* has 47"):
+        build_dataset("dtd", dtd.root, classes=novel)
+    with pytest.raises(DatasetError, match="missing.txt"):
+        build_dataset("dtd", dtd.root, classes=tmp_path / "missing.txt")
+    # CoOp's ImageNet classnames.txt ("n01440764 tench" lines) drops the WordNet ids
+    coop_names = tree["imagenet"].root / "imagenet" / "classnames.txt"
+    assert build_dataset("imagenet", tree["imagenet"].root, classes=coop_names).classnames == tree["imagenet"].classnames
+
+
+def test_legacy_keywords_warn_and_agree(make_dataset_tree, tmp_path):
+    tree = make_dataset_tree(["oxford_pets"], classes_per_dataset=6)
+    root = tree["oxford_pets"].root
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"pet {i}\n" for i in range(37)))
+    new = build_dataset("pets", root, split="base", partition="val", classes=names)
+    with pytest.warns(DeprecationWarning) as record:
+        old = build_dataset("pets", root, split="val", subset="base", classnames_file=names)
+    assert len(record) == 3
+    assert (old.samples, old.classnames, old.partition, old.split) == (new.samples, new.classnames, "val", "base")
+    with pytest.raises(DatasetError, match="unknown partition 'holdout'"):
+        build_dataset("pets", root, partition="holdout")
+    with pytest.raises(DatasetError, match="unknown split 'half'"):
+        build_dataset("pets", root, split="half")
+
+
+# --------------------------------------------------------------------------------------------
+# plain image folder
 
 
 def test_image_folder(tmp_path):
     root = tmp_path / "pics"
-    _image(root / "golden_retriever" / "a.png", 0)
-    _image(root / "golden_retriever" / "sub" / "b.jpg", 1)
-    _image(root / "tabby_cat" / "c.png", 2, mode="L")
+    write_image(root / "golden_retriever" / "a.png", 1)
+    write_image(root / "golden_retriever" / "sub" / "b.jpg", 2)
+    write_image(root / "tabby_cat" / "c.png", 3)
+    write_image(root / "tabby_cat" / ".hidden.png", 9)
+    write_image(root / "tabby_cat" / ".cache" / "d.png", 9)
     (root / "tabby_cat" / "notes.txt").write_text("not an image")
     (root / ".hidden").mkdir()
     ds = build_dataset("folder", root)
     assert isinstance(ds, ImageDataset) and isinstance(ds, torch.utils.data.Dataset)
-    assert ds.name == "folder"
-    assert ds.classnames == ["golden_retriever", "tabby_cat"]
-    assert [(p.name, y) for p, y in ds.samples] == [("a.png", 0), ("b.jpg", 0), ("c.png", 1)]
-    img, label = ds[2]
-    assert label == 1 and img.mode == "RGB" and img.size == (12, 10)
+    assert ds.name == "folder" and ds.classnames == ["golden_retriever", "tabby_cat"]
+    assert _ids_and_labels(ds) == [(1, 0), (2, 0), (3, 1)]
     ds_t = build_dataset("folder", root, transform=lambda im: np.asarray(im).shape)
-    assert ds_t[0] == ((10, 12, 3), 0)
-
-
-def test_image_folder_classnames_file(tmp_path):
-    root = tmp_path / "pics"
-    for k, cls in enumerate(["a", "b", "c"]):
-        _image(root / cls / "x.png", k)
-    names = tmp_path / "names.txt"
-    names.write_text("apple\nbanana\n\ncherry\n")
-    assert build_dataset("folder", root, classnames_file=names).classnames == ["apple", "banana", "cherry"]
-    as_json = tmp_path / "names.json"
-    as_json.write_text(json.dumps(["A", "B", "C"]))
-    assert build_dataset("folder", root, classnames_file=as_json).classnames == ["A", "B", "C"]
-    # base of 3 classes is 2 labels; a file with just those is accepted for that subset
-    base = tmp_path / "base.txt"
-    base.write_text("apple\nbanana\n")
-    assert build_dataset("folder", root, subset="base", classnames_file=base).classnames == ["apple", "banana"]
-    bad = tmp_path / "bad.txt"
-    bad.write_text("one\ntwo\nthree\nfour\n")
-    with pytest.raises(DatasetError, match=r"bad\.txt.*4 names.*3 classes"):
-        build_dataset("folder", root, classnames_file=bad)
-    with pytest.raises(DatasetError, match="missing.txt"):
-        build_dataset("folder", root, classnames_file=tmp_path / "missing.txt")
-
-
-def test_base_novel_relabelling(tmp_path):
-    root = tmp_path / "pics"
-    for k in range(5):
-        _image(root / f"class{k}" / "x.png", k)
-        _image(root / f"class{k}" / "y.png", 10 + k)
-    full = build_dataset("folder", root)
-    base = build_dataset("folder", root, subset="base")
-    novel = build_dataset("folder", root, subset="novel")
-    assert base.classnames == ["class0", "class1", "class2"]
-    assert novel.classnames == ["class3", "class4"]
-    assert sorted({y for _, y in base.samples}) == [0, 1, 2]
-    assert sorted({y for _, y in novel.samples}) == [0, 1]
-    # every kept image keeps its class: the name under the new label is its folder
-    for ds in (base, novel):
-        for path, y in ds.samples:
-            assert path.parent.name == ds.classnames[y]
-    assert len(base) + len(novel) == len(full) == 10
+    assert ds_t[0] == ((4, 4, 3), 0)
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(DatasetError, match=r"nowhere.*does not exist"):
+    with pytest.raises(DatasetError, match=r"nowhere does not exist"):
         build_dataset("folder", tmp_path / "nowhere")
     root = tmp_path / "pics"
-    _image(root / "full" / "x.png", 0)
+    write_image(root / "full" / "x.png", 1)
     (root / "empty").mkdir()
     (root / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(DatasetError, match=r"class folder .*empty holds no images"):
         build_dataset("folder", root)
     flat = tmp_path / "flat"
-    _image(flat / "x.png", 0)
+    write_image(flat / "x.png", 1)
     with pytest.raises(DatasetError, match=r"flat has no class sub-folders"):
         build_dataset("folder", flat)
-    with pytest.raises(ValueError, match="unknown dataset"):
-        build_dataset("mnist", root)
-    with pytest.raises(ValueError, match="split"):
-        build_dataset("folder", root, split="holdout")
 
 
-def test_unreadable_image_names_file(tmp_path):
+# --------------------------------------------------------------------------------------------
+# images that cannot be read (issue 9.9)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` (no pixel data): a decompression bomb to PIL."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_unreadable_and_bomb_images_name_the_file(tmp_path):
     root = tmp_path / "pics"
-    bad = root / "cls" / "broken.jpg"
-    bad.parent.mkdir(parents=True)
-    bad.write_bytes(b"not a jpeg")
+    (root / "cls").mkdir(parents=True)
+    (root / "cls" / "a_broken.jpg").write_bytes(b"not a jpeg")
+    bomb = _png_header_only(root / "cls" / "b_bomb.png", 40000, 40000)
+    assert 40000 * 40000 > 2 * Image.MAX_IMAGE_PIXELS
+    good = write_image(root / "cls" / "c_good.png", 7)
+    truncated = root / "cls" / "d_truncated.png"
+    truncated.write_bytes(good.read_bytes()[:30])
     ds = build_dataset("folder", root)
-    with pytest.raises(DatasetError, match="broken.jpg"):
+    with pytest.raises(DatasetError, match=r"cannot read image .*a_broken\.jpg"):
         ds[0]
+    with pytest.raises(DatasetError, match=rf"image {bomb} is too large to decode safely"):
+        ds[1]
+    assert image_id(ds[2][0]) == 7
+    with pytest.raises(DatasetError, match=r"d_truncated\.png"):
+        ds[3]
 
 
 # --------------------------------------------------------------------------------------------
-# CoOp split files
-# --------------------------------------------------------------------------------------------
-
-DTD_CLASSES = ["banded", "blotchy", "braided", "bubbly"]
+# split files and list files that are wrong
 
 
-def _dtd_split(image_dir: Path, split_path: Path) -> dict:
-    split: dict[str, list] = {"train": [], "val": [], "test": []}
-    k = 0
-    for label, cls in enumerate(DTD_CLASSES):
-        for part, count in (("train", 2), ("val", 1), ("test", 2)):
-            for j in range(count):
-                rel = f"{cls}/{cls}_{part}_{j}.jpg"
-                _image(image_dir / rel, k)
-                k += 1
-                split[part].append([rel, label, cls])
-    split_path.parent.mkdir(parents=True, exist_ok=True)
-    split_path.write_text(json.dumps(split))
-    return split
-
-
-@pytest.mark.parametrize("convention", ["coop", "tpt"])
-@pytest.mark.parametrize("point_at", ["parent", "dataset"])
-def test_coop_split_both_conventions(tmp_path, convention, point_at):
-    if convention == "coop":
-        dataset_dir = tmp_path / "dtd"
-        image_dir = dataset_dir / "images"
-    else:
-        dataset_dir = tmp_path / "DTD"
-        image_dir = dataset_dir / "images"
-    split = _dtd_split(image_dir, dataset_dir / "split_zhou_DescribableTextures.json")
-    root = tmp_path if point_at == "parent" else dataset_dir
-    test = build_dataset("dtd", root, split="test")
-    assert test.name == "dtd" and test.root == dataset_dir
-    assert test.classnames == DTD_CLASSES
-    assert [(p, y) for p, y in test.samples] == [(image_dir / rel, y) for rel, y, _ in split["test"]]
-    train = build_dataset("DTD", root, split="train")
-    assert len(train) == 8 and len(build_dataset("dtd", root, split="val")) == 4
-    assert train.classnames == test.classnames
-    base = build_dataset("dtd", root, split="test", subset="novel")
-    assert base.classnames == ["braided", "bubbly"]
-    assert [(p.parent.name, y) for p, y in base.samples] == [("braided", 0)] * 2 + [("bubbly", 1)] * 2
-    img, y = test[0]
-    assert img.mode == "RGB" and y == 0
-
-
-def test_coop_split_flat_image_folder(tmp_path):
-    # TPT's pets/caltech/... keep the images directly in the dataset folder next to the split file.
-    dataset_dir = tmp_path / "OxfordPets"
-    split = {"test": [["abyssinian_1.jpg", 0, "abyssinian"], ["beagle_3.jpg", 1, "beagle"]], "train": []}
-    _image(dataset_dir / "abyssinian_1.jpg", 0)
-    _image(dataset_dir / "beagle_3.jpg", 1)
-    (dataset_dir / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
-    ds = build_dataset("oxford_pets", tmp_path)
-    assert ds.classnames == ["abyssinian", "beagle"]
-    assert [(p.name, y) for p, y in ds.samples] == [("abyssinian_1.jpg", 0), ("beagle_3.jpg", 1)]
-    assert dataset_template(ds.name) == "a photo of a {}, a type of pet."
-
-
-def test_coop_split_errors(tmp_path):
-    root = tmp_path / "data"
-    (root / "dtd" / "images").mkdir(parents=True)
-    with pytest.raises(DatasetError, match=r"split_zhou_DescribableTextures\.json not found.*CoOp layout"):
-        build_dataset("dtd", root)
-
-    split_path = root / "dtd" / "split_zhou_DescribableTextures.json"
+def test_split_file_errors(make_dataset_tree):
+    tree = make_dataset_tree(["dtd"], classes_per_dataset=3)
+    root, split_path = tree["dtd"].root, tree["dtd"].split_file
+    good = split_path.read_text()
     split_path.write_text('{"train": [["a.jpg", 0, "banded"],')  # truncated
-    with pytest.raises(DatasetError, match=r"malformed split file .*split_zhou_DescribableTextures\.json"):
+    with pytest.raises(DatasetError, match=r"split_zhou_DescribableTextures\.json.*malformed JSON"):
         build_dataset("dtd", root)
     split_path.write_text(json.dumps({"test": [["a.jpg", "zero", "banded"]]}))
-    with pytest.raises(DatasetError, match=r"malformed split file .*entry 0 of 'test'"):
+    with pytest.raises(DatasetError, match=r"split_zhou_DescribableTextures\.json: entry 0 of 'test'"):
         build_dataset("dtd", root)
     split_path.write_text(json.dumps({"train": [["a.jpg", 0, "banded"]]}))
     with pytest.raises(DatasetError, match=r"has no 'test' list"):
         build_dataset("dtd", root)
-    split_path.write_text(json.dumps({"train": [["a.jpg", 0, "banded"]], "test": []}))
-    with pytest.raises(DatasetError, match=r"split_zhou_DescribableTextures\.json lists no images under 'test'"):
-        build_dataset("dtd", root)
     split_path.write_text(json.dumps({"test": [["a.jpg", 1, "blotchy"]]}))
     with pytest.raises(DatasetError, match=r"labels \[0\] have no entries"):
         build_dataset("dtd", root)
-    with pytest.raises(DatasetError, match=r"dataset root .*elsewhere does not exist.*split_zhou"):
-        build_dataset("dtd", tmp_path / "elsewhere")
-
-    split = _dtd_split(root / "dtd" / "images", split_path)
-    gone = split["test"][3][0]
-    (root / "dtd" / "images" / gone).unlink()
-    with pytest.raises(DatasetError) as err:
-        build_dataset("dtd", root, split="test")
-    assert gone in str(err.value) and "split_zhou_DescribableTextures.json" in str(err.value)
-    assert len(build_dataset("dtd", root, split="train")) == 8  # other splits are still fine
-
-    # the first listed image missing: no candidate image folder fits
-    (root / "dtd" / "images" / split["val"][0][0]).unlink()
-    expected = r"banded_val_0\.jpg listed in .*split_zhou_DescribableTextures\.json does not exist"
-    with pytest.raises(DatasetError, match=expected):
-        build_dataset("dtd", root, split="val")
+    split_path.write_text(good)
+    gone = tree["dtd"].images["test"][2].path
+    gone.unlink()
+    with pytest.raises(DatasetError, match=rf"image {gone} listed in .*split_zhou_DescribableTextures\.json does not exist"):
+        build_dataset("dtd", root)
+    assert len(build_dataset("dtd", root, partition="val")) == 3  # other partitions are still fine
 
 
-def test_fgvc_aircraft(tmp_path):
-    d = tmp_path / "fgvc_aircraft"
-    d.mkdir()
-    (d / "variants.txt").write_text("707-320\nA300B4\nCessna 172\n")
-    (d / "images_variant_test.txt").write_text("0000001 Cessna 172\n0000002 707-320\n0000003 A300B4\n")
-    for k in (1, 2, 3):
-        _image(d / "images" / f"{k:07d}.jpg", k)
-    ds = build_dataset("fgvc_aircraft", tmp_path)
-    assert ds.classnames == ["707-320", "A300B4", "Cessna 172"]
-    assert [(p.name, y) for p, y in ds.samples] == [("0000001.jpg", 2), ("0000002.jpg", 0), ("0000003.jpg", 1)]
-    assert dataset_template("aircraft") == "a photo of a {}, a type of aircraft."
-    (d / "images_variant_val.txt").write_text("0000001 Boeing 999\n")
+def test_aircraft_list_errors(make_dataset_tree):
+    tree = make_dataset_tree(["fgvc_aircraft"], classes_per_dataset=2)
+    folder = tree["fgvc_aircraft"].folder
+    (folder / "images_variant_val.txt").write_text("0000001 Boeing 999\n")
     with pytest.raises(DatasetError, match=r"images_variant_val\.txt line 1: variant 'Boeing 999'"):
-        build_dataset("fgvc_aircraft", d, split="val")
+        build_dataset("fgvc_aircraft", folder, partition="val")
+    (folder / "images_variant_train.txt").unlink()
     with pytest.raises(DatasetError, match=r"images_variant_train\.txt not found"):
-        build_dataset("fgvc_aircraft", d, split="train")
-    (d / "images" / "0000003.jpg").unlink()
-    with pytest.raises(DatasetError, match=r"0000003\.jpg listed in .*images_variant_test\.txt"):
-        build_dataset("fgvc_aircraft", d)
+        build_dataset("fgvc_aircraft", folder, partition="train")
+    # names with "/" (F/A-18) are ordinary variants
+    assert "F/A-18" in build_dataset("aircraft", folder).classnames
 
 
-# --------------------------------------------------------------------------------------------
-# ImageNet and its variants
-# --------------------------------------------------------------------------------------------
-
-
-def test_imagenet_val_both_conventions(tmp_path):
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    wnids = _wnids()
-    picks = [0, 1, 417, 999]
-    for sub in ("imagenet/images/val", "ImageNet/val"):
-        root = tmp_path / sub.split("/")[0]
-        for label in picks:
-            _image(tmp_path / sub / wnids[label] / f"ILSVRC2012_val_{label:08d}.JPEG", label)
-        ds = build_dataset("imagenet", tmp_path)
-        assert ds.root == tmp_path / sub and len(ds.classnames) == 1000
-        assert ds.classnames == list(IMAGENET_CLASSNAMES)
-        assert [y for _, y in ds.samples] == picks
-        assert all(p.parent.name == wnids[y] for p, y in ds.samples)
-        # root pointing at the dataset folder or at the val folder itself
-        assert build_dataset("imagenet", tmp_path / sub).samples == ds.samples
-        assert build_dataset("imagenet", root).samples == ds.samples
-        shutil.rmtree(root)
-    _image(tmp_path / "ImageNet/val" / wnids[999] / "x.JPEG", 0)
-    novel = build_dataset("imagenet", tmp_path, subset="novel")
-    assert novel.classnames[-1] == IMAGENET_CLASSNAMES[999] and len(novel.classnames) == 500
-    assert [y for _, y in novel.samples] == [499]
-
-
-def test_imagenet_v2_string_sort_trap(tmp_path):
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    folder = tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val"
-    labels = [0, 1, 2, 10, 100, 101, 999]
-    for label in labels:
-        _image(folder / str(label) / f"{label}_a.jpeg", label)
-    ds = build_dataset("imagenet_v2", tmp_path)
-    # a plain ImageFolder would give folder "10" label 3 and "2" label 2... here folder k is label k
-    assert sorted(str(x) for x in labels) != [str(x) for x in labels]
-    assert {p.parent.name: y for p, y in ds.samples} == {str(x): x for x in labels}
-    assert ds.classnames == list(IMAGENET_CLASSNAMES)
-    if SHARED_VARIANTS.is_file():
-        # the released mapping: position in string-sorted folder order -> label
-        v2 = json.loads(SHARED_VARIANTS.read_text())["imagenet_v2_indices"]
-        order = sorted(str(x) for x in range(1000))
-        for p, y in ds.samples:
-            assert v2[order.index(p.parent.name)] == y
-    # TPT convention
-    tpt = tmp_path / "tpt"
-    for label in (5, 50):
-        _image(tpt / "imagenetv2-matched-frequency-format-val" / str(label) / "x.jpeg", label)
-    assert [y for _, y in build_dataset("imagenet-v2", tpt).samples] == [5, 50]
-    _image(tpt / "imagenetv2-matched-frequency-format-val" / "1000" / "x.jpeg", 0)
-    with pytest.raises(DatasetError, match=r"unexpected folder .*1000.*0\.\.999"):
-        build_dataset("imagenet_v2", tpt)
-
-
-@pytest.mark.parametrize("variant", ["imagenet_a", "imagenet_r"])
-def test_imagenet_a_r_labels(tmp_path, variant):
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    wnids = _wnids()
-    indices = json.loads(PACKAGED.read_text())[f"{variant}_indices"]
-    picks = [0, 7, 199]  # positions in the 200-class list
-    sub = "imagenet-a" if variant == "imagenet_a" else "imagenet-r"
-    coop_parent = "imagenet-adversarial" if variant == "imagenet_a" else "imagenet-rendition"
-    for pos in picks:
-        _image(tmp_path / coop_parent / sub / wnids[indices[pos]] / "x.jpg", pos)
-    (tmp_path / coop_parent / sub / "README.txt").write_text("ignored")
-    ds = build_dataset(variant, tmp_path)
-    assert len(ds.classnames) == 200
-    assert ds.classnames == [IMAGENET_CLASSNAMES[i] for i in indices]
-    assert [y for _, y in ds.samples] == picks
-    for p, y in ds.samples:
-        assert ds.classnames[y] == IMAGENET_CLASSNAMES[wnids.index(p.parent.name)]
-    if variant == "imagenet_a":
-        assert ds.classnames[0] == IMAGENET_CLASSNAMES[6] == "stingray"
-    base = build_dataset(variant, tmp_path, subset="base")
-    assert [y for _, y in base.samples] == [0, 7] and len(base.classnames) == 100
-    novel = build_dataset(variant, tmp_path, subset="novel")
-    assert [y for _, y in novel.samples] == [99] and novel.classnames[99] == ds.classnames[199]
-    # a wnid outside the 200 classes is named
+def test_imagenet_family_folder_errors(make_dataset_tree):
+    tree = make_dataset_tree(["imagenet_a", "imagenet_v2"], classes_per_dataset=3)
+    root = tree["imagenet_a"].root
+    wnids = imagenet_wnids()
+    indices = json.loads(PACKAGED.read_text())["imagenet_a_indices"]
     outside = next(w for i, w in enumerate(wnids) if i not in set(indices))
-    _image(tmp_path / coop_parent / sub / outside / "x.jpg", 0)
-    with pytest.raises(DatasetError, match=rf"unexpected folder .*{outside}"):
-        build_dataset(variant, tmp_path)
+    write_image(tree["imagenet_a"].folder / outside / "x.jpg", 5)
+    with pytest.raises(DatasetError, match=rf"unexpected folder .*{outside}: not one of the 200 imagenet_a"):
+        build_dataset("imagenet_a", root)
+    write_image(tree["imagenet_v2"].folder / "1000" / "x.jpeg", 5)
+    with pytest.raises(DatasetError, match=r"unexpected folder .*1000: not named 0\.\.999"):
+        build_dataset("imagenet_v2", root)
+    with pytest.raises(DatasetError, match=r"no imagenet_r image folders found .*imagenet-rendition/imagenet-r"):
+        build_dataset("imagenet_r", root)
+    with pytest.raises(DatasetError, match="imagenet_a is a test set"):
+        build_dataset("imagenet_a", root, partition="train")
 
 
-def test_imagenet_sketch_and_missing_layout(tmp_path):
-    wnids = _wnids()
-    _image(tmp_path / "ImageNet-Sketch" / "sketch" / wnids[3] / "sketch_1.JPEG", 0)
-    ds = build_dataset("imagenet_sketch", tmp_path)
-    assert [y for _, y in ds.samples] == [3] and len(ds.classnames) == 1000
-    with pytest.raises(DatasetError, match=r"no imagenet_a image folders found .*imagenet-adversarial/imagenet-a"):
-        build_dataset("imagenet_a", tmp_path)
-    (tmp_path / "imagenet-r" / wnids[1]).mkdir(parents=True)
-    with pytest.raises(DatasetError, match=rf"class folder .*{wnids[1]} holds no images"):
-        build_dataset("imagenet_r", tmp_path)
+def test_imagenet_v2_folder_k_is_label_k(make_dataset_tree, shared_dir):
+    tree = make_dataset_tree(["imagenet_v2"], classes_per_dataset=12)
+    ds = build_dataset("imagenet_v2", tree["imagenet_v2"].root)
+    # the released mapping: position in string-sorted folder order -> label
+    v2 = json.loads((shared_dir / "classnames" / "imagenet_variants.json").read_text())["imagenet_v2_indices"]
+    order = sorted(str(x) for x in range(1000))
+    assert any(p.parent.name != str(order.index(p.parent.name)) for p, _ in ds.samples)  # the trap is exercised
+    for p, y in ds.samples:
+        assert v2[order.index(p.parent.name)] == y
 
 
-def test_imagenet_classnames_file_with_wnids(tmp_path):
-    # CoOp ships ImageNet names as "n01440764 tench" lines
-    wnids = _wnids()
-    _image(tmp_path / "val" / wnids[0] / "x.JPEG", 0)
-    names = tmp_path / "classnames.txt"
-    names.write_text("".join(f"{w} class {i}\n" for i, w in enumerate(wnids)))
-    ds = build_dataset("imagenet", tmp_path, classnames_file=names)
-    assert ds.classnames[0] == "class 0" and ds.classnames[999] == "class 999"
+def test_cifar_refuses_code_in_a_batch(make_dataset_tree):
+    tree = make_dataset_tree(["cifar10"], classes_per_dataset=2)
+    folder = tree["cifar10"].folder
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (folder / "test_batch").write_bytes(__import__("pickle").dumps({"data": Evil(), "labels": []}, protocol=2))
+    with pytest.raises(DatasetError, match=r"cannot read CIFAR batch .*test_batch: refusing to load (__builtin__|builtins)\.print"):
+        build_dataset("cifar10", folder)
+    (folder / "batches.meta").unlink()
+    with pytest.raises(DatasetError, match=r"batches\.meta not found.*cifar-10-python\.tar\.gz"):
+        build_dataset("cifar10", folder.parent)
+
+
+def test_no_warning_on_the_current_keywords(make_dataset_tree):
+    tree = make_dataset_tree(["eurosat"], classes_per_dataset=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dataset("eurosat", tree["eurosat"].root, split="novel", partition="test")
