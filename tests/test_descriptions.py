@@ -1,4 +1,5 @@
-"""The JSONL description cache: reading, crash-safe appending, torn-tail repair, CuPL import, name matching."""
+"""The JSONL description cache: reading (repeats are samples), crash-safe appending, torn-tail repair,
+CuPL import, name matching."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from protext import descriptions as dmod
+from protext.descriptions import cache as dmod
 from protext.descriptions import (
     ClassMatch,
     Description,
@@ -36,13 +37,14 @@ def lines_of(path: Path) -> list[dict]:
 # -- reading and appending --------------------------------------------------------------------------
 
 
-def test_append_then_read_keeps_order_and_drops_duplicates(tmp_path: Path) -> None:
+def test_append_then_read_keeps_order_and_repeats(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     append_descriptions(path, unit("dog", "A dog has fur.", "A dog barks.", "A dog has fur."))
     append_descriptions(path, unit("cat", "A cat purrs."))
     append_descriptions(path, unit("dog", "A dog wags its tail.", "A dog barks.", prompt="q2"))
+    # Repeats are samples (ALGORITHMS.md section 3): within a unit and across units of a class.
     assert read_descriptions(path) == {
-        "dog": ["A dog has fur.", "A dog barks.", "A dog wags its tail."],
+        "dog": ["A dog has fur.", "A dog barks.", "A dog has fur.", "A dog wags its tail.", "A dog barks."],
         "cat": ["A cat purrs."],
     }
     rows = lines_of(path)
@@ -240,16 +242,17 @@ def test_match_classnames_reports_real_flowers_mismatch() -> None:
 def test_import_texture_file(tmp_path: Path) -> None:
     src = SHARED / "cupl/texture_prompts_full.json"
     raw = json.loads(src.read_text())
-    distinct = {k: list(dict.fromkeys(d.strip() for d in v if d.strip())) for k, v in raw.items()}
+    every = {k: [d.strip() for d in v] for k, v in raw.items()}  # the file has no blank descriptions
     out = tmp_path / "llm_data" / "dtd_cupl.jsonl"
     count = import_cupl(src, out)
-    assert count == sum(len(v) for v in distinct.values()) == 2745
+    assert count == sum(len(v) for v in raw.values()) == 2820  # as the published loader: 11 steps of 256
     got = read_descriptions(out)
-    assert len(got) == 47 and got == distinct
+    assert len(got) == 47 and got == every
     rows = lines_of(out)
     assert len(rows) == count
     assert {r["model"] for r in rows} == {"cupl"} and {r["prompt"] for r in rows} == {""}
-    assert len({(r["classname"], r["description"]) for r in rows}) == count  # one line per distinct description
+    assert len({(r["classname"], r["description"]) for r in rows}) == 2745 == count - 75  # 75 repeats kept
+    assert dmod.read_cache(out).repeats == 75
     assert [p.name for p in out.parent.iterdir()] == ["dtd_cupl.jsonl"]  # no temporary left behind
 
 
@@ -257,7 +260,8 @@ def test_import_refuses_to_overwrite(tmp_path: Path) -> None:
     src = tmp_path / "small.json"
     src.write_text(json.dumps({"dog": ["A dog.", " A dog. ", ""], "cat": ["A cat."]}))
     out = tmp_path / "d.jsonl"
-    assert import_cupl(src, out, model="gpt-3") == 2
+    assert import_cupl(src, out, model="gpt-3") == 3  # "A dog." twice (a repeat once stripped); the blank one skipped
+    assert read_descriptions(out) == {"dog": ["A dog.", "A dog."], "cat": ["A cat."]}
     before = out.read_bytes()
     with pytest.raises(FileExistsError, match="d.jsonl"):
         import_cupl(src, out)
@@ -283,3 +287,118 @@ def test_import_rejects_bad_input_and_writes_nothing(tmp_path: Path, text: str, 
     with pytest.raises(DescriptionFileError, match=match):
         import_cupl(src, out)
     assert not out.exists()
+
+
+# -- repeats are samples; only a resumed generation's rewrite is a duplicate (issue 11, item 1) --------
+
+
+def test_a_unit_written_again_by_a_resumed_generation_reads_once(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    first = unit("dog", "A dog has fur.", "A dog has fur.", "A dog barks.", prompt="What does a dog look like?")
+    append_descriptions(path, first)
+    append_descriptions(path, unit("cat", "A cat purrs.", prompt="What does a cat look like?"))
+    # The same unit again (same class, query and model), with other samples, as a resumed run that
+    # did not see it would write: recognised by its unit record, whatever its text.
+    append_descriptions(path, unit("dog", "A dog is a mammal.", "A dog has fur.", prompt="What does a dog look like?"))
+    # Another query of the same class repeating a text: a new unit, so every line is a sample.
+    append_descriptions(path, unit("dog", "A dog barks.", prompt="Describe a dog."))
+    contents = dmod.read_cache(path)
+    assert contents.descriptions == {"dog": ["A dog has fur.", "A dog has fur.", "A dog barks.", "A dog barks."],
+                                     "cat": ["A cat purrs."]}
+    assert (contents.rewritten_units, contents.rewritten_lines, contents.repeats, contents.samples) == (1, 2, 2, 5)
+    assert len(dmod.read_records(path)) == 7  # the raw view keeps every line
+
+
+def test_unit_identity_ignores_spelling_of_class_and_query_but_not_model(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    append_descriptions(path, unit("Beagle", "A beagle is small.", prompt="What does a Beagle look like?"))
+    append_descriptions(path, unit("beagle", "A beagle has long ears.", prompt="What does a  beagle look like?"))
+    append_descriptions(path, unit("beagle", "A beagle is a hound.", prompt="What does a beagle look like?", model="other"))
+    # One class (first spelling kept); the second unit is the first one rewritten, the third another model's.
+    assert read_descriptions(path) == {"Beagle": ["A beagle is small.", "A beagle is a hound."]}
+
+
+def test_unstamped_lines_are_each_a_sample(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    line = '{"classname": "dog", "description": "A dog."}\n'
+    path.write_text(line * 3 + line.replace('"dog"', '"Dog"'), encoding="utf-8")
+    assert read_descriptions(path) == {"dog": ["A dog."] * 4}
+    assert dmod.read_cache(path).repeats == 3
+
+
+@pytest.mark.parametrize(
+    "name, samples, repeats",
+    [("texture_prompts_full.json", 2820, 75), ("imagenet_prompts_base.json", 29940, 1740),
+     ("cars_prompts_full.json", 17640, 894), ("eurosat_prompts_full.json", 250, 0)],
+)
+def test_import_keeps_every_cupl_description(tmp_path: Path, name: str, samples: int, repeats: int) -> None:
+    src = SHARED / "cupl" / name
+    out = tmp_path / "d.jsonl"
+    summary = dmod_import(src, out)
+    assert (summary.descriptions, summary.repeats) == (samples, repeats)
+    contents = dmod.read_cache(out)
+    assert (contents.samples, contents.repeats, contents.rewritten_units) == (samples, repeats, 0)
+    raw = json.loads(src.read_text())
+    assert contents.descriptions == {k: [d.strip() for d in v] for k, v in raw.items()}
+
+
+def dmod_import(src: Path, out: Path):
+    from protext.descriptions import import_descriptions, load_cupl_json
+
+    return import_descriptions(load_cupl_json(src), out)
+
+
+# -- one lock discipline for every writer (issue 9, item 6) ----------------------------------------------
+
+
+def test_import_overwrite_respects_a_running_generation_lock(tmp_path: Path) -> None:
+    from protext.descriptions import DescriptionLockError, writer_lock
+
+    src = tmp_path / "small.json"
+    src.write_text(json.dumps({"owl": ["An owl."]}))
+    out = tmp_path / "d.jsonl"
+    append_descriptions(out, unit("dog", "A dog."))
+    before = out.read_bytes()
+    with writer_lock(out):  # what a running generation holds
+        with pytest.raises(DescriptionLockError, match=rf"{out}.* is being written by another gen_descriptions run"):
+            import_cupl(src, out, overwrite=True)
+        assert out.read_bytes() == before
+        with pytest.raises(DescriptionLockError, match="d.jsonl"):
+            import_cupl(src, out)  # without --overwrite too: the lock is checked first
+    assert import_cupl(src, out, overwrite=True) == 1  # once the generation is gone
+
+
+def test_writer_lock_follows_a_replaced_file_and_leaves_no_empty_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from protext.descriptions import DescriptionLockError, writer_lock
+
+    out = tmp_path / "new.jsonl"
+    with writer_lock(out):
+        assert out.exists() and out.read_bytes() == b""
+    assert not out.exists()  # created by the lock, still empty: removed
+    out.write_bytes(b"")
+    with writer_lock(out):
+        pass
+    assert out.exists()  # not ours to remove
+
+    # An import renames its file over the path between our open and our lock: the lock must end
+    # up on the file now at the path, not on the replaced one.
+    real_open = dmod._open_for_lock
+    calls = []
+
+    def open_then_replace(path: Path):
+        opened = real_open(path)
+        if not calls:
+            replacement = tmp_path / "replacement"
+            replacement.write_bytes(b'{"classname": "owl", "description": "An owl."}\n')
+            os.replace(replacement, path)
+        calls.append(path)
+        return opened
+
+    monkeypatch.setattr(dmod, "_open_for_lock", open_then_replace)
+    with writer_lock(out):
+        assert len(calls) == 2
+        monkeypatch.setattr(dmod, "_open_for_lock", real_open)
+        with pytest.raises(DescriptionLockError):
+            with writer_lock(out):
+                pass
+    assert read_descriptions(out) == {"owl": ["An owl."]}

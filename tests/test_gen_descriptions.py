@@ -19,9 +19,15 @@ import pytest
 
 from protext import gen_descriptions as gen
 from protext.descriptions import read_descriptions
-from protext.gen_descriptions import load_classnames, main
-from protext.llm_client import clean_descriptions, split_sentences
-from protext.prompt_sets import ATTRIBUTE_TEMPLATES, CUPL_STYLE_PROMPTS, format_prompt
+from protext.descriptions.generation import unique_classes
+from protext.descriptions.llm_client import clean_descriptions, split_sentences
+from protext.descriptions.queries import ATTRIBUTE_TEMPLATES, CUPL_STYLE_QUERIES, format_query
+from protext.gen_descriptions import main
+
+
+def load_classnames(spec: str) -> list[str]:
+    """The class list a generation uses: the shared reader, then one entry per class."""
+    return unique_classes(gen._classes(spec))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_openai_server import FakeOpenAIServer, expected_descriptions  # noqa: E402
@@ -50,10 +56,10 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
 def expected_pairs(classes: list[str] = CLASSES, n: int = N) -> set[tuple[str, str, str]]:
     """(classname, prompt, description) of a complete run with --seed 0."""
     return {
-        (c, format_prompt(t, c), d)
+        (c, format_query(t, c), d)
         for c in classes
-        for t in CUPL_STYLE_PROMPTS
-        for d in expected_descriptions(format_prompt(t, c), n)
+        for t in CUPL_STYLE_QUERIES
+        for d in expected_descriptions(format_query(t, c), n)
     }
 
 
@@ -69,7 +75,7 @@ def triples(path: Path) -> list[tuple[str, str, str]]:
 def args_for(server: FakeOpenAIServer, classes: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--classes", str(classes), "--out", str(out), "--base-url", server.url, "--model", "fake-model",
-        "--n-per-prompt", str(N), "--seed", "0", "--concurrency", "4", "--timeout", "0.4",
+        "--n-per-query", str(N), "--seed", "0", "--concurrency", "4", "--timeout", "0.4",
         "--max-retries", "4", "--no-progress", *extra,
     ]
 
@@ -82,7 +88,7 @@ def test_clean_run_writes_expected_lines_and_rerun_is_a_noop(tmp_path: Path, cla
     with FakeOpenAIServer() as server:
         assert main(args_for(server, classes_file, out)) == 0
         got = triples(out)
-        assert len(got) == len(set(got)) == len(expected_pairs()) == len(CLASSES) * len(CUPL_STYLE_PROMPTS) * 3
+        assert len(got) == len(set(got)) == len(expected_pairs()) == len(CLASSES) * len(CUPL_STYLE_QUERIES) * 3
         assert set(got) == expected_pairs()
         assert {r["model"] for r in rows(out)} == {"fake-model"}
         assert list(read_descriptions(out)) == CLASSES  # every class, in class-list order
@@ -143,7 +149,7 @@ def test_failed_class_is_reported_then_resumed(tmp_path: Path, classes_file: Pat
         server.fault_rule = None
         sent_before = len(server.log)
         assert main(args_for(server, classes_file, out)) == 0
-        assert len(server.log) - sent_before == 3 * len(CUPL_STYLE_PROMPTS)  # only the failed units
+        assert len(server.log) - sent_before == 3 * len(CUPL_STYLE_QUERIES)  # only the failed units
         got = triples(out)
         assert len(got) == len(set(got)) and set(got) == expected_pairs()
 
@@ -305,11 +311,11 @@ def test_another_run_on_the_same_file_is_refused(tmp_path: Path, classes_file: P
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--classes", "nosuchdataset", "--out", "x.jsonl", "--backend", "templates"], "--classes: 'nosuchdataset' is neither a built-in list"),
+        (["--classes", "nosuchdataset", "--out", "x.jsonl", "--backend", "templates"], "--classes: nosuchdataset: no such file, and not a built-in class list"),
         (["--classes", "{classes}", "--out", "x.jsonl"], "--model is required with --backend openai"),
         (["--classes", "{classes}", "--out", "x.jsonl", "--model", "m", "--concurrency", "0", "--base-url", "http://127.0.0.1:9/v1"], "--concurrency must be >= 1, got 0"),
-        (["--classes", "{classes}", "--out", "x.jsonl", "--model", "m", "--prompts", "{prompts}"], "prompts.txt:2: a template needs exactly one '{}'"),
-        (["--classes", "{bad_json}", "--out", "x.jsonl", "--backend", "templates"], "bad.json: expected a JSON list of class names or a CoOp split file"),
+        (["--classes", "{classes}", "--out", "x.jsonl", "--model", "m", "--queries", "{prompts}"], "prompts.txt:2: a template needs exactly one '{}'"),
+        (["--classes", "{bad_json}", "--out", "x.jsonl", "--backend", "templates"], "--classes: bad.json: expected a JSON list of class names"),
     ],
 )
 def test_bad_arguments_name_the_culprit(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, argv: list, message: str) -> None:
@@ -327,7 +333,7 @@ def test_custom_prompt_file(tmp_path: Path, classes_file: Path) -> None:
     prompts.write_text(json.dumps(["Tell me how a {} looks.", "Tell me how a {} looks."]))
     out = tmp_path / "d.jsonl"
     with FakeOpenAIServer() as server:
-        assert main(args_for(server, classes_file, out, "--prompts", str(prompts))) == 0
+        assert main(args_for(server, classes_file, out, "--queries", str(prompts))) == 0
         assert len(server.log) == len(CLASSES)  # the duplicate template is asked once
     assert {r["prompt"] for r in rows(out) if r["classname"] == "apple"} == {"Tell me how an apple looks."}
 
@@ -344,10 +350,10 @@ def test_class_lists_from_files_and_builtin(tmp_path: Path) -> None:
     }))
     assert load_classnames(str(split)) == ["car_side", "banded", "cracked"]
     split.write_text(json.dumps({"train": [["a.jpg", 0, "x"], ["b.jpg", 0, "y"]]}))
-    with pytest.raises(gen.UsageError, match="label 0 is both 'x' and 'y'"):
+    with pytest.raises(gen.GenerationError, match="label 0 is named both 'x' and 'y'"):
         load_classnames(str(split))
     split.write_text(json.dumps({"train": [["a.jpg", 0, "x"], ["b.jpg", 2, "y"]]}))
-    with pytest.raises(gen.UsageError, match=r"labels are not 0..2 \(missing \[1\]\)"):
+    with pytest.raises(gen.GenerationError, match=r"labels \[1\] have no entries"):
         load_classnames(str(split))
 
     assert load_classnames(str(SHARED / "classnames" / "dtd.json"))[:2] == ["banded", "blotchy"]
@@ -363,12 +369,13 @@ def test_import_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     src = SHARED / "cupl" / "texture_prompts_full.json"
     out = tmp_path / "llm_data" / "dtd_cupl.jsonl"
     assert main(["import", str(src), "--out", str(out), "--classes", str(SHARED / "classnames" / "dtd.json")]) == 0
-    assert "imported 2745 descriptions of 47 classes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "imported 2820 descriptions of 47 classes" in printed and "(75 repeats, kept as samples)" in printed
     got = read_descriptions(out)
     raw = json.loads(src.read_text())
-    distinct = {k: list(dict.fromkeys(d.strip() for d in v if d.strip())) for k, v in raw.items()}
-    assert len(got) == 47 and got == distinct
-    assert len(rows(out)) == sum(len(v) for v in distinct.values()) == 2745
+    every = {k: [d.strip() for d in v if d.strip()] for k, v in raw.items()}
+    assert len(got) == 47 and got == every
+    assert len(rows(out)) == sum(len(v) for v in every.values()) == 2820
 
     before = out.read_bytes()
     assert main(["import", str(src), "--out", str(out)]) == 2
@@ -379,7 +386,7 @@ def test_import_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     code = main(["import", str(SHARED / "cupl/original-keys/cars_prompts_full.json"), "--out", str(cars),
                  "--classes", str(SHARED / "classnames/cars.json")])
     err = capsys.readouterr().err
-    assert code == 1 and "no descriptions for 196 of 196 classes" in err and "nothing written" in err
+    assert code == 2 and "no descriptions for 196 of 196 classes" in err and "nothing written" in err
     assert "'2000 AM General Hummer SUV'" in err and not cars.exists()
 
 
@@ -409,10 +416,10 @@ def test_clean_descriptions() -> None:
 
 
 def test_format_prompt_articles() -> None:
-    assert format_prompt("What does a {} look like?", "apple") == "What does an apple look like?"
-    assert format_prompt("A {} is here.", "Egyptian_cat") == "An Egyptian cat is here."
-    assert format_prompt("a photo of a {}.", "unicorn") == "a photo of a unicorn."
-    assert format_prompt("Describe {}.", "car_side") == "Describe car side."
+    assert format_query("What does a {} look like?", "apple") == "What does an apple look like?"
+    assert format_query("A {} is here.", "Egyptian_cat") == "An Egyptian cat is here."
+    assert format_query("a photo of a {}.", "unicorn") == "a photo of a unicorn."
+    assert format_query("Describe {}.", "car_side") == "Describe car side."
 
 
 def test_help_explains_every_flag() -> None:

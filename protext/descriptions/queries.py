@@ -1,7 +1,8 @@
-"""What the description generator asks: CuPL-style questions for an LLM, and offline attribute templates.
+"""What the description generator asks: CuPL-style *queries* for an LLM, and offline attribute templates.
 
-Both are templates with one ``{}`` for the class name. :func:`format_prompt` fills it in the way a
+Both are templates with one ``{}`` for the class name. :func:`format_query` fills it in the way a
 person would write it (``an apple``, not ``a apple``; ``car side`` for the dataset name ``car_side``).
+("Prompts" in protext are only what it learns; what is sent to an LLM is a query.)
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ import re
 from pathlib import Path
 from typing import Union
 
+from ..errors import UserError
+
 __all__ = [
     "ATTRIBUTE_TEMPLATES",
-    "CUPL_STYLE_PROMPTS",
+    "CUPL_STYLE_QUERIES",
     "DEFAULT_SYSTEM_PROMPT",
-    "PromptFileError",
+    "QueryFileError",
     "display_name",
-    "format_prompt",
-    "load_prompt_templates",
+    "format_query",
+    "load_queries",
 ]
 
-CUPL_STYLE_PROMPTS: tuple[str, ...] = (
+CUPL_STYLE_QUERIES: tuple[str, ...] = (
     "What does a {} look like?",
     "How can you identify a {} in a photo?",
     "Describe what a {} looks like.",
@@ -48,8 +51,8 @@ ATTRIBUTE_TEMPLATES: tuple[str, ...] = (
 """Offline descriptions (``--backend templates``): generic visual attributes, no LLM needed."""
 
 
-class PromptFileError(ValueError):
-    """A prompt-template file that cannot be used; the message names the file (and line)."""
+class QueryFileError(UserError, ValueError):
+    """A query file that cannot be used; the message names the file (and line)."""
 
 
 _AN_EXCEPTIONS = ("hour", "honest", "honor", "honour", "heir")
@@ -62,7 +65,7 @@ def display_name(classname: str) -> str:
 
 
 def _article_for(name: str) -> str:
-    # A spelling heuristic, good enough for prompts: CLIP barely cares about "a"/"an".
+    # A spelling heuristic, good enough for queries: an LLM barely cares about "a"/"an".
     lower = name.lower()
     if lower.startswith(_AN_EXCEPTIONS):
         return "an"
@@ -71,7 +74,7 @@ def _article_for(name: str) -> str:
     return "a"
 
 
-def format_prompt(template: str, classname: str) -> str:
+def format_query(template: str, classname: str) -> str:
     """Fill ``template``'s ``{}`` with ``classname``, fixing the article before it (``a`` -> ``an``)."""
     name = display_name(classname)
     head, sep, tail = template.partition("{}")
@@ -91,32 +94,32 @@ def _check_template(path: Path, line: int, template: str) -> str:
     count = template.count("{}")
     if count != 1:
         where = f"{path}:{line}" if line else str(path)
-        raise PromptFileError(f"{where}: a template needs exactly one '{{}}' for the class name, found {count}: {template!r}")
+        raise QueryFileError(f"{where}: a template needs exactly one '{{}}' for the class name, found {count}: {template!r}")
     return template
 
 
-def load_prompt_templates(path: Union[str, Path]) -> list[str]:
-    """Read question templates from ``path``: ``.json`` (a list of strings) or text, one per line.
+def load_queries(path: Union[str, Path]) -> list[str]:
+    """Read query templates from ``path``: ``.json`` (a list of strings) or text, one per line.
 
     Text files skip blank lines and lines starting with ``#``. Every template needs exactly one
     ``{}``; duplicates are dropped (they would only repeat the same requests).
     """
     path = Path(path)
     if not path.is_file():
-        raise PromptFileError(f"{path}: prompt file not found")
+        raise QueryFileError(f"--queries: {path}: query file not found")
     templates: list[str] = []
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise PromptFileError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+            raise QueryFileError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
-            raise PromptFileError(f"{path}: expected a JSON list of template strings")
+            raise QueryFileError(f"{path}: expected a JSON list of template strings")
         templates = [_check_template(path, 0, t) for t in data]
     else:
         for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if text.strip() and not text.lstrip().startswith("#"):
                 templates.append(_check_template(path, number, text))
     if not templates:
-        raise PromptFileError(f"{path}: no templates found")
+        raise QueryFileError(f"{path}: no templates found")
     return list(dict.fromkeys(templates))

@@ -9,8 +9,11 @@ Transport failures (429, 5xx, timeouts, dropped connections) are retried with ba
   requests, with ``seed + i`` per sample when a seed is set so the samples still differ;
 * reasoning models that reject ``max_tokens`` or a non-default ``temperature`` get
   ``max_completion_tokens`` and no temperature;
-* authentication / permission / unknown-model errors are :class:`FatalAPIError`: every other request
-  would fail the same way.
+* authentication / permission / unknown-model errors, and a server that cannot be connected to at
+  all (refused, unknown host) once the client's retries are spent, are :class:`FatalAPIError` naming
+  the URL: every other request would fail the same way. Rate limits, 5xx and timeouts stay per-request
+  failures with their retries. :func:`check_reachable` finds a closed port or unknown host before
+  the run starts, in one connection attempt.
 
 Every message that leaves this module goes through a redactor, so the API key is never printed.
 """
@@ -19,11 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
+from urllib.parse import urlsplit
 
 import openai
+
+from ..errors import UserError
+from .redaction import make_redactor
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,8 @@ __all__ = [
     "DescriptionSampler",
     "FatalAPIError",
     "SamplingSettings",
+    "ServerUnreachable",
+    "check_reachable",
     "clean_descriptions",
     "make_redactor",
     "split_sentences",
@@ -45,6 +56,10 @@ class BadResponseError(RuntimeError):
 
 class FatalAPIError(RuntimeError):
     """An error that every request would hit (bad key, no permission, unknown model or URL)."""
+
+
+class ServerUnreachable(UserError):
+    """The server's host cannot be resolved or its port refuses connections."""
 
 
 class _NChoicesRefused(Exception):
@@ -77,19 +92,32 @@ class ClientStats:
 
 
 # --------------------------------------------------------------------------------------------------
-# redaction
+# reachability
+
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 
 
-def make_redactor(*secrets: Optional[str]) -> Callable[[str], str]:
-    """A function replacing every given secret (and its ``Bearer`` form) in a text by ``***``."""
-    hidden = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+def check_reachable(base_url: str, timeout: float) -> None:
+    """Open (and close) one TCP connection to ``base_url``'s host and port, or raise :class:`ServerUnreachable`.
 
-    def redact(text: str) -> str:
-        for secret in hidden:
-            text = text.replace(secret, "***")
-        return text
-
-    return redact
+    A closed port or an unknown host would otherwise be retried with backoff for every request.
+    Skipped when a proxy is configured in the environment (the proxy, not the server, is what the
+    client connects to); the sampler then reports connection failures itself.
+    """
+    if any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARIABLES):
+        return
+    parts = urlsplit(base_url)
+    if not parts.hostname:
+        raise ServerUnreachable(f"--base-url {base_url!r} is not a URL (expected e.g. http://localhost:8000/v1)")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        raise ServerUnreachable(
+            f"--base-url {base_url}: cannot connect to {parts.hostname}:{port} ({reason}); "
+            "is the server running, and is the URL right?"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,7 +324,17 @@ class DescriptionSampler:
                         raise RuntimeError(self.redact(_error_text(err))) from None
                     except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
                         raise FatalAPIError(self.redact(_error_text(err))) from None
-                    except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as err:
+                    except openai.APITimeoutError as err:
+                        self.stats.retries += self.client.max_retries  # all spent before giving up
+                        raise RuntimeError(self.redact(_error_text(err))) from None
+                    except openai.APIConnectionError as err:
+                        # Not a slow answer but no connection at all, after every retry: every other
+                        # request would fail the same way, so stop the run and name the URL.
+                        raise FatalAPIError(self.redact(
+                            f"cannot connect to {self.client.base_url} ({_error_text(err)}); "
+                            "is the server running, and is --base-url right?"
+                        )) from None
+                    except (openai.InternalServerError, openai.RateLimitError) as err:
                         self.stats.retries += self.client.max_retries  # all spent before giving up
                         raise RuntimeError(self.redact(_error_text(err))) from None
                     except openai.APIError as err:
@@ -362,7 +400,8 @@ class DescriptionSampler:
         """``n`` samples for ``prompt``, cleaned (so possibly fewer, never none).
 
         Raises:
-            FatalAPIError: no request can succeed (authentication, permission, model or URL).
+            FatalAPIError: no request can succeed (authentication, permission, model, URL, or no
+                connection to the server at all).
             BadResponseError: answers kept arriving unusable.
             RuntimeError: a transport error the client's own retries did not overcome.
         """

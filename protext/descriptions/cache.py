@@ -1,10 +1,11 @@
 """The description cache: JSONL files under ``llm_data/``, one class description per line.
 
-Every line is a JSON object with at least ``classname`` and ``description`` (writers also set
-``prompt`` and ``model``). Other fields are allowed and ignored by :func:`read_descriptions`.
+Every line is a JSON object with at least ``classname`` and ``description``. Writers also set
+``prompt`` (the *query* sent to the LLM; the field keeps its old name so existing caches stay
+readable) and ``model``. Other fields are allowed and ignored.
 
 Files are append-only. :func:`append_descriptions` writes one *unit* (all the lines that one
-request produced, e.g. one class x one prompt) with a single ``write`` and stamps each line with
+request produced: one class x one query) with a single ``write`` and stamps each line with
 ``part`` (1-based) and ``parts`` (the unit's line count). A crash can therefore damage only the end
 of the file, in one of two ways, both detected here:
 
@@ -14,6 +15,17 @@ of the file, in one of two ways, both detected here:
 Readers ignore such a tail with a warning and never modify the file; :func:`repair_torn_tail` cuts it
 off before a writer appends. Anything malformed *before* the tail cannot come from a crash, so it is
 an error naming the file and line, and the file is left as it is.
+
+**Repeats are samples.** A class that holds the same description twice (CuPL's DTD file has 75 such
+repeats) is trained on it twice, as the published loader does. The only line that is *not* a sample
+is one that a resumed generation wrote again: that is recognised from the unit records alone (a
+whole stamped unit whose key -- class, query, model -- already appeared earlier in the file), never
+by comparing description texts. Class names that differ only in case, ``_`` versus space or spacing
+(``Beagle`` and ``beagle``) are one class everywhere, as in training; the first spelling is kept.
+
+Every writer of a description file (generation and ``import``) holds :func:`writer_lock` on it, so
+two writers never interleave and an ``import --overwrite`` cannot replace a file that a running
+generation is appending to.
 """
 
 from __future__ import annotations
@@ -21,38 +33,48 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-from .atomic import atomic_write
+from ..errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
-    "ClassMatch",
+    "CacheContents",
     "Description",
     "DescriptionFileError",
+    "DescriptionFileMissing",
+    "DescriptionLockError",
     "append_descriptions",
-    "import_cupl",
-    "match_classnames",
+    "encode_unit",
     "normalize_classname",
+    "read_cache",
     "read_descriptions",
+    "read_records",
     "repair_torn_tail",
+    "unit_key",
+    "writer_lock",
 ]
 
 
 @dataclass
 class Description:
-    """One line of the cache: a description of ``classname`` and where it came from."""
+    """One line of the cache: a description of ``classname`` and where it came from.
+
+    ``query`` is what was asked (the LLM question, the offline template, or ``""`` for imported
+    files); it is stored in the line's ``prompt`` field.
+    """
 
     classname: str
     description: str
-    prompt: str = ""
+    query: str = ""
     model: str = ""
 
 
-class DescriptionFileError(ValueError):
+class DescriptionFileError(UserError, ValueError):
     """A description file (or a CuPL JSON file) that cannot be used as it is.
 
     ``str(err)`` starts with ``path:line:`` (or ``path:`` when no single line is at fault).
@@ -66,13 +88,26 @@ class DescriptionFileError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
-@dataclass
-class ClassMatch:
-    """How the class names a caller wants map onto the keys of a description source."""
+class DescriptionFileMissing(UserError, FileNotFoundError):
+    """A description file that does not exist (or is a directory)."""
 
-    mapping: dict[str, str]  # wanted name -> key in available
-    missing: list[str]  # wanted names with no key
-    unused: list[str]  # available keys matched by no wanted name
+
+class DescriptionLockError(UserError):
+    """Another process is writing the description file."""
+
+
+def normalize_classname(name: str) -> str:
+    """Canonical form for comparing class names: lowercase, ``_`` as space, single spaces, stripped."""
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+def _query_key(query: str) -> str:
+    return " ".join(query.casefold().split())
+
+
+def unit_key(classname: str, query: str, model: str) -> tuple[str, str, str]:
+    """The identity of a unit: two units with this key hold the same work (the second is a rewrite)."""
+    return normalize_classname(classname), _query_key(query), model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,53 +226,127 @@ def _check_units(path: Path, scan: _Scan) -> None:
 def _require_file(path: PathLike) -> Path:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"description file not found: {path}")
+        raise DescriptionFileMissing(f"description file not found: {path}")
     if path.is_dir():
-        raise IsADirectoryError(f"description file is a directory: {path}")
+        raise DescriptionFileMissing(f"description file is a directory: {path}")
     return path
 
 
-# --------------------------------------------------------------------------------------------------
-# public API
-
-
-def read_records(path: PathLike) -> list[dict[str, Any]]:
-    """All intact records of a description file, in file order (a damaged tail is skipped with a warning).
-
-    The full objects are returned, extra fields included; :func:`read_descriptions` is the usual entry
-    point. Raises :class:`DescriptionFileError` for damage before the tail.
-    """
+def _scan_with_warning(path: PathLike) -> tuple[Path, _Scan]:
     path = _require_file(path)
     scan = _scan(path)
     if scan.cut_at is not None:
         warnings.warn(
             f"{path}: ignoring {scan.tail_reason}, left by an interrupted write; "
             "rerunning the generator cuts it off and redoes that work",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return path, scan
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class CacheContents:
+    """What a description file holds, after its unit records are taken into account.
+
+    Attributes:
+        records: every sample line, in file order (rewritten units left out).
+        descriptions: ``{classname: [description, ...]}``; repeats kept, classes merged by
+            :func:`normalize_classname` under their first spelling.
+        repeats: samples whose (class, text) appeared earlier in the same class -- kept, counted.
+        rewritten_units: whole units skipped because a resumed generation wrote them again.
+        rewritten_lines: the lines of those units.
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    descriptions: dict[str, list[str]] = field(default_factory=dict)
+    repeats: int = 0
+    rewritten_units: int = 0
+    rewritten_lines: int = 0
+
+    @property
+    def samples(self) -> int:
+        """Number of (class, description) training pairs."""
+        return sum(len(v) for v in self.descriptions.values())
+
+
+def _sample_lines(lines: Sequence[_Line]) -> tuple[list[_Line], int, int]:
+    """Drop whole units whose key appeared before (a resumed generation's rewrite)."""
+    kept: list[_Line] = []
+    seen: set[tuple[str, str, str]] = set()
+    skipping = False
+    units = dropped = 0
+    for line in lines:
+        rec = line.record
+        if rec.get("parts") is None:  # an unstamped line is a sample on its own
+            kept.append(line)
+            continue
+        if rec["part"] == 1:
+            key = unit_key(rec["classname"], rec.get("prompt", ""), rec.get("model", ""))
+            skipping = key in seen
+            seen.add(key)
+            units += skipping
+        if skipping:
+            dropped += 1
+        else:
+            kept.append(line)
+    return kept, units, dropped
+
+
+def read_cache(path: PathLike) -> CacheContents:
+    """Read a description file with its counts (see :class:`CacheContents`).
+
+    A torn last line (or an incomplete last unit) is ignored with a warning naming the file; the
+    file is never modified. An empty file gives empty contents.
+
+    Raises:
+        DescriptionFileMissing: ``path`` does not exist or is a directory.
+        DescriptionFileError: malformed JSON or a missing key anywhere but the last line.
+    """
+    _, scan = _scan_with_warning(path)
+    lines, units, dropped = _sample_lines(scan.lines)
+    out = CacheContents(rewritten_units=units, rewritten_lines=dropped)
+    key_of: dict[str, str] = {}  # normalised class -> first spelling
+    seen: dict[str, set[str]] = {}
+    for line in lines:
+        rec = line.record
+        norm = normalize_classname(rec["classname"])
+        name = key_of.setdefault(norm, rec["classname"])
+        text = rec["description"]
+        out.records.append(rec)
+        out.descriptions.setdefault(name, []).append(text)
+        texts = seen.setdefault(norm, set())
+        out.repeats += text.strip() in texts
+        texts.add(text.strip())
+    return out
+
+
+def read_records(path: PathLike) -> list[dict[str, Any]]:
+    """All intact lines of a description file, in file order, rewritten units included.
+
+    This is the raw view (a damaged tail is skipped with a warning); :func:`read_cache` and
+    :func:`read_descriptions` give the samples. Raises :class:`DescriptionFileError` for damage
+    before the tail.
+    """
+    _, scan = _scan_with_warning(path)
     return [ln.record for ln in scan.lines]
 
 
 def read_descriptions(path: PathLike) -> dict[str, list[str]]:
-    """Read a description file into ``{classname: [description, ...]}``.
+    """Read a description file into ``{classname: [description, ...]}``: every sample, repeats kept.
 
-    Classes come in order of first appearance, descriptions in file order, with exact duplicates
-    within a class dropped. A torn last line (or an incomplete last unit) is ignored with a warning
-    naming the file; the file is never modified. An empty file gives ``{}``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        DescriptionFileError: malformed JSON or a missing key anywhere but the last line.
+    Classes come in order of first appearance (names that normalise alike are one class, under the
+    first spelling), descriptions in file order. A unit that a resumed generation wrote a second
+    time is read once. See :func:`read_cache` for the counts and the errors raised.
     """
-    out: dict[str, list[str]] = {}
-    seen: dict[str, set[str]] = {}
-    for record in read_records(path):
-        name, text = record["classname"], record["description"]
-        if text in seen.setdefault(name, set()):
-            continue
-        seen[name].add(text)
-        out.setdefault(name, []).append(text)
-    return out
+    return read_cache(path).descriptions
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
 
 
 def repair_torn_tail(path: PathLike) -> bool:
@@ -272,7 +381,7 @@ def repair_torn_tail(path: PathLike) -> bool:
     return False
 
 
-def _encode_unit(records: Sequence[Description]) -> bytes:
+def encode_unit(records: Sequence[Description]) -> bytes:
     """Serialise one unit: one JSON line per record, stamped ``part``/``parts``."""
     lines = []
     for i, rec in enumerate(records, start=1):
@@ -281,13 +390,18 @@ def _encode_unit(records: Sequence[Description]) -> bytes:
         if not rec.classname.strip() or not rec.description.strip():
             raise ValueError(f"empty classname or description in record {i}: {rec!r}")
         obj = asdict(rec)
+        obj["prompt"] = obj.pop("query")  # on-disk name, kept for existing caches
+        obj["model"] = obj.pop("model")  # keep the historical key order
         obj["part"], obj["parts"] = i, len(records)
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
     return "".join(lines).encode("utf-8")
 
 
-def _fsync_dir(path: Path) -> None:
-    # A new file's directory entry is only durable once its directory is synced.
+_encode_unit = encode_unit  # old private name, used by tests that build damaged files
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a new directory entry in ``path`` durable (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -311,7 +425,7 @@ def append_descriptions(path: PathLike, records: Iterable[Description]) -> None:
     batch = list(records)
     if not batch:
         return
-    payload = _encode_unit(batch)
+    payload = encode_unit(batch)
     created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -326,90 +440,73 @@ def append_descriptions(path: PathLike, records: Iterable[Description]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    if created:
-        _fsync_dir(path.parent if str(path.parent) else Path("."))
+    if created or size == 0:
+        fsync_dir(path.parent if str(path.parent) else Path("."))
 
 
-def normalize_classname(name: str) -> str:
-    """Canonical form for comparing class names: lowercase, ``_`` as space, single spaces, stripped."""
-    return " ".join(name.lower().replace("_", " ").split())
+# --------------------------------------------------------------------------------------------------
+# the one lock discipline
 
 
-def match_classnames(available: Iterable[str], wanted: Sequence[str]) -> ClassMatch:
-    """Map the class names a caller wants onto the keys of a description source.
-
-    An exact key wins; otherwise keys are compared through :func:`normalize_classname` (the first
-    key in ``available`` order wins if several normalise alike). Nothing is guessed beyond that:
-    names that still differ (``"Dodge Dakota Crew Cab 2010"`` vs ``"2010 Dodge Dakota Crew Cab"``)
-    are reported in ``missing`` / ``unused`` for the caller to decide.
-    """
-    keys = list(dict.fromkeys(available))
-    exact = set(keys)
-    by_norm: dict[str, str] = {}
-    for key in keys:
-        by_norm.setdefault(normalize_classname(key), key)
-    mapping: dict[str, str] = {}
-    missing: list[str] = []
-    for name in wanted:
-        if name in mapping or name in missing:
-            continue
-        key = name if name in exact else by_norm.get(normalize_classname(name))
-        if key is None:
-            missing.append(name)
-        else:
-            mapping[name] = key
-    used = set(mapping.values())
-    return ClassMatch(mapping=mapping, missing=missing, unused=[k for k in keys if k not in used])
-
-
-def load_cupl_json(json_path: PathLike) -> dict[str, list[str]]:
-    """Load a CuPL/ProText description file ``{classname: [description, ...]}`` and check its shape.
-
-    Raises :class:`DescriptionFileError` naming the file (and line, for bad JSON).
-    """
-    json_path = _require_file(json_path)
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise DescriptionFileError(json_path, None, f"not UTF-8 ({err.reason})") from None
-    except json.JSONDecodeError as err:
-        raise DescriptionFileError(json_path, err.lineno, f"malformed JSON ({err.msg})") from None
-    shape = 'expected a CuPL file: a JSON object {"classname": ["description", ...], ...}'
-    if not isinstance(data, dict):
-        raise DescriptionFileError(json_path, None, f"{shape}, got a JSON {type(data).__name__}")
-    for name, descs in data.items():
-        if not name.strip():
-            raise DescriptionFileError(json_path, None, "empty class name")
-        if not isinstance(descs, list) or not all(isinstance(d, str) for d in descs):
-            raise DescriptionFileError(
-                json_path, None, f"{shape}; class {name!r} does not hold a list of strings"
-            )
-    return data
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def import_cupl(json_path: PathLike, out_path: PathLike, model: str = "cupl", *, overwrite: bool = False) -> int:
-    """Convert a CuPL JSON file into a description JSONL file; return the number of lines written.
+def _open_for_lock(path: Path) -> tuple[int, bool]:
+    """Open (or create) ``path``; return the descriptor and whether this call created it."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_APPEND), False
+        except FileNotFoundError:
+            pass
+        try:
+            return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            continue  # another writer created it in between: open theirs
 
-    One line per distinct (whitespace-stripped, non-empty) description per class, in the source
-    order; each class is one unit. The output appears atomically (temporary file + rename), so a
-    failed import leaves nothing behind. Refuses to replace a non-empty ``out_path`` unless
-    ``overwrite`` is set, so no cached descriptions are lost by accident.
+
+@contextmanager
+def writer_lock(path: PathLike) -> Iterator[None]:
+    """Hold the exclusive writer lock of a description file while the block runs.
+
+    Every writer (generation, ``import``, ``import --overwrite``) takes it, so a second writer fails
+    at once with :class:`DescriptionLockError` naming the file instead of losing the first one's
+    work. The lock is an advisory ``flock`` on the file itself (released by the kernel when the
+    process dies, even by SIGKILL, so no stale lock file is ever left). A file that only this call
+    created and that is still empty when the block ends is removed again, so a failed run leaves no
+    0-byte file behind. On systems without ``fcntl`` there is no locking.
     """
-    data = load_cupl_json(json_path)
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise IsADirectoryError(f"output is a directory: {out_path}")
-    if out_path.exists() and out_path.stat().st_size > 0 and not overwrite:
-        raise FileExistsError(f"{out_path} already holds descriptions; refusing to overwrite it")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    units = []
-    for name, descs in data.items():
-        distinct = dict.fromkeys(d.strip() for d in descs if d.strip())
-        if distinct:
-            units.append([Description(name, d, "", model) for d in distinct])
-
-    payload = b"".join(_encode_unit(unit) for unit in units)
-    atomic_write(out_path, lambda tmp: Path(tmp).write_bytes(payload))
-    _fsync_dir(out_path.parent)
-    return sum(len(u) for u in units)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: single-writer use is the user's responsibility
+        yield
+        return
+    path = Path(path)
+    while True:
+        fd, created = _open_for_lock(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DescriptionLockError(
+                f"--out: {path} is being written by another gen_descriptions run (a generation or an import); "
+                "wait for it to finish, or write to another file"
+            ) from None
+        if _same_file(fd, path):
+            break
+        # The file was replaced (an import's rename) or removed between our open and our lock:
+        # the lock we hold guards nothing any more, so take the one of the file now at ``path``.
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            if created and os.fstat(fd).st_size == 0 and _same_file(fd, path):
+                os.unlink(path)
+        finally:
+            os.close(fd)  # releases the lock
