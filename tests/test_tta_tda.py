@@ -1,0 +1,182 @@
+"""TDA against a hand-written reference of TTA.md §3: a scripted stream through both caches."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protext.tta import TTAConfig, build_adapter, view_maker
+from protext.tta.tda import Observation, TDAAdapter, observe
+
+C, D = 4, 8
+ALPHA, BETA = 2.0, 5.0
+NEG_ALPHA, NEG_BETA = 0.117, 1.0
+
+
+class ReferenceTDA:
+    """TTA.md §3.3-3.5 with Python lists of (feature, H[, p]) per class, float64 sums."""
+
+    def __init__(self, alpha: float = ALPHA, beta: float = BETA):
+        self.alpha, self.beta = alpha, beta
+        self.pos: dict[int, list] = {}
+        self.neg: dict[int, list] = {}
+
+    @staticmethod
+    def _update(cache, label, item, shots):
+        items = cache.setdefault(label, [])
+        if len(items) < shots:
+            items.append(item)
+        elif item[1] < items[-1][1]:
+            items[-1] = item
+        cache[label] = sorted(items, key=lambda it: it[1])
+
+    def step(self, f, z, p, H):
+        label = max(range(C), key=lambda k: (z[k], -k))
+        self._update(self.pos, label, (f, H), 3)
+        h = H / math.log2(C)
+        if 0.2 < h < 0.5:
+            self._update(self.neg, label, (f, H, p), 2)
+        final = [float(v) for v in z]
+        for cls, items in self.pos.items():
+            for key, _ in items:
+                a = sum(float(x) * float(y) for x, y in zip(f, key))
+                final[cls] += self.alpha * math.exp(-self.beta * (1 - a))
+        for cls, items in self.neg.items():
+            for key, _, probs in items:
+                a = sum(float(x) * float(y) for x, y in zip(f, key))
+                w = math.exp(-NEG_BETA * (1 - a))
+                for k in range(C):
+                    if 0.03 < float(probs[k]) < 1.0:
+                        final[k] -= NEG_ALPHA * w
+        return final
+
+
+# (predicted class, H in nats); with C = 4, h = H / 2, so the band 0.2 < h < 0.5 is 0.4 < H < 1.0
+SCRIPT = [
+    (0, 0.1),   # pos[0] append; h 0.05: no negative
+    (0, 0.5),   # pos[0] append; h 0.25: neg[0] append
+    (0, 0.3),   # pos[0] full, re-sorted [0.1, 0.3, 0.5]
+    (0, 0.2),   # replaces the worst (0.5): [0.1, 0.2, 0.3]
+    (0, 0.9),   # worse than the worst: pos unchanged; h 0.45: neg[0] [0.5, 0.9]
+    (0, 0.7),   # pos unchanged; neg[0] full, replaces 0.9: [0.5, 0.7]
+    (2, 0.4),   # h exactly 0.2: not in the band
+    (2, 1.0),   # h exactly 0.5: not in the band
+    (1, 0.6),   # pos[1], neg[1]
+    (1, 0.6),   # equal entropy: appended after (stable)
+    (0, 0.15),  # replaces 0.3: [0.1, 0.15, 0.2]
+    (3, 0.05),
+    (1, 0.6),   # pos[1] gets its third 0.6
+    (1, 0.6),   # not lower than the worst: unchanged
+]
+PROBS = [0.03, 0.031, 0.029, 1.0, 0.5, 0.2, 0.0, 0.97]  # 0.03 and 1.0 themselves are excluded
+
+
+def _scripted(step: int, label: int, entropy: float) -> Observation:
+    g = torch.Generator().manual_seed(100 + step)
+    feature = F.normalize(torch.randn(D, generator=g), dim=0) * (0.9 if step % 2 else 1.0)  # a mean of views need not be unit
+    logits = torch.randn(C, generator=g)
+    logits[label] = logits.max() + 1.0
+    probs = torch.tensor([PROBS[(step + k) % len(PROBS)] for k in range(C)])
+    return Observation(feature, logits, probs, entropy)
+
+
+def _adapter(tiny_clip, classes=None) -> TDAAdapter:
+    classes = torch.randn(C, 32, generator=torch.Generator().manual_seed(9)) if classes is None else classes
+    return TDAAdapter(tiny_clip.model, classes, ALPHA, BETA)
+
+
+def test_scripted_stream_caches_and_logits(tiny_clip):
+    adapter, ref = _adapter(tiny_clip), ReferenceTDA()
+    for step, (label, entropy) in enumerate(SCRIPT):
+        obs = _scripted(step, label, entropy)
+        got = adapter.step(obs)
+        want = ref.step(obs.feature.tolist(), obs.logits.tolist(), obs.probs.tolist(), entropy)
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32), atol=1e-5, rtol=0)
+        for cache, reference in ((adapter.positive, ref.pos), (adapter.negative, ref.neg)):
+            assert sorted(k for k, v in cache.entries.items() if v) == sorted(reference)
+            for cls, items in reference.items():
+                assert [e.entropy for e in cache.entries[cls]] == [it[1] for it in items]
+                for entry, item in zip(cache.entries[cls], items):
+                    assert entry.feature.tolist() == item[0]
+    # the walk above reached what the script says it does
+    assert [e.entropy for e in adapter.positive.entries[0]] == [0.1, 0.15, 0.2]
+    assert [e.entropy for e in adapter.negative.entries[0]] == [0.5, 0.7]
+    assert 2 not in adapter.negative.entries and len(adapter.positive.entries[1]) == 3
+
+
+def reference_observe(feats: torch.Tensor, classes: torch.Tensor, scale: float):
+    """TTA.md §3.1: one view as it is; 64 views: the 6 of lowest entropy, means of f, z, softmax."""
+    z = scale * feats.double() @ classes.double().t()
+    if feats.shape[0] == 1:
+        p = z[0].softmax(-1)
+        return feats[0].double(), z[0], p, float(-(p * p.log()).sum())
+    p = z.softmax(-1)
+    ent = -(p * p.log()).sum(-1)
+    keep = sorted(range(feats.shape[0]), key=lambda v: (float(ent[v]), v))[: int(feats.shape[0] * 0.1)]
+    pbar = p[keep].mean(0)
+    return feats[keep].double().mean(0), z[keep].mean(0), pbar, float(-(pbar * pbar.log()).sum())
+
+
+@pytest.mark.parametrize("n_views", [1, 64])
+def test_observation(n_views):
+    feats = F.normalize(torch.randn(n_views, D, generator=torch.Generator().manual_seed(n_views)), dim=-1)
+    classes = F.normalize(torch.randn(C, D, generator=torch.Generator().manual_seed(3)), dim=-1)
+    got = observe(feats, classes, 30.0, 0.1)
+    f, z, p, H = reference_observe(feats, classes, 30.0)
+    torch.testing.assert_close(got.feature.double(), f, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.logits.double(), z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.probs.double(), p, atol=1e-6, rtol=0)
+    assert got.entropy == pytest.approx(H, abs=1e-5)
+
+
+@pytest.mark.parametrize("dataset", ["imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet", "dtd", "eurosat"])
+def test_view_count_per_dataset(dataset):
+    maker = view_maker(TTAConfig(method="tda"), dataset, None)
+    shift = dataset in ("imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch")
+    assert maker.n_views == (64 if shift else 1) and (maker.augmix is not None) == shift
+
+
+@pytest.mark.parametrize("dataset,n_views", [("imagenet_sketch", 64), ("dtd", 1)])
+def test_stream_on_tiny_clip_equals_reference(tiny_clip, dataset, n_views):
+    """Views from TDA's view maker (64 AugMix views on the natural shifts, the image alone elsewhere)
+    through the adapter, against the reference cache on hand-encoded features."""
+    model = tiny_clip.model
+    classes = torch.randn(C, 32, generator=torch.Generator().manual_seed(9))
+    adapter = build_adapter(TTAConfig(method="tda"), model, dataset, text_features=classes)
+    cfg = TTAConfig(method="tda").resolved(dataset)
+    maker = view_maker(TTAConfig(method="tda"), dataset, None)
+    assert maker.n_views == n_views and (maker.augmix is not None) == (n_views == 64)
+    ref = ReferenceTDA(cfg.tda_alpha, cfg.tda_beta)
+    normed = F.normalize(classes, dim=-1)
+    for i in range(3):
+        image = torch.rand(3, 120, 150, generator=torch.Generator().manual_seed(i))
+        views = maker(image, torch.Generator().manual_seed(50 + i))
+        out = adapter.adapt(views)
+        with torch.no_grad():
+            feats = F.normalize(model.encode_image(views), dim=-1)
+        f, z, p, H = reference_observe(feats, normed, float(model.logit_scale.exp()))
+        want = ref.step(f.tolist(), z.tolist(), p.tolist(), H)
+        torch.testing.assert_close(out.logits, torch.tensor(want, dtype=torch.float32), atol=1e-4, rtol=0)
+        assert torch.equal(out.logits, out.calibration_logits)
+    assert adapter.online
+
+
+def test_state_dict_resumes_the_stream(tiny_clip):
+    stream = [_scripted(step, label, entropy) for step, (label, entropy) in enumerate(SCRIPT)]
+    whole = _adapter(tiny_clip)
+    want = [whole.step(obs) for obs in stream]
+    first = _adapter(tiny_clip)
+    for obs in stream[:7]:
+        first.step(obs)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _adapter(tiny_clip)
+    resumed.load_state_dict(torch.load(buffer))
+    for obs, expected in zip(stream[7:], want[7:]):
+        assert torch.equal(resumed.step(obs), expected)
+    assert resumed.state_dict()["seen"] == len(SCRIPT)
