@@ -1,4 +1,4 @@
-"""ProText training: seconds per epoch, fast path vs ``--naive``, on real CuPL descriptions.
+"""ProText training: seconds per epoch, fast path vs the reference (``tests/reference/training_reference.py``), on real CuPL descriptions.
 
 Random ViT-B/16 weights (speed does not depend on their values), the presets' prompt shapes
 (depth 9), ``protext.training.train`` itself for every timing. Each phase runs in its own
@@ -41,6 +41,7 @@ from protext.presets import get_preset  # noqa: E402
 from protext.prompts import PromptedTextEncoder  # noqa: E402
 from protext.targets import description_targets, tokenize_descriptions  # noqa: E402
 from protext.training import TextPairs, TrainConfig, train  # noqa: E402
+from tests.reference.training_reference import train_naive  # noqa: E402  (the reference lives beside the tests)
 
 DATASETS = {
     "dtd": "texture_prompts_full.json",
@@ -83,7 +84,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         pairs = pairs_all
     encoder = PromptedTextEncoder(clip.model, clip.tokenizer, pairs.classnames, preset.n_ctx, preset.depth, preset.ctx_init)
     config = TrainConfig(
-        lr=preset.lr, epochs=1, warmup_epochs=0, batch_size=256, naive=args.naive, seed=1, shared_prefix=not args.no_shared_prefix
+        lr=preset.lr, epochs=1, warmup_epochs=0, batch_size=256, seed=1, shared_prefix=not args.no_shared_prefix
     )
     out: dict = {"dataset": args.dataset, "preset": args.preset, "naive": args.naive, "samples": len(pairs_all),
                  "steps_per_epoch": steps_per_epoch, "longest_prompt": int(encoder.eot.max()) + 1}
@@ -106,7 +107,10 @@ def run_phase(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    result = train(encoder, pairs, config, targets=targets, tokens=tokens, progress=False)
+    if args.naive:
+        result = train_naive(encoder, pairs, config, tokens, progress=False)
+    else:
+        result = train(encoder, pairs, config, targets=targets, progress=False)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20

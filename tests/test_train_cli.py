@@ -258,7 +258,8 @@ def test_existing_output_is_never_replaced_silently(tmp_path, small_jsonl, capsy
         (["--split", "base"], "--split base needs --classes"),
         (["--classes", "missing.txt"], "--classes missing.txt: no such file"),
         (["--precision", "fp16", "--device", "cpu"], "--precision fp16 needs CUDA"),
-        (["--batch-size", "0"], "batch size must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
         (["--n-ctx", "0"], "--n-ctx must be at least 1"),
     ],
 )
@@ -333,7 +334,8 @@ def test_killed_after_an_epoch_and_resumed_equals_uninterrupted(tmp_path, refere
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert load_resume_state(tmp_path / "run.resume.pt")["epoch"] == 3
-    assert load_prompts(out).meta["epochs_done"] == 3
+    # the state is written before the checkpoint: killed between the two, the checkpoint is one epoch behind
+    assert load_prompts(out).meta["epochs_done"] == 2
 
     code, err = run(capsys, argv + ["--resume"])
     assert code == 0 and "resumed after 3" in err, err

@@ -19,9 +19,9 @@ from protext.training import (
     TextPairs,
     TrainConfig,
     fast_batch_loss,
-    naive_batch_loss,
     train,
 )
+from tests.reference.training_reference import naive_batch_loss, train_naive
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_fast_and_naive_training_end_with_the_same_prompts(tiny_clip, small_pair
     fast_enc = make_encoder(tiny_clip, small_pairs)
     naive_enc = make_encoder(tiny_clip, small_pairs)
     fast = train(fast_enc, small_pairs, TrainConfig(**config), targets=small_targets, progress=False)
-    naive = train(naive_enc, small_pairs, TrainConfig(**config, naive=True), tokens=small_tokens, progress=False)
+    naive = train_naive(naive_enc, small_pairs, TrainConfig(**config), small_tokens, progress=False)
     assert [r.steps for r in fast.history] == [3, 3, 3]
     for a, b in zip(fast.history, naive.history):
         assert a.step_losses == pytest.approx(b.step_losses, rel=1e-4)
@@ -249,8 +249,8 @@ def test_input_checks(tiny_clip, small_pairs, small_targets):
     encoder = make_encoder(tiny_clip, small_pairs)
     with pytest.raises(ValueError, match="targets"):
         train(encoder, small_pairs, TrainConfig(), progress=False)
-    with pytest.raises(ValueError, match="tokenised"):
-        train(encoder, small_pairs, TrainConfig(naive=True), progress=False)
+    with pytest.raises(ValueError, match="target rows"):
+        train(encoder, small_pairs, TrainConfig(), targets=small_targets[:5], progress=False)
     with pytest.raises(ValueError, match="fp16 autocast needs a CUDA"):
         train(encoder, small_pairs, TrainConfig(precision="fp16"), targets=small_targets, progress=False)
     with pytest.raises(ValueError, match="loss must be one of"):
