@@ -55,8 +55,11 @@ def _table(statuses) -> str:
         if s.note():
             lines.append(f"note {s.name}: {s.note()}")
     for s in statuses:
-        if not s.found:
-            lines.append(f"{s.state} {s.name}: {s.problem}")
+        if s.state == "missing":
+            lines.append(f"missing {s.name}: {s.fix}")
+    for s in statuses:
+        if s.state == "incomplete":
+            lines.append(f"incomplete {s.name}: {s.problem}")
             lines.append(f"  fix: {s.fix}")
     return "\n".join(lines)
 

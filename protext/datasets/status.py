@@ -60,8 +60,8 @@ class DatasetStatus:
         """A remark on the counts, e.g. a split file that lists fewer images than the published one."""
         counted = self.listed if self.listed is not None else self.images
         if self.found and counted != self.published:
-            what = "its split file lists" if self.listed is not None else "it holds"
-            return f"{what} {counted} test images; the published test set has {self.published}"
+            listed = " listed" if self.listed is not None else ""
+            return f"{counted} test images{listed}; the published test set has {self.published}"
         return ""
 
 
@@ -78,8 +78,9 @@ def dataset_status(name: str, root: str | os.PathLike, *, splits_dir: str | os.P
     try:
         listing = read_listing(key, root, "test", splits)
     except DatasetError as err:
-        state = "incomplete" if _anything_present(key, root, splits) else "missing"
-        return DatasetStatus(key, state, published=published, problem=str(err), fix=layout_hint(key, root))
+        if not _anything_present(key, root, splits):
+            return DatasetStatus(key, "missing", published=published, problem=f"nothing of it under {root}", fix=layout_hint(key, root))
+        return DatasetStatus(key, "incomplete", published=published, problem=str(err), fix=_fix_for_partial(key, root, splits))
     listed = None if listing.source is None or listing.pixels is not None else len(listing.samples)
     status = DatasetStatus(
         key,
@@ -121,6 +122,19 @@ def _incomplete_images(status: DatasetStatus, listing: Listing) -> DatasetStatus
     problem = f"{len(missing)} of {len(listing.samples)} test images listed in {listing.source} are not on disk (first: {missing[0]})"
     fix = f"place the images listed in {listing.source} under {where}/ (its paths are relative to that folder)"
     return _replace(status, state="incomplete", problem=problem, fix=fix)
+
+
+def _fix_for_partial(key: str, root: Path, splits: Path | None) -> str:
+    """The fix when some of a dataset is there: a split-file dataset without its split file gets told where it goes."""
+    if key in SPLIT_LAYOUTS and find_split_file(key, root, splits)[0] is None:
+        lay = SPLIT_LAYOUTS[key]
+        folder = next(f for f in lay.folders if (root / f).is_dir())
+        coop = f"in {root / folder}/ (CoOp layout)"
+        tpt = f"in {splits if splits is not None else root / 'data_splits'}/ (TPT's layout)"
+        # the folder that is there tells the layout, unless both layouts spell it the same way
+        where = coop if folder != lay.tpt_folder else tpt if folder != lay.coop_folder else f"{coop} or {tpt}"
+        return f"place {lay.split_file} (linked from CoOp's DATASETS.md) {where}"
+    return layout_hint(key, root)
 
 
 def _anything_present(key: str, root: Path, splits: Path | None) -> bool:
