@@ -121,7 +121,10 @@ def ensemble_templates() -> tuple[str, ...]:
 def prompt_encoder(config: EvalConfig, clip, classnames: Sequence[str], template: str, checkpoint: Optional[PromptCheckpoint]):
     """The prompted encoder TPT/C-TPT tune, or ``--method prompts`` reads: the checkpoint's prompts,
     or TPT's hand-crafted ``a photo of a`` when nothing is loaded from ``--prompts``."""
-    use = checkpoint if config.uses_checkpoint() else None
+    if config.tunes_prompts:  # TPT/C-TPT start from what --tta-init names, whatever --method says
+        use = checkpoint if config.resolved_tta_init() in ("prompts", "coop") else None
+    else:
+        use = checkpoint if config.method == "prompts" else None
     return class_encoder(clip.model, clip.tokenizer, classnames, template, use)
 
 
