@@ -62,15 +62,20 @@ def _kernel(features: torch.Tensor, mode: torch.Tensor, bandwidth: torch.Tensor)
 
 
 def mta_mode(features: torch.Tensor, logits: torch.Tensor, settings: MTASettings = MTA_SETTINGS) -> MTAMode:
-    """MTA's mode of one image's normalised view features (n, D) given their logits (n, C)."""
-    features = features.float()
+    """MTA's mode of one image's normalised view features (n, D) given their logits (n, C).
+
+    Computed in fp64: the early stops compare changes with 1e-6, about the size of fp32 rounding
+    noise on unit vectors, so in fp32 the iteration count would depend on summation order. The
+    returned mode is fp32.
+    """
+    features = features.double()
     n = features.shape[0]
     if n == 1:  # nothing to shift towards: the image itself
-        return MTAMode(features[0], torch.ones(1, device=features.device), [])
+        return MTAMode(features[0].float(), torch.ones(1, device=features.device), [])
     bandwidth = view_bandwidths(features, settings.neighbours)
-    probs = logits.float().softmax(-1)
+    probs = logits.double().softmax(-1)
     affinity = probs @ probs.t()
-    y = torch.full((n,), 1.0 / n, device=features.device)
+    y = torch.full((n,), 1.0 / n, device=features.device, dtype=torch.float64)
     mode = features[0]
     rounds: list[tuple[int, int]] = []
     for _ in range(settings.outer):
@@ -87,7 +92,7 @@ def mta_mode(features: torch.Tensor, logits: torch.Tensor, settings: MTASettings
             if torch.linalg.norm(mode - old) < settings.tolerance:
                 break
         rounds.append((used_y, used_m))
-    return MTAMode(mode, y, rounds)
+    return MTAMode(mode.float(), y.float(), rounds)
 
 
 class MTAAdapter(Adapter):
