@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, metavar="N", help="Smoke test: only the first N test images of each cell (a departure, listed in TABLE.md).")
     run.add_argument("--epochs", type=int, metavar="N", help="Smoke test: train every preset for N epochs instead of its own (a departure).")
     run.add_argument("--tta-views", type=int, metavar="N", help="Smoke test: N views per image for test-time adaptation instead of 64 (a departure).")
+    run.add_argument("--depth", type=int, metavar="N", help="Prompt depth N instead of 9, for models whose text tower has fewer blocks (tiny-clip: 2); a departure.")
     run.add_argument("--seed", type=int, default=0, help="Seed of the views of every image (and of a --pretrained random model).")
     run.add_argument("--batch-size", type=int, default=64, help="Images per batch for cells without test-time adaptation.")
     run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes.")

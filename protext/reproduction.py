@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import signal
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -58,8 +59,8 @@ class ReproduceError(UserError):
 class ReproduceConfig:
     """Everything ``python -m protext.reproduce`` takes.
 
-    ``limit``, ``epochs`` and ``tta_views`` cap a run for smoke tests; each is a departure from the
-    published protocol and is listed as such in ``TABLE.md``.
+    ``limit``, ``epochs``, ``tta_views`` and ``depth`` shrink a run for smoke tests (or fit a small
+    model); each is a departure from the published protocol and is listed as such in ``TABLE.md``.
     """
 
     table: str
@@ -74,6 +75,7 @@ class ReproduceConfig:
     limit: Optional[int] = None
     epochs: Optional[int] = None
     tta_views: Optional[int] = None
+    depth: Optional[int] = None
     seed: int = 0
     batch_size: int = 64
     workers: int = 2
@@ -92,6 +94,7 @@ class ReproduceConfig:
             "limit": self.limit,
             "epochs": self.epochs,
             "tta_views": self.tta_views,
+            "depth": self.depth,
             "seed": self.seed,
             "coop": Path(self.coop).name if self.coop else None,
         }
@@ -107,6 +110,8 @@ class ReproduceConfig:
             out.append(f"--epochs {self.epochs}: every preset trained for {self.epochs} epochs, not its own")
         if self.tta_views is not None:
             out.append(f"--tta-views {self.tta_views}: test-time adaptation on {self.tta_views} views, not 64")
+        if self.depth is not None:
+            out.append(f"--depth {self.depth}: prompts {self.depth} blocks deep, not 9 (for text towers with fewer blocks)")
         return out
 
 
@@ -195,7 +200,8 @@ def plan_cells(protocol: Protocol, config: ReproduceConfig) -> list[Cell]:
 
 @dataclass
 class PromptJob:
-    """Prompts one preset must train: the preset, its descriptions and classes, where they go."""
+    """Prompts one preset must train: the preset, its descriptions and classes, where they go, and
+    the smoke-test overrides of the preset (``epochs``, ``depth``)."""
 
     preset: str
     dataset: str
@@ -203,8 +209,7 @@ class PromptJob:
     classes: list[str]
     descriptions: Path
     checkpoint: Path
-    epochs: Optional[int]
-    seed: int
+    overrides: dict[str, Any]
 
 
 @dataclass
@@ -229,7 +234,7 @@ class CellRunner(TypingProtocol):
         """Raise :class:`UserError` when an existing checkpoint was made on other weights."""
 
     def train(self, job: PromptJob) -> dict[str, Any]:
-        """Train (or finish training) ``job``; return a record with at least ``seconds``."""
+        """Train (or finish training) ``job``; return a JSON-ready record (wall time under ``cost``)."""
 
     def evaluate(self, request: EvalRequest) -> dict[str, Any]:
         """Evaluate a cell; return ``metrics`` (``top1`` in %, ``n_images``, ``n_classes``), ``seconds``, ``template``."""
@@ -497,7 +502,8 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
 
 
 def _validate(config: ReproduceConfig) -> None:
-    for flag, value in (("--limit", config.limit), ("--epochs", config.epochs), ("--tta-views", config.tta_views)):
+    caps = (("--limit", config.limit), ("--epochs", config.epochs), ("--tta-views", config.tta_views), ("--depth", config.depth))
+    for flag, value in caps:
         if value is not None and value < 1:
             raise ReproduceError(f"{flag} must be at least 1, got {value}.")
     if not Path(config.root).is_dir():
@@ -531,13 +537,13 @@ class _RunState:
         same = self.done.get(cell.computation())
         if same is not None:  # e.g. CuPL's novel cell is the CLIP novel cell: never evaluated twice
             origin = same.get("same_as") or same["key"]
-            record = {**same, "key": cell.key, "settings": cell.settings(), "same_as": origin, "seconds": 0.0}
+            record = {**same, "key": cell.key, "settings": cell.settings(), "same_as": origin, "cost": {"seconds": 0.0}}
         else:
             record = self._evaluate(cell, found)
         self.folder.write_cell(cell, record)
         self.done[cell.computation()] = record
         self.computed.append(cell.key)
-        self.say(f"{cell.key}: top-1 {record['metrics']['top1']:.2f} ({record['seconds']:.1f}s)")
+        self.say(f"{cell.key}: top-1 {record['metrics']['top1']:.2f} ({record['cost']['seconds']:.1f}s)")
         _maybe_stop_for_test(len(self.computed))
 
     def _evaluate(self, cell: Cell, found: Availability) -> dict[str, Any]:
@@ -548,14 +554,16 @@ class _RunState:
             cell, self.config.root, self.folder.path / "eval" / cell.key, checkpoint,
             self.descriptions.get(cell.dataset) if cell.features == "cupl" else None, self.config.limit,
         )
+        began = time.perf_counter()
         result = self.runner.evaluate(request)
+        seconds = time.perf_counter() - began  # the whole cell: class features and images
         return {
             "format": CELL_FORMAT,
             "key": cell.key,
             "settings": cell.settings(),
             "metrics": result["metrics"],
             "template_used": result.get("template", cell.template),
-            "seconds": float(result["seconds"]),
+            "cost": {"seconds": round(seconds, 3), **result.get("cost", {})},
             "checkpoint": str(checkpoint) if checkpoint else None,
             "descriptions": str(request.descriptions) if request.descriptions else None,
             "evaluation": result.get("details", {}),
@@ -574,7 +582,7 @@ class _RunState:
         info = _preset(preset)
         job = PromptJob(
             preset, info.dataset, info.split, _classes_of(info.dataset, found), self.descriptions[info.dataset],
-            path, self.config.epochs, self.config.seed,
+            path, {k: v for k, v in (("epochs", self.config.epochs), ("depth", self.config.depth)) if v is not None},
         )
         if path.exists():
             self.runner.check_prompts(path)
@@ -702,9 +710,9 @@ def build_table(
         "cells": [records[c.key] for c in cells if c.key in records],
         "cells_not_run": [c.key for c in cells if c.key not in records],
         "prompts": prompts,
-        "seconds": {
-            "evaluation": round(sum(r["seconds"] for r in records.values()), 3),
-            "training": round(sum(float(p.get("seconds", 0.0)) for p in prompts.values()), 3),
+        "cost": {
+            "evaluation_seconds": round(sum(r["cost"]["seconds"] for r in records.values()), 3),
+            "training_seconds": round(sum(float(p.get("cost", {}).get("seconds") or 0.0) for p in prompts.values()), 3),
         },
     }
 
@@ -741,7 +749,7 @@ def _cells_table(table: dict[str, Any]) -> list[str]:
     for rec in table["cells"]:
         s, m = rec["settings"], rec["metrics"]
         tta = "—" if not s["tta"] else f"{s['tta']['method']} {s['tta']['views']} views, init {s['tta']['init']}"
-        seconds = f"= {rec['same_as']}" if rec.get("same_as") else f"{rec['seconds']:.1f}"
+        seconds = f"= {rec['same_as']}" if rec.get("same_as") else f"{rec['cost']['seconds']:.1f}"
         lines.append(
             f"| {rec['key']} | {s['features']} | {s['split']} | {m.get('n_classes', s['n_classes'])} | "
             f"`{rec['template_used']}` ({s['template_rule']}) | {s['n_ctx'] or '—'} | {s['preset'] or '—'} | {tta} | "
@@ -773,11 +781,13 @@ def render_markdown(table: dict[str, Any]) -> str:
     if table["prompts"]:
         out += ["## Prompts trained", "", "| preset | epochs | seconds | checkpoint |", "| --- | --- | --- | --- |"]
         for preset, rec in table["prompts"].items():
-            out.append(f"| {preset} | {rec.get('epochs', '?')} | {float(rec.get('seconds', 0)):.1f} | {rec.get('checkpoint', '?')} |")
+            seconds = rec.get("cost", {}).get("seconds")
+            out.append(f"| {preset} | {rec.get('epochs', '?')} | {'?' if seconds is None else f'{seconds:.1f}'} | {rec.get('checkpoint', '?')} |")
         out.append("")
     env = table["cells"][0]["environment"] if table["cells"] else {}
     out += ["## Run", ""] + [f"- {k}: {v}" for k, v in {**table["run"], **env}.items()]
-    out += [f"- seconds: evaluation {table['seconds']['evaluation']}, training {table['seconds']['training']}", ""]
+    cost = table["cost"]
+    out += [f"- seconds: evaluation {cost['evaluation_seconds']}, training {cost['training_seconds']}", ""]
     return "\n".join(out)
 
 
@@ -835,11 +845,14 @@ class LibraryRunner:
     def train(self, job: PromptJob) -> dict[str, Any]:
         from .training import TrainJob, run_training
 
+        finished = _finished_checkpoint(job.checkpoint)
+        if finished is not None:  # trained before a kill that came before its record was written
+            return finished
         classes = job.checkpoint.with_suffix(".classes.json")
         _write_json(classes, job.classes)
         train_job = TrainJob(
             descriptions=job.descriptions, preset=job.preset, classes=str(classes), split=job.split,
-            overrides={"epochs": job.epochs} if job.epochs else {}, out=job.checkpoint,
+            overrides=dict(job.overrides), out=job.checkpoint,
             cache_dir=job.checkpoint.parent / "targets", resume=True, model=self.config.model,
             pretrained=self.config.pretrained, device=str(self._device or self.config.device),
         )
@@ -849,7 +862,7 @@ class LibraryRunner:
             raise ReproduceError(f"training {job.preset} stopped: {outcome.message or outcome.status}")
         last = outcome.history[-1] if outcome.history else None
         return {
-            "seconds": round(float(outcome.seconds), 3), "epochs": len(outcome.history),
+            "cost": {"seconds": round(float(outcome.seconds), 3)}, "epochs": len(outcome.history),
             "final_loss": getattr(last, "loss", None), "samples": outcome.samples, "classes": len(outcome.classes),
             "settings": _jsonable(train_job.settings()),
         }
@@ -875,6 +888,19 @@ class LibraryRunner:
         return _cell_result(payload)
 
 
+def _finished_checkpoint(path: Path) -> Optional[dict[str, Any]]:
+    """The record of a checkpoint whose training completed, or None (absent or unfinished)."""
+    if not path.is_file():
+        return None
+    from .checkpoint import load_prompts
+
+    meta = load_prompts(path).meta
+    if not meta.get("complete"):
+        return None
+    return {"cost": {"seconds": None}, "epochs": meta.get("epochs_done"), "final_loss": meta.get("final_loss"),
+            "samples": meta.get("samples"), "classes": len(meta.get("classes") or []), "settings": meta.get("preset_values")}
+
+
 def _opt(path: Optional[Path]) -> Optional[str]:
     return None if path is None else str(path)
 
@@ -894,15 +920,13 @@ def _cell_result(payload: dict[str, Any]) -> dict[str, Any]:
     kept["n_classes"] = payload["dataset"]["n_classes"]
     return {
         "metrics": kept,
-        "seconds": payload["timing"]["eval_seconds"],
+        "cost": {"image_seconds": payload["timing"]["eval_seconds"], "seconds_per_image": payload["timing"]["seconds_per_image"], "peak_memory": payload["timing"]["peak_memory"]},
         "template": payload["template"]["template"],
         "details": {
             "template": payload["template"],
             "method": payload["method"],
             "checkpoint": payload.get("checkpoint"),
             "tta": {k: v for k, v in (payload.get("tta") or {}).items() if not k.startswith("seconds")} or None,
-            "seconds_per_image": payload["timing"]["seconds_per_image"],
-            "peak_memory": payload["timing"]["peak_memory"],
             "runtime": payload["runtime"],
         },
     }
