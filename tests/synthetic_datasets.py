@@ -65,11 +65,15 @@ class _SplitSpec:
 
 
 SPLIT_DATASETS: dict[str, _SplitSpec] = {
-    "caltech101": _SplitSpec("split_zhou_Caltech101.json", "caltech-101", "101_ObjectCategories", "Caltech101", "", "caltech101.json"),
+    "caltech101": _SplitSpec(
+        "split_zhou_Caltech101.json", "caltech-101", "101_ObjectCategories", "Caltech101", "", "caltech101.json"
+    ),
     "dtd": _SplitSpec("split_zhou_DescribableTextures.json", "dtd", "images", "DTD", "images", "dtd.json"),
     "eurosat": _SplitSpec("split_zhou_EuroSAT.json", "eurosat", "2750", "eurosat", "", "eurosat.json"),
     "food101": _SplitSpec("split_zhou_Food101.json", "food-101", "images", "Food101", "images", "food101.json"),
-    "oxford_flowers": _SplitSpec("split_zhou_OxfordFlowers.json", "oxford_flowers", "jpg", "Flower102", "jpg", "flower102.json"),
+    "oxford_flowers": _SplitSpec(
+        "split_zhou_OxfordFlowers.json", "oxford_flowers", "jpg", "Flower102", "jpg", "flower102.json"
+    ),
     "oxford_pets": _SplitSpec("split_zhou_OxfordPets.json", "oxford_pets", "images", "OxfordPets", "", "pets.json"),
     "stanford_cars": _SplitSpec("split_zhou_StanfordCars.json", "stanford_cars", "", "StanfordCars", "", "cars.json"),
     "sun397": _SplitSpec("split_zhou_SUN397.json", "sun397", "SUN397", "SUN397", "", "sun397.json"),
@@ -218,7 +222,10 @@ def _relative_path(name: str, cls: str, partition: str, k: int, ident: int) -> s
 def _make_split_dataset(name, data, layout, per_class, picks, ids, shared) -> SyntheticDataset:
     spec = SPLIT_DATASETS[name]
     names = shared_classnames(name, shared)
-    folder_name, image_sub = (spec.coop_folder, spec.coop_images) if layout == "coop" else (spec.tpt_folder, spec.tpt_images)
+    if layout == "coop":
+        folder_name, image_sub = spec.coop_folder, spec.coop_images
+    else:
+        folder_name, image_sub = spec.tpt_folder, spec.tpt_images
     folder = data / folder_name
     image_dir = folder / image_sub if image_sub else folder
     split: dict[str, list] = {}

@@ -8,6 +8,8 @@ names in ../shared, and encodes each image's id in its pixels.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -92,6 +94,14 @@ def test_packaged_imagenet_facts_match_shared(shared_dir):
         assert packaged[key] == shared[key]
     # The V2 table is int(folder name) in string order, which is why the package needs no copy.
     assert shared["imagenet_v2_indices"] == [int(s) for s in sorted(str(i) for i in range(1000))]
+
+
+def test_tool_regenerates_the_package_data_exactly(shared_dir, tmp_path):
+    out = tmp_path / "imagenet_variants.json"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_imagenet_variants.py"
+    source = shared_dir / "classnames" / "imagenet_variants.json"
+    subprocess.run([sys.executable, str(tool), "--source", str(source), "--out", str(out)], check=True, capture_output=True)
+    assert out.read_bytes() == PACKAGED.read_bytes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +201,8 @@ def test_classes_replace_names(make_dataset_tree, tmp_path):
         build_dataset("dtd", dtd.root, classes=tmp_path / "missing.txt")
     # CoOp's ImageNet classnames.txt ("n01440764 tench" lines) drops the WordNet ids
     coop_names = tree["imagenet"].root / "imagenet" / "classnames.txt"
-    assert build_dataset("imagenet", tree["imagenet"].root, classes=coop_names).classnames == tree["imagenet"].classnames
+    with_ids = build_dataset("imagenet", tree["imagenet"].root, classes=coop_names)
+    assert with_ids.classnames == tree["imagenet"].classnames
 
 
 def test_legacy_keywords_warn_and_agree(make_dataset_tree, tmp_path):
@@ -304,7 +315,8 @@ def test_split_file_errors(make_dataset_tree):
     split_path.write_text(good)
     gone = tree["dtd"].images["test"][2].path
     gone.unlink()
-    with pytest.raises(DatasetError, match=rf"image {gone} listed in .*split_zhou_DescribableTextures\.json does not exist"):
+    expected = rf"image {gone} listed in .*split_zhou_DescribableTextures\.json does not exist"
+    with pytest.raises(DatasetError, match=expected):
         build_dataset("dtd", root)
     assert len(build_dataset("dtd", root, partition="val")) == 3  # other partitions are still fine
 
@@ -360,7 +372,8 @@ def test_cifar_refuses_code_in_a_batch(make_dataset_tree):
             return (print, ("pwned",))
 
     (folder / "test_batch").write_bytes(__import__("pickle").dumps({"data": Evil(), "labels": []}, protocol=2))
-    with pytest.raises(DatasetError, match=r"cannot read CIFAR batch .*test_batch: refusing to load (__builtin__|builtins)\.print"):
+    expected = r"cannot read CIFAR batch .*test_batch: refusing to load (__builtin__|builtins)\.print"
+    with pytest.raises(DatasetError, match=expected):
         build_dataset("cifar10", folder)
     (folder / "batches.meta").unlink()
     with pytest.raises(DatasetError, match=r"batches\.meta not found.*cifar-10-python\.tar\.gz"):

@@ -8,7 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from synthetic_datasets import ALL_DATASETS, CIFAR_FOLDERS, IMAGENET_FOLDERS, LAYOUTS, SPLIT_DATASETS, make_dataset_tree  # noqa: F401
+from synthetic_datasets import (  # noqa: F401  (make_dataset_tree is a fixture)
+    ALL_DATASETS,
+    CIFAR_FOLDERS,
+    IMAGENET_FOLDERS,
+    LAYOUTS,
+    SPLIT_DATASETS,
+    make_dataset_tree,
+)
 
 from protext.datasets import DatasetError, check, dataset_status
 from protext.datasets.__main__ import main
@@ -122,7 +129,8 @@ def test_cli_table_json_and_exit_codes(make_dataset_tree, capsys, tmp_path):
     root = str(tree["dtd"].root)
     assert main(["check", "--root", root]) == 0  # missing datasets are reported, not errors
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line.split() for line in out.splitlines() if line and not line.startswith(("note", "missing"))}
+    rows = [line.split() for line in out.splitlines() if line and not line.startswith(("note", "missing"))]
+    lines = {row[0]: row for row in rows}
     assert lines["dtd"][:4] == ["dtd", "found", "tpt", "2/2"]
     assert lines["imagenet_a"][:4] == ["imagenet_a", "found", "tpt", "2"]
     assert lines["cifar100"][:5] == ["cifar100", "found", "torchvision", "2", "10000"]

@@ -17,6 +17,8 @@ import json
 import re
 from pathlib import Path
 
+from protext.atomic import atomic_write
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "classnames" / "imagenet_variants.json"
 TARGET = REPO / "protext" / "data" / "imagenet_variants.json"
@@ -46,11 +48,10 @@ def build(source: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--out", type=Path, default=TARGET)
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="TPT's facts file [%(default)s]")
+    parser.add_argument("--out", type=Path, default=TARGET, help="the package data file to write [%(default)s]")
     args = parser.parse_args()
     payload = build(args.source)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     # One list per line keeps the file small and its diffs readable.
     lines = ["{"]
     items = list(payload.items())
@@ -58,7 +59,8 @@ def main() -> None:
         comma = "," if k < len(items) - 1 else ""
         lines.append(f"  {json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}{comma}")
     lines.append("}")
-    args.out.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
 
 

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each dataset: found / incomplete / missing, test images on disk against what its "
         "split file lists, the layout found (CoOp or TPT) and exactly what to place where.",
     )
-    check.add_argument("--root", required=True, help="the data root (the folder holding dtd/, imagenet/, ... or DTD/, ImageNet/, ...)")
+    check.add_argument(
+        "--root", required=True, help="the data root (the folder holding dtd/, imagenet/, ... or DTD/, ImageNet/, ...)"
+    )
     check.add_argument(
         "--dataset",
         action="append",
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--splits",
         metavar="DIR",
-        help="folder holding the split_zhou_*.json files in TPT's layout (default: ROOT/data_splits or ROOT/data/data_splits)",
+        help="folder holding the split_zhou_*.json files in TPT's layout "
+        "(default: ROOT/data_splits or ROOT/data/data_splits)",
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     return parser
@@ -65,9 +68,9 @@ def _table(statuses) -> str:
 
 
 def _as_json(statuses) -> str:
+    fields = ("name", "state", "layout", "images", "listed", "published", "classes", "problem", "fix")
     payload = [
-        {**{k: getattr(s, k) for k in ("name", "state", "layout", "images", "listed", "published", "classes", "problem", "fix")},
-         "folder": str(s.folder) if s.folder else None, "note": s.note()}
+        {**{k: getattr(s, k) for k in fields}, "folder": str(s.folder) if s.folder else None, "note": s.note()}
         for s in statuses
     ]
     return json.dumps(payload, indent=2)

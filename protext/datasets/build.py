@@ -88,7 +88,9 @@ def _legacy_arguments(split, partition, classes, subset, classnames_file):
         warnings.warn("build_dataset(subset=...) is deprecated: use split=...", DeprecationWarning, stacklevel=3)
         split = subset
     if classnames_file is not None:
-        warnings.warn("build_dataset(classnames_file=...) is deprecated: use classes=...", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            "build_dataset(classnames_file=...) is deprecated: use classes=...", DeprecationWarning, stacklevel=3
+        )
         classes = classnames_file
     if split == "new":  # CoOp calls the novel half "new"
         split = "novel"

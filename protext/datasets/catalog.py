@@ -47,11 +47,15 @@ class SplitLayout:
 
 
 SPLIT_LAYOUTS: dict[str, SplitLayout] = {
-    "caltech101": SplitLayout("split_zhou_Caltech101.json", "caltech-101", "101_ObjectCategories", "Caltech101", "", ("caltech101",)),
+    "caltech101": SplitLayout(
+        "split_zhou_Caltech101.json", "caltech-101", "101_ObjectCategories", "Caltech101", "", ("caltech101",)
+    ),
     "dtd": SplitLayout("split_zhou_DescribableTextures.json", "dtd", "images", "DTD", "images"),
     "eurosat": SplitLayout("split_zhou_EuroSAT.json", "eurosat", "2750", "eurosat", "", ("EuroSAT",)),
     "food101": SplitLayout("split_zhou_Food101.json", "food-101", "images", "Food101", "images", ("food101",)),
-    "oxford_flowers": SplitLayout("split_zhou_OxfordFlowers.json", "oxford_flowers", "jpg", "Flower102", "jpg", ("flower102",)),
+    "oxford_flowers": SplitLayout(
+        "split_zhou_OxfordFlowers.json", "oxford_flowers", "jpg", "Flower102", "jpg", ("flower102",)
+    ),
     "oxford_pets": SplitLayout("split_zhou_OxfordPets.json", "oxford_pets", "images", "OxfordPets", ""),
     "stanford_cars": SplitLayout("split_zhou_StanfordCars.json", "stanford_cars", "", "StanfordCars", ""),
     "sun397": SplitLayout("split_zhou_SUN397.json", "sun397", "SUN397", "SUN397", ""),
@@ -68,7 +72,13 @@ AIRCRAFT_FOLDERS: tuple[str, ...] = ("fgvc_aircraft", "fgvc-aircraft-2013b/data"
 #: ImageNet-family image folders relative to the root: CoOp's first, TPT's second, then others
 #: (``{partition}`` is ``val`` for the test partition, ``train`` for train)
 IMAGENET_DIRS: dict[str, tuple[str, ...]] = {
-    "imagenet": ("imagenet/images/{partition}", "ImageNet/{partition}", "imagenet/{partition}", "images/{partition}", "{partition}"),
+    "imagenet": (
+        "imagenet/images/{partition}",
+        "ImageNet/{partition}",
+        "imagenet/{partition}",
+        "images/{partition}",
+        "{partition}",
+    ),
     "imagenet_a": ("imagenet-adversarial/imagenet-a", "imagenet-a"),
     "imagenet_r": ("imagenet-rendition/imagenet-r", "imagenet-r"),
     "imagenet_v2": ("imagenetv2/imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency-format-val"),

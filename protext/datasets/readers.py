@@ -226,7 +226,8 @@ def _image_dir_candidates(name: str, root: Path, split_path: Path, layout: str) 
     if layout == "coop":
         datasets, subs = [split_path.parent], (lay.coop_images, lay.tpt_images, "")
     else:
-        datasets, subs = [root / f for f in (lay.tpt_folder, *lay.folders)] + [root], (lay.tpt_images, lay.coop_images, "")
+        datasets = [root / f for f in (lay.tpt_folder, *lay.folders)] + [root]
+        subs = (lay.tpt_images, lay.coop_images, "")
     pairs = [(d, d / sub if sub else d) for d in dict.fromkeys(datasets) for sub in subs]
     return list(dict.fromkeys(pairs))
 
@@ -254,7 +255,8 @@ def _read_split_dataset(name: str, root: Path, partition: str, splits_dir: Path 
     entries = parts[partition]
     if not entries:
         raise DatasetError(f"split file {split_path} lists no images under {partition!r}")
-    dataset_dir, image_dir = _pick_image_dir(_image_dir_candidates(name, root, split_path, layout), [e[0] for e in entries])
+    candidates = _image_dir_candidates(name, root, split_path, layout)
+    dataset_dir, image_dir = _pick_image_dir(candidates, [e[0] for e in entries])
     samples = [(image_dir / rel, label) for rel, label, _ in entries]
     missing = [p for p, _ in samples if not os.path.isfile(p)]
     return Listing(name, dataset_dir, layout, classnames, samples, split_path, image_dir, missing)

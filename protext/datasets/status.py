@@ -79,8 +79,10 @@ def dataset_status(name: str, root: str | os.PathLike, *, splits_dir: str | os.P
         listing = read_listing(key, root, "test", splits)
     except DatasetError as err:
         if not _anything_present(key, root, splits):
-            return DatasetStatus(key, "missing", published=published, problem=f"nothing of it under {root}", fix=layout_hint(key, root))
-        return DatasetStatus(key, "incomplete", published=published, problem=str(err), fix=_fix_for_partial(key, root, splits))
+            problem, fix = f"nothing of it under {root}", layout_hint(key, root)
+            return DatasetStatus(key, "missing", published=published, problem=problem, fix=fix)
+        fix = _fix_for_partial(key, root, splits)
+        return DatasetStatus(key, "incomplete", published=published, problem=str(err), fix=fix)
     listed = None if listing.source is None or listing.pixels is not None else len(listing.samples)
     status = DatasetStatus(
         key,
@@ -95,7 +97,8 @@ def dataset_status(name: str, root: str | os.PathLike, *, splits_dir: str | os.P
     if listing.missing:
         return _incomplete_images(status, listing)
     if not listing.samples:
-        return _replace(status, state="incomplete", problem=f"no test images in {listing.folder}", fix=layout_hint(key, root))
+        problem = f"no test images in {listing.folder}"
+        return _replace(status, state="incomplete", problem=problem, fix=layout_hint(key, root))
     return status
 
 
@@ -119,7 +122,10 @@ def _replace(status: DatasetStatus, **changes) -> DatasetStatus:
 def _incomplete_images(status: DatasetStatus, listing: Listing) -> DatasetStatus:
     missing = listing.missing
     where = listing.image_dir if listing.image_dir is not None else listing.folder
-    problem = f"{len(missing)} of {len(listing.samples)} test images listed in {listing.source} are not on disk (first: {missing[0]})"
+    problem = (
+        f"{len(missing)} of {len(listing.samples)} test images listed in {listing.source} "
+        f"are not on disk (first: {missing[0]})"
+    )
     fix = f"place the images listed in {listing.source} under {where}/ (its paths are relative to that folder)"
     return _replace(status, state="incomplete", problem=problem, fix=fix)
 
