@@ -10,11 +10,10 @@ import torch.nn.functional as F
 
 from protext.checkpoint import PromptCheckpoint, load_coop
 from protext.prompts import PromptedTextEncoder, PromptShapeError
+from protext.tpt import checkpoint_encoder, handcrafted_encoder  # deprecated wrappers of protext.checkpoint.class_encoder
 from protext.tta.tpt import (
     PromptTuner,
     TPTConfig,
-    checkpoint_encoder,
-    handcrafted_encoder,
     image_generator,
     marginal_entropy,
     n_confident,

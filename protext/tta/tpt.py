@@ -31,8 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import PromptCheckpoint
-from ..prompts import DEFAULT_CTX_INIT, PromptedTextEncoder
+from ..prompts import PromptedTextEncoder
 from ..shared_prefix import shared_prefix_features, supports_shared_prefix
 from ..zeroshot import DEFAULT_TOKEN_BUDGET, ImageEncoder, length_chunks, logit_scale
 from .base import AdaptResult, Adapter
@@ -40,7 +39,6 @@ from .selection import marginal_entropy, n_confident, select_confident, view_ent
 
 TPT_INITS = ("handcrafted", "prompts", "coop")
 TPT_TUNE = ("all", "shallow")
-HANDCRAFTED_N_CTX = 4
 AMP_INIT_SCALE = 1000.0
 """The published code's ``GradScaler(init_scale=1000)``."""
 
@@ -128,41 +126,6 @@ def image_generator(seed: int, index: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(int(state) & ((1 << 63) - 1))
     return generator
-
-
-# --------------------------------------------------------------------------------------------------
-# building the prompts to tune
-
-
-def context_template(template: str, ctx_init: Optional[str]) -> str:
-    """The class part of a prompt for a context learned from ``ctx_init`` (or from noise).
-
-    Dataset templates start with the init phrase ``a photo of a`` whose positions the context
-    takes (PRESETS.md). :class:`PromptedTextEncoder` drops the phrase itself when it knows it; a
-    context learned from noise (``ctx_init`` None: CoOp, or n_ctx > 4) does not, so the phrase is
-    dropped here, giving ``X X … X {class}, a type of pet.`` rather than ``X … X a photo of a …``.
-    """
-    if ctx_init is None and template.lower().startswith(DEFAULT_CTX_INIT):
-        return template[len(DEFAULT_CTX_INIT) :].lstrip()
-    return template
-
-
-def handcrafted_encoder(model: nn.Module, tokenizer, classnames: Sequence[str], template: str) -> PromptedTextEncoder:
-    """TPT's hand-crafted initialisation: the 4 token embeddings of ``a photo of a``, depth 1."""
-    return PromptedTextEncoder(
-        model, tokenizer, classnames, n_ctx=HANDCRAFTED_N_CTX, depth=1, ctx_init=DEFAULT_CTX_INIT, template=template
-    )
-
-
-def checkpoint_encoder(
-    checkpoint: PromptCheckpoint, model: nn.Module, tokenizer, classnames: Sequence[str], template: str
-) -> PromptedTextEncoder:
-    """An encoder carrying a ProText or CoOp checkpoint's prompts, for ``classnames`` and ``template``.
-
-    Raises:
-        PromptShapeError: the prompts were learned for another text width (names both widths).
-    """
-    return checkpoint.build_encoder(model, tokenizer, classnames, context_template(template, checkpoint.ctx_init))
 
 
 # --------------------------------------------------------------------------------------------------
