@@ -9,7 +9,10 @@
 * ``random``: random initialisation from a fixed seed, for tests and benchmarks only.
 
 OpenAI's weights were trained with QuickGELU. open_clip only warns when they are loaded into a GELU
-config, and every feature changes; here the QuickGELU variant is always built for them.
+config, and every feature changes by about 1 %; here the QuickGELU variant is always built for them
+when the file shows it holds OpenAI's weights (an archive, or a state dict with OpenAI's scalar keys).
+A plain state dict cannot show it: loaded into a GELU config, a warning names the ``-quickgelu``
+model to use if the weights are OpenAI's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import socket
 import warnings
 import zipfile
@@ -30,6 +34,7 @@ from open_clip.model import build_model_from_openai_state_dict, convert_weights_
 import torch
 import torch.nn as nn
 
+from .errors import UserError
 from .text_tower import text_tower
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,23 @@ _OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 _registered = False
 
 
-class PretrainedUnavailableError(RuntimeError):
+class PretrainedUnavailableError(UserError, RuntimeError):
     """Named pretrained weights could not be fetched (typically: no internet on this machine)."""
+
+
+class ModelNameError(UserError, ValueError):
+    """An unknown open_clip architecture or pretrained tag."""
+
+
+class WeightsFileError(UserError, ValueError):
+    """A ``--pretrained`` file that protext cannot load safely (a pickled object, not weights, or other shapes)."""
+
+
+class WeightsFileMissing(UserError, FileNotFoundError):
+    """``--pretrained`` names a file that does not exist."""
+
+
+_warned_gelu: set[tuple[str, str]] = set()
 
 
 @dataclass
@@ -129,11 +149,47 @@ def _from_openai_file(path: str, device, precision: str) -> tuple[nn.Module, Cal
     return model, preprocess
 
 
+def _warn_gelu_once(model: str, path: str) -> None:
+    """A plain state dict in a GELU config may be OpenAI's (QuickGELU) weights: say so once."""
+    cfg = open_clip.get_model_config(model) or {}
+    if model.endswith("-quickgelu") or cfg.get("quick_gelu", False) or (model, path) in _warned_gelu:
+        return
+    _warned_gelu.add((model, path))
+    warnings.warn(
+        f"--pretrained {path}: the file does not show whether these are OpenAI's weights (trained with QuickGELU) or "
+        f"weights trained with GELU; {model} was built with GELU. If they are OpenAI's weights, pass --model "
+        f"{_quickgelu_name(model)}, or every feature is off by about 1 %.",
+        stacklevel=3,
+    )
+
+
+def _from_local_file(model: str, path: str, tokenizer: Callable, device, precision: str) -> LoadedClip:
+    """An OpenAI file (archive or state dict with OpenAI's keys) or an open_clip state dict."""
+    try:
+        if is_torchscript_archive(path) or _is_openai_state_dict(path):
+            net, preprocess = _from_openai_file(path, device, precision)
+            return LoadedClip(_freeze(net), preprocess, tokenizer, _quickgelu_name(model), path)
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=path, precision=precision, device=device, weights_only=True
+        )
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, KeyError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise WeightsFileError(
+            f"--pretrained {path}: not a weights file protext can load for --model {model} ({type(err).__name__}: "
+            f"{reason}). Pass an OpenAI .pt archive or a state dict of tensors (.bin/.pt/.safetensors) saved with "
+            "torch.save(model.state_dict()); pickled model objects are refused (weights_only)."
+        ) from None
+    _warn_gelu_once(model, path)
+    return LoadedClip(_freeze(net), preprocess, tokenizer, model, path)
+
+
 def _tag_config(model: str, tag: str) -> dict:
     cfg = open_clip.get_pretrained_cfg(model, tag)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model)
-        raise ValueError(
+        raise ModelNameError(
             f"--pretrained '{tag}': neither an existing file nor a known open_clip tag for {model}. "
             f"Known tags: {', '.join(tags) if tags else 'none'}; or pass a weights file path, or 'random'."
         )
@@ -199,7 +255,7 @@ def load_clip(
     """
     register_model_configs()
     if model not in open_clip.list_models():
-        raise ValueError(f"--model '{model}' is not an open_clip architecture; e.g. ViT-B-16, ViT-L-14, {TINY_CLIP}.")
+        raise ModelNameError(f"--model '{model}' is not an open_clip architecture; e.g. ViT-B-16, ViT-L-14, {TINY_CLIP}.")
     tokenizer = open_clip.get_tokenizer(model)
 
     if pretrained == "random":
@@ -221,14 +277,8 @@ def load_clip(
     if os.path.exists(pretrained) or looks_like_path:
         path = str(pretrained)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--pretrained {path}: no such weights file.")
-        if is_torchscript_archive(path) or _is_openai_state_dict(path):
-            net, preprocess = _from_openai_file(path, device, precision)
-            return LoadedClip(_freeze(net), preprocess, tokenizer, _quickgelu_name(model), path)
-        net, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=path, precision=precision, device=device, weights_only=True
-        )
-        return LoadedClip(_freeze(net), preprocess, tokenizer, model, path)
+            raise WeightsFileMissing(f"--pretrained {path}: no such weights file.")
+        return _from_local_file(model, path, tokenizer, device, precision)
 
     cfg = _tag_config(model, pretrained)
     quick_gelu = bool(cfg.get("quick_gelu", False))

@@ -17,8 +17,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import UserError
 
-class UnsupportedTextTowerError(ValueError):
+
+class UnsupportedTextTowerError(UserError, ValueError):
     """The model's text tower is not a causal transformer pooled at the EOT token."""
 
 

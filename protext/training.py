@@ -667,7 +667,7 @@ def _check_outputs(job: TrainJob, paths: Mapping[str, Path]) -> bool:
     for name in ("history", "plot", "state"):
         check_output_file(paths[name], f"--out (its {name} file)", inputs)
     if job.use_cache:
-        check_output_dir(job.cache_dir or default_cache_dir(), "--cache-dir")
+        clean_stale_temps(check_output_dir(job.cache_dir or default_cache_dir(), "--cache-dir"))
     clean_stale_temps(out.parent)
     resuming = job.resume and state.is_file()
     if job.overwrite or resuming:

@@ -147,3 +147,30 @@ def test_bidirectional_text_tower_is_refused(tiny_clip):
     last_pooled.text_pool_type = "last"
     with pytest.raises(UnsupportedTextTowerError, match="'last'"):
         PromptedTextEncoder(last_pooled, tiny_clip.tokenizer, ["dog"], depth=1)
+
+
+def test_plain_state_dict_in_a_gelu_config_warns_once_naming_quickgelu(tmp_path):
+    """Such a file may hold OpenAI's QuickGELU weights; the file cannot tell, so the user is told once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = open_clip.create_model("ViT-B-16", pretrained=None)
+    path = tmp_path / "openai_saved.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    with pytest.warns(UserWarning, match=r"pass --model ViT-B-16-quickgelu") as caught:
+        loaded = load_clip("ViT-B-16", str(path))
+    assert _activations(loaded.model) == {torch.nn.GELU}
+    assert sum("quickgelu" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither a second time nor for the QuickGELU name
+        load_clip("ViT-B-16", str(path))
+        assert _activations(load_clip("ViT-B-16-quickgelu", str(path)).model) == {QuickGELU}
+
+
+def test_pickled_object_as_pretrained_is_one_user_error(tiny_clip, tmp_path):
+    from protext.errors import UserError
+
+    path = tmp_path / "model_object.pt"
+    torch.save({"model": copy.deepcopy(tiny_clip.model)}, path)  # a pickled module, not a state dict
+    with pytest.raises(models.WeightsFileError, match=rf"--pretrained {path}: not a weights file .*weights_only") as info:
+        load_clip("tiny-clip", str(path))
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)

@@ -367,3 +367,171 @@ def test_killed_at_a_random_moment_and_resumed_equals_uninterrupted(tmp_path, re
     ref, got = _prompts(ref_out), _prompts(out)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------- every flag, its effect
+
+
+def test_every_flag_has_help_text():
+    import argparse
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and action.help != argparse.SUPPRESS and len(action.help) > 15, action.option_strings
+
+
+def test_help_imports_no_torch():
+    code = (
+        "import sys\nfrom protext.train import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'matplotlib') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--descriptions" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _first_step_reference(desc: Path, seed: int, n_ctx: int = 4, depth: int = 2, ctx_init: str = "a photo of a"):
+    """The loss of the first step, written out: one batch holding every sample (batch > samples).
+
+    Prompts initialised as training does (seeded, init phrase), targets by ``encode_text`` at full
+    length, per-sample 77-token prompts; returns (mse, l1) before any factor.
+    """
+    rows = [json.loads(line) for line in desc.read_text().splitlines()]
+    classes = list(dict.fromkeys(r["classname"] for r in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip("tiny-clip", "random")
+    torch.manual_seed(seed)
+    encoder = PromptedTextEncoder(clip.model, clip.tokenizer, classes, n_ctx=n_ctx, depth=depth, ctx_init=ctx_init)
+    index = torch.tensor([classes.index(r["classname"]) for r in rows])
+    with torch.no_grad():
+        pred = torch.nn.functional.normalize(encoder(index, truncate=False), dim=-1)
+        target = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer([r["description"] for r in rows])), dim=-1)
+    return float(((pred - target) ** 2).mean()), float((pred - target).abs().mean())
+
+
+def _first_step(out: Path) -> float:
+    return json.loads(out.with_suffix("").with_suffix(".loss.json").read_text())["step_losses"][0][0]
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ([], lambda mse, l1: 1000 * mse),
+        (["--loss", "l1"], lambda mse, l1: l1),
+        (["--loss-weight", "7"], lambda mse, l1: 7 * mse),
+        (["--loss", "l1", "--loss-weight", "3"], lambda mse, l1: 3 * l1),
+    ],
+)
+def test_loss_flags_set_the_trained_loss(tmp_path, small_jsonl, capsys, extra, expected):
+    out = tmp_path / "loss.safetensors"
+    code, err = run(capsys, cli(small_jsonl, out, "--n-ctx", "4", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "256", *extra))
+    assert code == 0, err
+    mse, l1 = _first_step_reference(small_jsonl, seed=1)
+    assert _first_step(out) == pytest.approx(expected(mse, l1), rel=1e-4)
+    hyper = load_prompts(out).meta["hyperparameters"]
+    assert hyper["loss"] == ("l1" if "l1" in extra else "mse")
+
+
+def test_seed_flag_seeds_the_prompts(tmp_path, small_jsonl, capsys):
+    outs = {}
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        outs[name] = tmp_path / f"{name}.safetensors"
+        argv = cli(small_jsonl, outs[name], "--n-ctx", "4", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "256", "--seed", seed)
+        assert run(capsys, argv)[0] == 0
+    a, b, c = (load_prompts(outs[k]) for k in "abc")
+    assert torch.equal(a.deep_prompts, b.deep_prompts) and not torch.equal(a.deep_prompts, c.deep_prompts)
+    assert a.meta["hyperparameters"]["seed"] == 5 and c.meta["hyperparameters"]["seed"] == 6
+    assert _first_step(outs["c"]) == pytest.approx(1000 * _first_step_reference(small_jsonl, seed=6)[0], rel=1e-4)
+
+
+def test_ctx_init_flag_sets_the_starting_context(tmp_path, small_jsonl, capsys):
+    out = tmp_path / "init.safetensors"
+    argv = cli(small_jsonl, out, "--n-ctx", "2", "--ctx-init", "itap of", "--epochs", "1", "--warmup-epochs", "1", "--batch-size", "256")
+    code, err = run(capsys, argv)
+    assert code == 0, err
+    ckpt = load_prompts(out)
+    assert ckpt.meta["ctx_init"] == "itap of" and ckpt.meta["context_replaces"] == "itap of"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip("tiny-clip", "random")
+    ids = clip.tokenizer(["itap of"])[0, 1:3]
+    # one warm-up step at 1e-5 moves each value by about 1e-5
+    torch.testing.assert_close(ckpt.ctx, clip.model.token_embedding.weight[ids].detach(), atol=1e-4, rtol=0)
+    code, err = run(capsys, cli(small_jsonl, tmp_path / "none.safetensors", "--n-ctx", "2", "--ctx-init", "none", "--epochs", "1"))
+    assert code == 0, err
+    assert load_prompts(tmp_path / "none.safetensors").meta["ctx_init"] is None
+
+
+def test_no_cache_flag_writes_no_cache_and_trains_the_same(tmp_path, small_jsonl, capsys):
+    cached, uncached = tmp_path / "c" / "x.safetensors", tmp_path / "u" / "x.safetensors"
+    assert run(capsys, cli(small_jsonl, cached, "--epochs", "1", "--warmup-epochs", "0"))[0] == 0
+    code, err = run(capsys, cli(small_jsonl, uncached, "--epochs", "1", "--warmup-epochs", "0", "--no-cache"))
+    assert code == 0 and "0 cached, 60 encoded" in err and "(cache" not in err
+    assert (cached.parent / "cache").is_dir() and not (uncached.parent / "cache").exists()
+    assert torch.equal(load_prompts(cached).ctx, load_prompts(uncached).ctx)
+
+
+def test_short_run_warns_that_it_never_leaves_the_warm_up(tmp_path, small_jsonl, capsys):
+    code, err = run(capsys, cli(small_jsonl, tmp_path / "w.safetensors", "--epochs", "2", "--warmup-epochs", "5"))
+    assert code == 0
+    assert "warning: --epochs 2 is not more than the 5 warm-up epochs" in err and "--epochs 6 or more" in err
+
+
+# -------------------------------------------------------------------------------------------------- pre-flight
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Pre-flight errors must come before the model loads."""
+    import protext.training as training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad output was refused")
+
+    monkeypatch.setattr(training, "_load_model", refuse)
+
+
+def test_out_is_an_existing_directory(tmp_path, small_jsonl, capsys, no_model):
+    code, err = run(capsys, cli(small_jsonl, tmp_path))
+    assert code == 2 and f"--out {tmp_path} is a directory" in err and "--resume" not in err
+
+
+def test_out_is_the_description_file(tmp_path, small_jsonl, capsys, no_model):
+    same = tmp_path / "d.safetensors"
+    same.write_bytes(small_jsonl.read_bytes())
+    before = same.read_bytes()
+    code, err = run(capsys, cli(same, same, "--overwrite"))
+    assert code == 2 and "is the run's own input (--descriptions" in err
+    assert same.read_bytes() == before
+
+
+def test_out_and_cache_dir_under_a_file(tmp_path, small_jsonl, capsys, no_model):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code, err = run(capsys, cli(small_jsonl, blocker / "x.safetensors"))
+    assert code == 2 and f"{blocker} is a file, not a directory" in err
+    argv = cli(small_jsonl, tmp_path / "ok.safetensors")
+    argv[argv.index("--cache-dir") + 1] = str(blocker)
+    code, err = run(capsys, argv)
+    assert code == 2 and f"--cache-dir {blocker} is a file" in err
+    assert not (tmp_path / "ok.safetensors").exists()
+
+
+def test_state_without_checkpoint_asks_for_resume(tmp_path, small_jsonl, capsys, no_model):
+    (tmp_path / "x.resume.pt").write_bytes(b"state")
+    code, err = run(capsys, cli(small_jsonl, tmp_path / "x.safetensors"))
+    assert code == 2 and "holds an interrupted run; pass --resume" in err
+
+
+def test_ctrl_c_while_encoding_targets_says_how_to_resume(tmp_path, small_jsonl, capsys, monkeypatch):
+    import protext.targets as targets
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(targets, "encode_descriptions", interrupted)
+    code, err = run(capsys, cli(small_jsonl, tmp_path / "x.safetensors"))
+    assert code == 130 and "rerun the same command with --resume" in err and "Traceback" not in err
