@@ -49,8 +49,12 @@ def expected_descriptions(prompt: str, n: int, seed: int = 0) -> list[str]:
     """The cleaned descriptions a unit of ``n`` samples of ``prompt`` must yield, in order."""
     out: list[str] = []
     for index in range(seed, seed + n):
-        if index % 5 in (0, 1, 3) and _trait(prompt, index) not in out:
-            out.append(_trait(prompt, index))
+        kind = index % 5
+        if kind == 4:  # a refusal: cleaned away
+            continue
+        text = _trait(prompt, index - 2 if kind == 2 else index)  # kind 2 repeats sample index-2
+        if text not in out:
+            out.append(text)
     return out
 
 
@@ -67,6 +71,9 @@ class FakeOpenAIServer:
         reasoning: 400 for ``max_tokens`` and for a non-default ``temperature`` (OpenAI o-series).
         faults: consumed one per request, in arrival order, before healthy answers resume.
         fault_rule: ``f(user_message) -> fault or None``, consulted on every request after ``faults``.
+
+    ``max_in_flight`` records how many requests were being answered at once at most; :meth:`hold_from`
+    stops answering at an exact request, so a test can kill a client at a known point.
     """
 
     def __init__(
@@ -94,6 +101,13 @@ class FakeOpenAIServer:
         self.log: list[dict[str, Any]] = []  # one entry per request: body, auth header, what was done
         self._httpd: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
+        # Holding: requests from number ``_hold_from`` on (0-based, in arrival order) get no answer
+        # until release(), so a test can stop a client at an exact point without any timing.
+        self._hold_from: Optional[int] = None
+        self._released = threading.Event()
+        self._held = threading.Semaphore(0)
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -114,6 +128,7 @@ class FakeOpenAIServer:
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -136,6 +151,22 @@ class FakeOpenAIServer:
             if fault not in FAULTS:
                 raise ValueError(f"unknown fault {fault!r}; choose from {FAULTS}")
             self._faults.append(fault)
+
+    def hold_from(self, index: int) -> None:
+        """Answer no request from the ``index``-th on (0-based over all requests so far) until :meth:`release`."""
+        with self._lock:
+            self._hold_from = index
+            self._released.clear()
+
+    def release(self) -> None:
+        """Stop holding; held requests end without an answer (their clients are usually gone by then)."""
+        with self._lock:
+            self._hold_from = None
+        self._released.set()
+
+    def wait_held(self, timeout: float = 60.0) -> bool:
+        """Block until one more request is being held; False if none arrives within ``timeout``."""
+        return self._held.acquire(timeout=timeout)
 
     def counts(self) -> dict[str, int]:
         """How many requests got each outcome (``answer``, a fault name, or a 4xx kind)."""
@@ -164,7 +195,24 @@ class FakeOpenAIServer:
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
             entry: dict[str, Any] = {"body": body, "auth": auth, "prompt": prompt}
+            held = self._hold_from is not None and len(self.log) >= self._hold_from
             self.log.append(entry)
+        if held:
+            entry["outcome"] = "held"
+            self._held.release()
+            self._released.wait()
+            return
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._answer(handler, entry, body, auth, prompt, fault)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, handler: BaseHTTPRequestHandler, entry: dict[str, Any], body: dict[str, Any], auth: str,
+                prompt: str, fault: Optional[str]) -> None:
         if fault is None and self.fault_rule is not None:
             fault = self.fault_rule(prompt)
 

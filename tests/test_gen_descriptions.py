@@ -429,3 +429,178 @@ def test_help_explains_every_flag() -> None:
             assert action.help, f"{action.option_strings or action.dest} has no help"
             for flag in action.option_strings:
                 assert flag in text
+
+
+# -- every flag changes what a successful run does (issue 8) ------------------------------------------------
+
+
+def test_sampling_flags_reach_the_server(tmp_path: Path, classes_file: Path) -> None:
+    runs = {
+        "defaults": [],
+        "tuned": ["--temperature", "0.5", "--max-tokens", "33", "--system-prompt", "Be brief.", "--seed", "7"],
+        "bare": ["--temperature", "default", "--system-prompt", ""],
+    }
+    bodies = {}
+    with FakeOpenAIServer() as server:
+        for name, extra in runs.items():
+            out = tmp_path / f"{name}.jsonl"
+            start = len(server.log)
+            assert main(args_for(server, classes_file, out, *extra)) == 0
+            bodies[name] = [e["body"] for e in server.log[start:]]
+    first = {name: b[0] for name, b in bodies.items()}
+    assert first["defaults"]["temperature"] == 0.99 and first["defaults"]["max_tokens"] == 60
+    assert first["tuned"]["temperature"] == 0.5 and first["tuned"]["max_tokens"] == 33
+    assert first["tuned"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert all(b["seed"] == 7 for b in bodies["tuned"])
+    assert "temperature" not in first["bare"] and [m["role"] for m in first["bare"]["messages"]] == ["user"]
+    # The seed changes the samples: the fake answers by (query, seed + index).
+    tuned = {(r["classname"], r["description"]) for r in rows(tmp_path / "tuned.jsonl")}
+    assert tuned == {(c, d) for c in CLASSES for t in CUPL_STYLE_QUERIES
+                     for d in expected_descriptions(format_query(t, c), N, seed=7)}
+    assert tuned.isdisjoint({(c, d) for c, _, d in triples(tmp_path / "defaults.jsonl")})
+
+
+def test_concurrency_limits_requests_in_flight(tmp_path: Path, classes_file: Path) -> None:
+    with FakeOpenAIServer(delay=0.01) as server:
+        assert main(args_for(server, classes_file, tmp_path / "d.jsonl", "--concurrency", "1")) == 0
+        assert server.max_in_flight == 1
+    assert set(triples(tmp_path / "d.jsonl")) == expected_pairs()
+
+
+def test_old_flag_spellings_still_work_with_a_one_line_warning(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    queries = tmp_path / "q.txt"
+    queries.write_text("Tell me how a {} looks.\n")
+    with FakeOpenAIServer() as server:
+        argv = args_for(server, classes_file, tmp_path / "d.jsonl", "--prompts", str(queries), "--n-per-prompt", "1")
+        assert main(argv) == 0
+        assert {e["body"].get("n", 1) for e in server.log} == {1} and len(server.log) == len(CLASSES)
+    err = capsys.readouterr().err.splitlines()
+    assert "warning: --prompts is deprecated; use --queries" in err
+    assert "warning: --n-per-prompt is deprecated; use --n-per-query" in err
+    assert {r["prompt"] for r in rows(tmp_path / "d.jsonl") if r["classname"] == "apple"} == {"Tell me how an apple looks."}
+
+
+def test_verbose_logs_requests_and_no_progress_hides_the_bar(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    with FakeOpenAIServer() as server:
+        base = args_for(server, classes_file, tmp_path / "a.jsonl")
+        base.remove("--no-progress")
+        assert main([*base, "--verbose"]) == 0
+        assert "HTTP Request: POST" in capsys.readouterr().err
+        for out, extra, bar in (("b", [], True), ("c", ["--no-progress"], False)):
+            terminal = Terminal()
+            monkeypatch.setattr(sys, "stderr", terminal)
+            argv = args_for(server, classes_file, tmp_path / f"{out}.jsonl")
+            argv.remove("--no-progress")
+            assert main([*argv, *extra]) == 0
+            monkeypatch.undo()
+            monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+            assert ("classes:" in terminal.getvalue()) is bar, terminal.getvalue()
+
+
+def test_import_flags_model_and_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "c.json"
+    src.write_text(json.dumps({"dog": ["A dog.", "A dog."]}))
+    out = tmp_path / "d.jsonl"
+    assert main(["import", str(src), "--out", str(out), "--model", "gpt-3"]) == 0
+    assert {r["model"] for r in rows(out)} == {"gpt-3"}
+    assert "(1 repeats, kept as samples)" in capsys.readouterr().out
+    src.write_text(json.dumps({"owl": ["An owl."]}))
+    assert main(["import", str(src), "--out", str(out)]) == 2
+    assert main(["import", str(src), "--out", str(out), "--overwrite"]) == 0
+    assert read_descriptions(out) == {"owl": ["An owl."]}
+
+
+def test_help_imports_neither_torch_nor_the_llm_client() -> None:
+    code = (
+        "import sys\n"
+        "from protext.gen_descriptions import main\n"
+        "for argv in (['--help'], ['import', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0\n"
+        "heavy = sorted(m for m in ('torch', 'open_clip', 'openai', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--queries" in done.stdout and "--dataset" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+# -- fail fast, leave nothing behind, one class per name (issue 9) ------------------------------------------
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_unreachable_base_url_stops_at_once_naming_the_url(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import openai
+
+    def no_client(*args, **kwargs):
+        raise AssertionError("no request may be tried against a closed port")
+
+    monkeypatch.setattr(openai, "AsyncOpenAI", no_client)
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    out = tmp_path / "d.jsonl"
+    argv = ["--classes", str(classes_file), "--out", str(out), "--base-url", url, "--model", "m", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --base-url {url}: cannot connect to 127.0.0.1:") and "Connection refused" in err
+    assert not out.exists()  # no 0-byte file left
+
+
+def test_connection_lost_after_the_check_is_fatal_and_names_the_url() -> None:
+    import asyncio
+
+    import openai
+
+    from protext.descriptions.llm_client import DescriptionSampler, FatalAPIError, SamplingSettings
+
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+
+    async def ask() -> None:
+        client = openai.AsyncOpenAI(api_key="x", base_url=url, max_retries=0, timeout=5)
+        try:
+            await DescriptionSampler(client, SamplingSettings(model="m"))("What does a dog look like?", 2)
+        finally:
+            await client.close()
+
+    with pytest.raises(FatalAPIError, match=rf"cannot connect to {url}/ \(APIConnectionError"):
+        asyncio.run(ask())
+
+
+def test_failed_generation_leaves_no_empty_out_file(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "d.jsonl"
+    with FakeOpenAIServer(api_key="sk-the-right-one") as server:
+        assert main(args_for(server, classes_file, out)) == 2  # 401: the run stops before any unit
+    assert "STOPPED: AuthenticationError" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_class_names_differing_in_case_are_one_class(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    listed = tmp_path / "classes.txt"
+    listed.write_text("beagle\nBeagle\ntabby_cat\ntabby cat\n")
+    out = tmp_path / "d.jsonl"
+    with FakeOpenAIServer() as server:
+        with pytest.warns(UserWarning, match=r"share one set of descriptions: \['Beagle \(as beagle\)', 'tabby cat \(as tabby_cat\)'\]"):
+            assert main(args_for(server, listed, out)) == 0
+        assert len(server.log) == 2 * len(CUPL_STYLE_QUERIES)
+        assert list(read_descriptions(out)) == ["beagle", "tabby_cat"]
+        # The same classes spelled otherwise are already done: nothing is asked again.
+        listed.write_text("BEAGLE\nTabby Cat\n")
+        assert main(args_for(server, listed, out)) == 0
+        assert len(server.log) == 2 * len(CUPL_STYLE_QUERIES)
+    assert "0 units; 10 of 10 units were already cached" in capsys.readouterr().out
