@@ -114,12 +114,12 @@ def load_queries(path: Union[str, Path]) -> list[str]:
         except json.JSONDecodeError as err:
             raise QueryFileError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
-            raise QueryFileError(f"{path}: expected a JSON list of template strings")
+            raise QueryFileError(f"{path}: expected a JSON list of query strings")
         templates = [_check_template(path, 0, t) for t in data]
     else:
         for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if text.strip() and not text.lstrip().startswith("#"):
                 templates.append(_check_template(path, number, text))
     if not templates:
-        raise QueryFileError(f"{path}: no templates found")
+        raise QueryFileError(f"{path}: no queries found")
     return list(dict.fromkeys(templates))
