@@ -144,3 +144,21 @@ def test_build_encoder_without_template_uses_the_training_one(tiny_clip, tmp_pat
     assert isinstance(ckpt, PromptCheckpoint) and ckpt.path == tmp_path / "p.safetensors"
     encoder = ckpt.build_encoder(tiny_clip.model, tiny_clip.tokenizer, ["beagle"])
     assert encoder.prompts == [" ".join(["X"] * 16) + " beagle."]
+
+
+def test_stale_temporary_files_of_killed_writers_are_removed(tmp_path):
+    import os
+
+    from protext.atomic import atomic_write, clean_stale_temps
+
+    dead = tmp_path / ".p.safetensors.4194999-abc123.tmp"  # above any pid Linux hands out: its writer is gone
+    live = tmp_path / f".p.safetensors.{os.getpid()}-def456.tmp"  # a writer still running: kept
+    other = tmp_path / ".notes.tmp"  # not ours: kept
+    for path in (dead, live, other):
+        path.write_bytes(b"half")
+    assert clean_stale_temps(tmp_path) == [dead]
+    dead.write_bytes(b"half")
+    atomic_write(tmp_path / "q.json", lambda tmp: open(tmp, "w").write("{}"))
+    assert not dead.exists() and live.exists() and other.exists()
+    assert (tmp_path / "q.json").read_text() == "{}"
+    assert clean_stale_temps(tmp_path / "missing") == []

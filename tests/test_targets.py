@@ -154,3 +154,40 @@ def test_unreadable_cache_names_the_file(tiny_clip, texts, tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(TargetCacheError, match=str(bad)):
         description_targets(tiny_clip.model, tiny_clip.tokenizer, texts[:3], cache_dir=tmp_path, progress=False)
+
+
+def test_non_finite_cached_targets_are_refused_naming_the_file(tiny_clip, texts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    description_targets(tiny_clip.model, tiny_clip.tokenizer, texts[:5], cache_dir=tmp_path, progress=False)
+    path = tmp_path / f"{text_fingerprint(tiny_clip.model)}.safetensors"
+    tensors = load_file(str(path))
+    tensors["targets"][2, 3] = float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(TargetCacheError, match=rf"{path}: the target cache holds non-finite values"):
+        description_targets(tiny_clip.model, tiny_clip.tokenizer, texts[:5], cache_dir=tmp_path, progress=False)
+
+
+def test_encoding_is_kept_chunk_by_chunk_and_resumes(tiny_clip, texts, tmp_path, monkeypatch):
+    """Interrupted in its third chunk, a run keeps two chunks; the rerun encodes only the rest."""
+    real = targets_mod.encode_descriptions
+    calls = {"n": 0, "rows": 0}
+
+    def flaky(model, tokens, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 and calls.get("fail", True):
+            raise KeyboardInterrupt
+        calls["rows"] += tokens.shape[0]
+        return real(model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(targets_mod, "encode_descriptions", flaky)
+    unique = list(dict.fromkeys(texts))
+    with pytest.raises(KeyboardInterrupt):
+        description_targets(tiny_clip.model, tiny_clip.tokenizer, unique, cache_dir=tmp_path, progress=False, chunk_size=10)
+    cache = targets_mod.TargetCache(tmp_path, text_fingerprint(tiny_clip.model))
+    assert len(cache.read()) == 20
+    calls.update(n=0, rows=0, fail=False)
+    got, stats = description_targets(tiny_clip.model, tiny_clip.tokenizer, unique, cache_dir=tmp_path, progress=False, chunk_size=10)
+    assert (stats.cached, stats.computed, calls["rows"]) == (20, len(unique) - 20, len(unique) - 20)
+    direct = F.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(unique)), dim=-1)
+    torch.testing.assert_close(got, direct, atol=1e-5, rtol=0)

@@ -265,3 +265,26 @@ def test_bf16_autocast_on_cpu_trains(tiny_clip, small_pairs, small_targets):
     result = train(encoder, small_pairs, config, targets=small_targets, progress=False)
     assert encoder.ctx.dtype == torch.float32  # prompts stay fp32
     assert result.history[-1].loss < result.history[0].step_losses[0]
+
+
+def test_the_optimiser_steps_with_the_scheduled_rate(tiny_clip, small_pairs, small_targets, monkeypatch):
+    """Every optimiser step sees the epoch's rate of ALGORITHMS.md §3 in its parameter group."""
+    import math
+
+    seen: list[float] = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def step(self, *args, **kwargs):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(training.torch.optim, "AdamW", Spy)
+    base, epochs, warmup = 0.02, 5, 2
+    config = TrainConfig(lr=base, epochs=epochs, warmup_epochs=warmup, batch_size=48)
+    train(make_encoder(tiny_clip, small_pairs), small_pairs, config, targets=small_targets, progress=False)
+    expected = []
+    for e in range(epochs):  # 96 samples, batch 48: two steps per epoch
+        rate = 1e-5 if e < warmup else base * 0.5 * (1 + math.cos(math.pi * (e - warmup) / epochs))
+        expected += [rate, rate]
+    assert seen == pytest.approx(expected, rel=1e-12)
