@@ -221,11 +221,14 @@ def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def parse_stream_seeds(text: str) -> list[int]:
-    """``"1,2,3"`` → ``[1, 2, 3]``; anything else is an error naming ``--stream-seeds``."""
+    """``"1,2,3"`` → ``[1, 2, 3]`` (an argparse ``type``: argparse reports the error as
+    ``argument --stream-seeds: ...`` and exits 2)."""
+    from argparse import ArgumentTypeError
+
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise EvalError(f"--stream-seeds must be comma-separated integers such as 1,2,3, got '{text}'.") from None
+        raise ArgumentTypeError(f"must be comma-separated integers such as 1,2,3, got '{text}'") from None
     if not seeds:
-        raise EvalError(f"--stream-seeds must name at least one integer seed, got '{text}'.")
+        raise ArgumentTypeError(f"must name at least one integer seed, got '{text}'")
     return seeds

@@ -176,9 +176,17 @@ def _finish(indices: list[int], done: dict[int, tuple[Prediction, float]], resul
     return result
 
 
+def _zeroshot_batch(encoder, images: torch.Tensor, text: torch.Tensor, scale, config: EvalConfig, idx, labels) -> list[Prediction]:
+    from .. import zeroshot
+
+    logits = zeroshot.zeroshot_logits(encoder(images), text, scale).cpu()
+    features.check_finite(logits, config)
+    return predictions_from_logits(idx, labels, logits, keep_logits=config.save_logits)
+
+
 def zeroshot_shard(setup: Setup) -> ShardResult:
     """Zero-shot predictions of this rank's images, batch by batch into the log."""
-    from ..zeroshot import ImageEncoder, logit_scale, zeroshot_logits
+    from ..zeroshot import ImageEncoder, logit_scale
 
     config, ctx = setup.config, setup.ctx
     text = class_features(setup)
@@ -191,9 +199,7 @@ def zeroshot_shard(setup: Setup) -> ShardResult:
     with progress_bar(len(todo), setup.progress and ctx.is_main, f"{setup.dataset.name} {config.method}") as bar:
         for images, labels, idx in batches(setup.dataset, todo, Preprocess(setup.clip.preprocess), config.batch_size, config.workers):
             start = time.perf_counter()
-            logits = zeroshot_logits(encoder(images), text, scale).cpu()
-            features.check_finite(logits, config)
-            batch = predictions_from_logits(idx, labels, logits, keep_logits=config.save_logits)
+            batch = _zeroshot_batch(encoder, images, text, scale, config, idx, labels)
             seconds = time.perf_counter() - start
             log.append(batch, seconds / len(batch))
             result.predictions += batch
