@@ -155,6 +155,38 @@ def test_build_adapter_and_batch_equal_one_at_a_time(tiny_clip, views, method):
     others = [views.flip(-1), views.roll(1, 0)]
     alone = [single.adapt(v).logits for v in [views, *others]]
     batched = build_adapter(TTAConfig(method=method, batch=3), tiny_clip.model, "dtd", encoder=encoder)
+    assert batched.batchable  # the batched text forward runs, not a loop over images
     for got, expected in zip(batched.adapt_batch([views, *others]), alone):
         torch.testing.assert_close(got.logits, expected, atol=1e-5, rtol=0)
         assert int(got.logits.argmax()) == int(expected.argmax())
+
+
+def test_batched_text_forward_equals_each_copy(tiny_clip):
+    """Copy b of the batched forward == the plain encoder carrying copy b's prompts."""
+    from protext.tta.batched import batched_prompt_features
+
+    encoder = deep_encoder(tiny_clip)
+    g = torch.Generator().manual_seed(8)
+    ctx = encoder.ctx.detach() + 0.1 * torch.randn(3, *encoder.ctx.shape, generator=g)
+    deep = encoder.deep_prompts.detach() + 0.1 * torch.randn(3, *encoder.deep_prompts.shape, generator=g)
+    classes = torch.tensor([5, 0, 3])
+    got = batched_prompt_features(encoder, ctx, deep, classes)
+    for b in range(3):
+        copy_b = twin(tiny_clip, encoder)
+        copy_b.load_prompt_state({"ctx": ctx[b], "deep_prompts": deep[b]})
+        with torch.no_grad():
+            want = copy_b(classes, truncate=False)
+        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tune,steps", [("shallow", 2), ("all", 0)])
+def test_batch_options_equal_one_at_a_time(tiny_clip, views, tune, steps):
+    encoder = deep_encoder(tiny_clip)
+    batch = [views, views.flip(-1)]
+    single = build_adapter(TTAConfig(method="tpt", tune=tune, steps=steps), tiny_clip.model, "dtd", encoder=encoder)
+    alone = [single.adapt(v).logits for v in batch]
+    batched = build_adapter(TTAConfig(method="tpt", tune=tune, steps=steps, batch=2), tiny_clip.model, "dtd", encoder=encoder)
+    for got, expected in zip(batched.adapt_batch(batch), alone):
+        torch.testing.assert_close(got.logits, expected, atol=1e-5, rtol=0)
+    for name, value in deep_encoder(tiny_clip).prompt_state().items():  # the encoder is left at its init
+        assert torch.equal(encoder.prompt_state()[name], value)

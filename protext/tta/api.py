@@ -90,6 +90,10 @@ def _prompt_tuner(config: TTAConfig, model: nn.Module, encoder: PromptedTextEnco
         amp=config.fp16,
         image_dtype=config.image_dtype,
     )
+    if config.batch > 1:
+        from .batched import BatchedTPTAdapter
+
+        return BatchedTPTAdapter(model, encoder, tpt, config.ctpt_lambda if config.method == "ctpt" else None)
     if config.method == "ctpt":
         return TPTAdapter(CTPTTuner(model, encoder, tpt, config.ctpt_lambda))
     return TPTAdapter(PromptTuner(model, encoder, tpt))
