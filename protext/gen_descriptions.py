@@ -166,8 +166,10 @@ def _source_data(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def _main_import(argv: list[str]) -> int:
     from .descriptions import import_descriptions
+    from .descriptions.cupl import check_import_output
 
     args = build_import_parser().parse_args(argv)
+    check_import_output(args.out, args.source)
     summary = import_descriptions(_source_data(args), args.out, model=args.model, overwrite=args.overwrite)
     print(summary.line(args.source))
     return 0

@@ -604,3 +604,21 @@ def test_class_names_differing_in_case_are_one_class(tmp_path: Path, capsys: pyt
         assert main(args_for(server, listed, out)) == 0
         assert len(server.log) == 2 * len(CUPL_STYLE_QUERIES)
     assert "0 units; 10 of 10 units were already cached" in capsys.readouterr().out
+
+
+def test_unwritable_out_and_importing_onto_the_source_are_error_lines(tmp_path: Path, classes_file: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    argv = ["--classes", str(classes_file), "--out", str(blocker / "d.jsonl"), "--backend", "templates", "--no-progress"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out: cannot create the folder of {blocker / 'd.jsonl'}")
+    argv[3] = str(tmp_path)
+    assert main(argv) == 2
+    assert f"error: --out: {tmp_path} is a directory" in capsys.readouterr().err
+
+    src = tmp_path / "cupl.json"
+    src.write_text('{"dog": ["A dog."]}')
+    before = src.read_bytes()
+    assert main(["import", str(src), "--out", str(src), "--overwrite"]) == 2
+    assert f"error: --out {src} is the file being imported" in capsys.readouterr().err
+    assert src.read_bytes() == before

@@ -48,6 +48,7 @@ __all__ = [
     "DescriptionFileError",
     "DescriptionFileMissing",
     "DescriptionLockError",
+    "DescriptionWriteError",
     "append_descriptions",
     "encode_unit",
     "normalize_classname",
@@ -94,6 +95,10 @@ class DescriptionFileMissing(UserError, FileNotFoundError):
 
 class DescriptionLockError(UserError):
     """Another process is writing the description file."""
+
+
+class DescriptionWriteError(UserError):
+    """A description file that cannot be created or written where it was asked for."""
 
 
 def normalize_classname(name: str) -> str:
@@ -488,7 +493,10 @@ def writer_lock(path: PathLike) -> Iterator[None]:
         return
     path = Path(path)
     while True:
-        fd, created = _open_for_lock(path)
+        try:
+            fd, created = _open_for_lock(path)
+        except OSError as err:
+            raise DescriptionWriteError(f"--out: cannot write {path} ({err.strerror or err})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

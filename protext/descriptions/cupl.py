@@ -27,6 +27,7 @@ from .cache import (
     Description,
     DescriptionFileError,
     DescriptionFileMissing,
+    DescriptionWriteError,
     PathLike,
     encode_unit,
     fsync_dir,
@@ -39,6 +40,7 @@ __all__ = [
     "ImportSummary",
     "ReleaseKeyError",
     "ReleaseReading",
+    "check_import_output",
     "import_cupl",
     "import_descriptions",
     "load_cupl_json",
@@ -109,9 +111,12 @@ class ImportSummary:
         return text + (f"; skipped {self.empty_skipped} blank descriptions" if self.empty_skipped else "")
 
 
-def _check_output(out_path: Path) -> None:
+def check_import_output(out_path: Path, source: Optional[Path] = None) -> None:
+    """Refuse an --out that is a folder, or the very file being imported (nothing is read or written)."""
     if out_path.is_dir():
         raise DescriptionOutputError(f"output is a directory: {out_path}")
+    if source is not None and out_path.exists() and source.exists() and out_path.samefile(source):
+        raise DescriptionOutputError(f"--out {out_path} is the file being imported; write the JSONL to another file")
 
 
 def import_descriptions(
@@ -126,7 +131,7 @@ def import_descriptions(
     a non-empty ``out_path`` unless ``overwrite`` is set.
     """
     out_path = Path(out_path)
-    _check_output(out_path)
+    check_import_output(out_path)
     summary = ImportSummary(out=out_path)
     units = []
     for name, descs in data.items():
@@ -139,7 +144,10 @@ def import_descriptions(
     summary.classes = len({normalize_classname(u[0].classname) for u in units})
     payload = b"".join(encode_unit(unit) for unit in units)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DescriptionWriteError(f"--out: cannot create the folder of {out_path} ({err.strerror or err})") from None
     with writer_lock(out_path):
         if out_path.stat().st_size > 0 and not overwrite:
             raise DescriptionOutputError(
@@ -155,6 +163,7 @@ def import_cupl(json_path: PathLike, out_path: PathLike, model: str = "cupl", *,
 
     See :func:`import_descriptions`; the source is checked before anything is written.
     """
+    check_import_output(Path(out_path), Path(json_path))
     return import_descriptions(load_cupl_json(json_path), out_path, model=model, overwrite=overwrite).descriptions
 
 

@@ -27,6 +27,7 @@ from typing import Awaitable, Callable, Optional, Sequence
 from ..errors import UserError
 from .cache import (
     Description,
+    DescriptionWriteError,
     append_descriptions,
     normalize_classname,
     read_records,
@@ -380,7 +381,10 @@ def generate(config: GenConfig) -> RunReport:
     config = GenConfig(**{**config.__dict__, "classes": unique_classes(config.classes)})
     api_key = resolve_api_key(config) if config.backend == "openai" else ""
     report = RunReport(out=config.out)
-    config.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        config.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DescriptionWriteError(f"--out: cannot create the folder of {config.out} ({err.strerror or err})") from None
     with writer_lock(config.out):
         todo = _todo(config, report)
         if config.backend == "templates":
