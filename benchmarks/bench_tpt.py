@@ -73,8 +73,9 @@ def run_phase(args: argparse.Namespace) -> dict:
     import torch
 
     from protext.models import load_clip
-    from protext.tpt import PromptTuner, TPTConfig, handcrafted_encoder, image_generator
-    from protext.views import view_transform_for
+    from protext.checkpoint import class_encoder
+    from protext.tta.tpt import PromptTuner, TPTConfig, image_generator
+    from protext.tta.views import view_transform_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +83,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")
         clip = load_clip("ViT-B-16", "random", device=args.device)
     classnames = json.loads((SHARED / "classnames" / CLASS_FILES[args.n_classes]).read_text())
-    encoder = handcrafted_encoder(clip.model, clip.tokenizer, classnames, "a photo of a {}.")
+    encoder = class_encoder(clip.model, clip.tokenizer, classnames, "a photo of a {}.")
     naive = args.phase == "naive"
     chunk = args.naive_class_chunk if naive and args.n_classes > args.naive_class_chunk else None
     config = TPTConfig(
