@@ -106,7 +106,7 @@ def test_every_cut_of_an_interrupted_append_reads_and_repairs_to_the_intact_pref
     append_descriptions(good, unit("dog", "A dog has fur.", "Ein Hund \u00e4hnelt einem Wolf."))
     append_descriptions(good, unit("cat", "A cat purrs."))
     prefix = good.read_bytes()
-    last_unit = dmod._encode_unit(unit("owl", "An owl has big eyes.", "An owl hoots \u2014 at night.", prompt="p"))
+    last_unit = dmod.encode_unit(unit("owl", "An owl has big eyes.", "An owl hoots \u2014 at night.", prompt="p"))
     expected = {"dog": ["A dog has fur.", "Ein Hund \u00e4hnelt einem Wolf."], "cat": ["A cat purrs."]}
     path = tmp_path / "cut.jsonl"
     # Every cut short of the final newline loses at least one byte of the unit's text.
@@ -189,9 +189,9 @@ def test_malformed_last_line_with_newline_is_not_a_torn_line(tmp_path: Path) -> 
 
 def test_incomplete_unit_before_the_end_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
-    first = dmod._encode_unit(unit("dog", "A dog.", "A puppy.", "A hound."))
+    first = dmod.encode_unit(unit("dog", "A dog.", "A puppy.", "A hound."))
     lines = first.splitlines(keepends=True)
-    data = lines[0] + lines[1] + dmod._encode_unit(unit("cat", "A cat."))
+    data = lines[0] + lines[1] + dmod.encode_unit(unit("cat", "A cat."))
     path.write_bytes(data)
     with pytest.raises(DescriptionFileError, match=r"d\.jsonl:3: the unit ending on line 2 has only part 2 of 3"):
         read_descriptions(path)

@@ -622,3 +622,13 @@ def test_unwritable_out_and_importing_onto_the_source_are_error_lines(tmp_path: 
     assert main(["import", str(src), "--out", str(src), "--overwrite"]) == 2
     assert f"error: --out {src} is the file being imported" in capsys.readouterr().err
     assert src.read_bytes() == before
+
+
+def test_generation_is_a_library_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from protext.descriptions import GenConfig, generate
+
+    monkeypatch.delenv("OPENAI_API_KEY")
+    out = tmp_path / "pets.jsonl"
+    report = generate(GenConfig(classes=["beagle", "tabby cat"], out=out, backend="templates", progress=False))
+    assert (report.classes_complete, report.units_written, report.descriptions_written) == (2, 14, 14)
+    assert read_descriptions(out)["beagle"][0] == "A photo of a beagle, recognisable by its overall shape."

@@ -258,7 +258,6 @@ class CacheContents:
     """What a description file holds, after its unit records are taken into account.
 
     Attributes:
-        records: every sample line, in file order (rewritten units left out).
         descriptions: ``{classname: [description, ...]}``; repeats kept, classes merged by
             :func:`normalize_classname` under their first spelling.
         repeats: samples whose (class, text) appeared earlier in the same class -- kept, counted.
@@ -266,7 +265,6 @@ class CacheContents:
         rewritten_lines: the lines of those units.
     """
 
-    records: list[dict[str, Any]] = field(default_factory=list)
     descriptions: dict[str, list[str]] = field(default_factory=dict)
     repeats: int = 0
     rewritten_units: int = 0
@@ -321,7 +319,6 @@ def read_cache(path: PathLike) -> CacheContents:
         norm = normalize_classname(rec["classname"])
         name = key_of.setdefault(norm, rec["classname"])
         text = rec["description"]
-        out.records.append(rec)
         out.descriptions.setdefault(name, []).append(text)
         texts = seen.setdefault(norm, set())
         out.repeats += text.strip() in texts
@@ -400,9 +397,6 @@ def encode_unit(records: Sequence[Description]) -> bytes:
         obj["part"], obj["parts"] = i, len(records)
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
     return "".join(lines).encode("utf-8")
-
-
-_encode_unit = encode_unit  # old private name, used by tests that build damaged files
 
 
 def fsync_dir(path: Path) -> None:
