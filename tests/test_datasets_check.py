@@ -154,6 +154,8 @@ def test_cli_table_json_and_exit_codes(make_dataset_tree, capsys, tmp_path):
     capsys.readouterr()
     assert main(["check", "--root", str(tmp_path / "nowhere")]) == 2
     assert "error: --root" in capsys.readouterr().err
+    assert main(["check", "--root", root, "--dataset", "mnist"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown dataset 'mnist'; expected 'folder' or one of")
 
 
 def test_cli_help_is_fast_and_complete():

@@ -1,5 +1,10 @@
 """Find a dataset under a root in either layout and list its images with labels and class names.
 
+Folder scanning is torchvision's (``make_dataset``, what ``ImageFolder`` uses). The rest is ours on
+purpose: torchvision's DTD, Food101, Flowers102, ... read each dataset's own official split, not
+CoOp's ``split_zhou_*.json`` that the published numbers use; its FGVCAircraft insists on the
+``fgvc-aircraft-2013b/data`` folder; its ImageNet needs the devkit archive and knows no variants.
+
 Every reader returns a :class:`Listing`: what the dataset's own files say is there (``samples``)
 and which of those images are not on disk (``missing``). :func:`protext.datasets.build_dataset`
 refuses a listing with missing images; :func:`protext.datasets.check` counts them.
