@@ -66,7 +66,7 @@ def build_dataset(
     )
     if split != "all":
         keep = split_range(dataset.num_classes, split)
-        dataset.subset(keep)
+        dataset.keep_labels(keep)
         if not dataset.samples:
             raise DatasetError(
                 f"no images of the {split} classes (labels {keep.start}..{keep.stop - 1}) in {listing.folder}"

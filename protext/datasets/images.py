@@ -71,7 +71,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.classnames)
 
-    def subset(self, keep: range) -> None:
+    def keep_labels(self, keep: range) -> None:
         """Keep only the labels in ``keep`` (contiguous), renumbered from 0, in place."""
         kept = [i for i, (_, y) in enumerate(self.samples) if y in keep]
         self.samples = [(self.samples[i][0], self.samples[i][1] - keep.start) for i in kept]
