@@ -111,8 +111,8 @@ def _visible_image(base: str):
 def scan_class_folders(folder: Path, label_of: dict[str, int]) -> list[tuple[Path, int]]:
     """Images under ``folder/<class>/`` (recursively) for each class folder in ``label_of``.
 
-XX
-    ``ImageFolder`` would; an empty class folder is a :class:`DatasetError` naming it.
+    torchvision's ``make_dataset`` does the walk, so protext sees the files an ``ImageFolder``
+    would, hidden ones aside; an empty class folder is a :class:`DatasetError` naming it.
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
