@@ -33,6 +33,7 @@ from protext.datasets import (
     DatasetError,
     ImageDataset,
     build_dataset,
+    dataset_status,
     dataset_template,
     is_imagenet_family,
     split_classes,
@@ -324,14 +325,18 @@ def test_split_file_errors(make_dataset_tree):
 def test_aircraft_list_errors(make_dataset_tree):
     tree = make_dataset_tree(["fgvc_aircraft"], classes_per_dataset=2)
     folder = tree["fgvc_aircraft"].folder
+    # names with "/" (F/A-18) are ordinary variants
+    assert "F/A-18" in build_dataset("aircraft", folder).classnames
     (folder / "images_variant_val.txt").write_text("0000001 Boeing 999\n")
     with pytest.raises(DatasetError, match=r"images_variant_val\.txt line 1: variant 'Boeing 999'"):
         build_dataset("fgvc_aircraft", folder, partition="val")
     (folder / "images_variant_train.txt").unlink()
     with pytest.raises(DatasetError, match=r"images_variant_train\.txt not found"):
         build_dataset("fgvc_aircraft", folder, partition="train")
-    # names with "/" (F/A-18) are ordinary variants
-    assert "F/A-18" in build_dataset("aircraft", folder).classnames
+    (folder / "images_variant_test.txt").write_bytes(b"\xff\xfe 0000001 bad bytes\n")
+    with pytest.raises(DatasetError, match=r"cannot read fgvc_aircraft under .*codec can't decode"):
+        build_dataset("fgvc_aircraft", folder)
+    assert dataset_status("fgvc_aircraft", folder.parent).state == "incomplete"
 
 
 def test_imagenet_family_folder_errors(make_dataset_tree):

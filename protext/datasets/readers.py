@@ -51,6 +51,13 @@ class Listing:
 
 def read_listing(name: str, root: Path, partition: str, splits_dir: Path | None = None) -> Listing:
     """The :class:`Listing` of ``partition`` of dataset ``name`` (canonical) under ``root``."""
+    try:
+        return _read_listing(name, root, partition, splits_dir)
+    except (OSError, UnicodeDecodeError) as err:  # unreadable folders or list files: the user's to fix
+        raise DatasetError(f"cannot read {name} under {root}: {err}") from None
+
+
+def _read_listing(name: str, root: Path, partition: str, splits_dir: Path | None) -> Listing:
     if name == "folder":
         samples, classes = read_class_folders(root)
         return Listing("folder", root, "folder", classes, samples)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -98,7 +98,7 @@ def dataset_status(name: str, root: str | os.PathLike, *, splits_dir: str | os.P
         return _incomplete_images(status, listing)
     if not listing.samples:
         problem = f"no test images in {listing.folder}"
-        return _replace(status, state="incomplete", problem=problem, fix=layout_hint(key, root))
+        return replace(status, state="incomplete", problem=problem, fix=layout_hint(key, root))
     return status
 
 
@@ -113,12 +113,6 @@ def check(
     return [dataset_status(n, root, splits_dir=splits_dir) for n in names]
 
 
-def _replace(status: DatasetStatus, **changes) -> DatasetStatus:
-    from dataclasses import replace
-
-    return replace(status, **changes)
-
-
 def _incomplete_images(status: DatasetStatus, listing: Listing) -> DatasetStatus:
     missing = listing.missing
     where = listing.image_dir if listing.image_dir is not None else listing.folder
@@ -127,7 +121,7 @@ def _incomplete_images(status: DatasetStatus, listing: Listing) -> DatasetStatus
         f"are not on disk (first: {missing[0]})"
     )
     fix = f"place the images listed in {listing.source} under {where}/ (its paths are relative to that folder)"
-    return _replace(status, state="incomplete", problem=problem, fix=fix)
+    return replace(status, state="incomplete", problem=problem, fix=fix)
 
 
 def _fix_for_partial(key: str, root: Path, splits: Path | None) -> str:
