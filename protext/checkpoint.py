@@ -21,7 +21,6 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .atomic import atomic_write
 from .errors import UserError
@@ -214,7 +213,30 @@ def save_prompts(path: str | os.PathLike, encoder: PromptedTextEncoder, meta: Ma
     }
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder.prompt_state().items()}
     header = {k: json.dumps(v) for k, v in full.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    payload = canonical_safetensors(tensors, header)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
+
+
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """fp32 tensors and string metadata as safetensors bytes, the same bytes for the same content.
+
+    The safetensors library writes its metadata in hash-map order, which differs between processes;
+    here keys are sorted, so a resumed run's checkpoint is byte-identical to an uninterrupted run's.
+    The file is ordinary safetensors (any reader opens it).
+    """
+    entries: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype != torch.float32:
+            raise ValueError(f"canonical_safetensors writes fp32 only; '{name}' is {tensor.dtype}")
+        blob = tensor.contiguous().numpy().astype("<f4", copy=False).tobytes()
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    header = json.dumps(entries, separators=(",", ":"), sort_keys=False).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # data starts 8-byte aligned, as the library pads it
+    return len(header).to_bytes(8, "little") + header + b"".join(blobs)
 
 
 def load_prompts(path: str | os.PathLike) -> PromptCheckpoint:

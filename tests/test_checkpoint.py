@@ -162,3 +162,21 @@ def test_stale_temporary_files_of_killed_writers_are_removed(tmp_path):
     assert not dead.exists() and live.exists() and other.exists()
     assert (tmp_path / "q.json").read_text() == "{}"
     assert clean_stale_temps(tmp_path / "missing") == []
+
+
+def test_checkpoint_bytes_are_canonical_safetensors(tiny_clip, tmp_path):
+    """Any safetensors reader opens the file; the same content gives the same bytes (sorted header)."""
+    from safetensors import safe_open
+
+    from protext.checkpoint import canonical_safetensors
+
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.tensor([1.5, -2.0])}
+    meta = {"z": "1", "a": json.dumps({"k": [1, 2]})}
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(canonical_safetensors(tensors, meta))
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == meta
+        assert all(torch.equal(handle.get_tensor(k), v) for k, v in tensors.items())
+    assert canonical_safetensors(dict(reversed(tensors.items())), dict(reversed(meta.items()))) == path.read_bytes()
+    with pytest.raises(ValueError, match="fp32 only"):
+        canonical_safetensors({"x": torch.zeros(2, dtype=torch.float64)}, {})

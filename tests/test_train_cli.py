@@ -535,3 +535,88 @@ def test_ctrl_c_while_encoding_targets_says_how_to_resume(tmp_path, small_jsonl,
     monkeypatch.setattr(targets, "encode_descriptions", interrupted)
     code, err = run(capsys, cli(small_jsonl, tmp_path / "x.safetensors"))
     assert code == 130 and "rerun the same command with --resume" in err and "Traceback" not in err
+
+
+# -------------------------------------------------------------------------------------------------- fault injection
+
+FAULTS = """
+import atexit, os, signal, sys
+import protext.training as training
+
+kill_at = int(os.environ["PROTEXT_FAULT_AT"])
+events = [0]
+
+def tick():
+    events[0] += 1
+    if events[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+# kill points: every training step, and just before and just after every atomic rename
+# (before: the temporary file is complete but not in place; after: e.g. state saved, checkpoint not yet)
+real_replace, real_loss = os.replace, training.fast_batch_loss
+def replace(src, dst, *args, **kwargs):
+    tick()
+    real_replace(src, dst, *args, **kwargs)
+    tick()
+def loss(*args, **kwargs):
+    tick()
+    return real_loss(*args, **kwargs)
+os.replace, training.fast_batch_loss = replace, loss
+atexit.register(lambda: open(os.environ["PROTEXT_FAULT_COUNT"], "w").write(str(events[0])))
+from protext.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _living_with(token: str) -> list[int]:
+    """Processes whose environment carries ``token`` (children of this test that outlived it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if token.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, small_jsonl):
+    import random
+    import uuid
+
+    token = f"PROTEXT_FAULT_TOKEN={uuid.uuid4().hex}"
+    env = {**_env(), token.split("=")[0]: token.split("=")[1]}
+
+    def launch(out: Path, cache: Path, kill_at: int, *extra: str) -> tuple[int, int]:
+        argv = cli(small_jsonl, out, "--epochs", "4", "--warmup-epochs", "1", "--batch-size", "16", *extra)
+        argv[argv.index("--cache-dir") + 1] = str(cache)
+        count = tmp_path / "events"
+        done = subprocess.run(
+            [sys.executable, "-c", FAULTS, *argv], env={**env, "PROTEXT_FAULT_AT": str(kill_at), "PROTEXT_FAULT_COUNT": str(count)},
+            capture_output=True, text=True, timeout=300,
+        )
+        events = int(count.read_text()) if done.returncode == 0 else -1
+        count.unlink(missing_ok=True)
+        assert done.returncode in (0, -signal.SIGKILL), done.stderr
+        return done.returncode, events
+
+    ref = tmp_path / "ref" / "p.safetensors"
+    code, total = launch(ref, tmp_path / "ref-cache", 0)
+    assert code == 0 and total > 20  # 4 epochs x 3 steps, two events per rename
+
+    out, cache = tmp_path / "run" / "p.safetensors", tmp_path / "run-cache"
+    rng = random.Random(20240611)
+    points = [rng.randint(1, total // 4) for _ in range(4)]  # a quarter of a run each: every run dies
+    for attempt, kill_at in enumerate(points):
+        code, _ = launch(out, cache, kill_at, *(["--resume"] if attempt else []))
+        assert code == -signal.SIGKILL, (attempt, kill_at)
+    code, _ = launch(out, cache, 0, "--resume")
+    assert code == 0
+    assert out.read_bytes() == ref.read_bytes()  # prompts and metadata, bit for bit
+    ref_hist = json.loads((ref.parent / "p.loss.json").read_text())
+    got_hist = json.loads((out.parent / "p.loss.json").read_text())
+    assert got_hist["step_losses"] == ref_hist["step_losses"] and got_hist["status"] == "complete"
+    leftovers = [p for d in (out.parent, cache) for p in d.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert _living_with(token) == []
