@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoint import CheckpointError, export_coop, load_prompts
+from .errors import run_command
 
 FORMATS = ("coop",)
 
@@ -33,18 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; return 0, or 2 with an ``error:`` line when the checkpoint cannot be read."""
-    args = build_parser().parse_args(argv)
-    out = Path(args.output)
-    if out.is_dir():
-        print(f"error: {out} is a directory; give a file name such as {out / 'prompts.pth'}.", file=sys.stderr)
-        return 2
-    try:
-        ckpt = load_prompts(args.checkpoint)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _body(args: argparse.Namespace) -> int:
+    from .checkpoint import export_coop, load_prompts
+    from .preflight import check_output_file
+
+    out = check_output_file(args.output, "output", [("checkpoint", args.checkpoint)])
+    ckpt = load_prompts(args.checkpoint)
     export_coop(ckpt, out)
     if ckpt.depth > 1:
         print(
@@ -54,6 +47,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     print(f"wrote {out}: ctx {tuple(ckpt.ctx.shape)} (n_ctx {ckpt.n_ctx}, width {ckpt.width})", file=sys.stderr)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; return 0, or 2 with an ``error:`` line when the checkpoint or output is unusable."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _body(args))
 
 
 if __name__ == "__main__":

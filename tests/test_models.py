@@ -174,3 +174,22 @@ def test_pickled_object_as_pretrained_is_one_user_error(tiny_clip, tmp_path):
     with pytest.raises(models.WeightsFileError, match=rf"--pretrained {path}: not a weights file .*weights_only") as info:
         load_clip("tiny-clip", str(path))
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+def test_length_batched_encoding_returns_input_order(tiny_clip):
+    """Items are grouped by length (each batch sorted), and every row comes back where it was asked."""
+    from protext.text_tower import encode_in_length_batches, eot_positions
+
+    texts = ["x", "a much longer sentence about a striped fabric texture", "dog", "a photo of a cat.", "b", "a medium one"]
+    tokens = tiny_clip.tokenizer(texts)
+    seen = []
+
+    def encode(rows):
+        seen.append(eot_positions(tokens[rows]).tolist())
+        return encode_tokens(tiny_clip.model, tokens[rows])
+
+    with torch.no_grad():
+        got = encode_in_length_batches(eot_positions(tokens), encode, batch_size=4)
+        expected = tiny_clip.model.encode_text(tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert [len(b) for b in seen] == [4, 2] and seen[0] == sorted(seen[0]) and max(seen[0]) <= min(seen[1])

@@ -149,6 +149,11 @@ def test_export_coop_loads_with_weights_only(tmp_path, small_jsonl, capsys):
     assert torch.equal(payload["state_dict"]["ctx"], load_prompts(out).ctx)
     assert export_main(["--format", "coop", str(tmp_path / "missing.safetensors"), str(pth)]) == 2
     assert "no such prompt checkpoint" in capsys.readouterr().err
+    before = out.read_bytes()
+    assert export_main(["--format", "coop", str(out), str(out)]) == 2  # never over its own input
+    assert "is the run's own input (checkpoint" in capsys.readouterr().err and out.read_bytes() == before
+    assert export_main(["--format", "coop", str(out), str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------- bad input
