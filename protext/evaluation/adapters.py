@@ -36,7 +36,7 @@ def tta_config(config: EvalConfig, runtime: Optional[Runtime] = None):
     values: dict[str, Any] = {"method": config.tta}
     for ours, theirs in _FIELDS.items():
         value = getattr(config, ours)
-        if value is not None and value is not False:
+        if value is not None:  # None: the method's published default (--augmix False is a choice)
             values[theirs] = value
     if runtime is not None:
         values["fp16"] = runtime.fp16
@@ -46,8 +46,19 @@ def tta_config(config: EvalConfig, runtime: Optional[Runtime] = None):
 
 def validate_tta(config: EvalConfig, dataset_name: str) -> None:
     """The method's own checks (per-dataset defaults that exist, ...), before any model loads."""
-    if config.tta:
-        tta_config(config).validate(dataset_name)
+    if not config.tta:
+        return
+    if config.tta == "tda" and config.tda_alpha is None:
+        from ..tta.config import TDA_POSITIVE, dataset_key
+
+        if dataset_key(dataset_name) not in TDA_POSITIVE:
+            from .config import EvalError
+
+            raise EvalError(
+                f"--tta tda has no published (alpha, beta) for dataset '{dataset_name}'; pass --tda-alpha and "
+                "--tda-beta (ImageNet's: --tda-alpha 2 --tda-beta 5)."
+            )
+    tta_config(config).validate(dataset_name)
 
 
 def resolved_settings(tta_cfg, dataset_name: str) -> dict[str, Any]:

@@ -159,6 +159,8 @@ class EvalConfig:
         for flag, value, ok, want in checks:
             if value is not None and not ok(value):
                 raise EvalError(f"{flag} must be {want}, got {value}.")
+        if (self.tda_alpha is None) != (self.tda_beta is None):
+            raise EvalError("--tda-alpha and --tda-beta go together (the positive cache's pair); pass both or neither.")
         if self.stream_seeds is not None and (not self.stream_seeds or len(set(self.stream_seeds)) != len(self.stream_seeds)):
             raise EvalError(f"--stream-seeds must be distinct integers such as 1,2,3, got {self.stream_seeds}.")
 
