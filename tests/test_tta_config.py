@@ -72,6 +72,7 @@ def test_aliases_and_overrides():
         ({"method": "zero", "zero_votes": "soft"}, "--tta-zero-votes"),
         ({"method": "tpt", "zero_votes": "fp16"}, "--tta-zero-votes"),
         ({"method": "mta", "naive": True}, "--tta-naive"),
+        ({"method": "tpt", "naive": True}, "--tta-naive"),
         ({"method": "mta", "selection": 0.2}, "--tta-selection"),
         ({"method": "tpt", "batch": 2, "fp16": True}, "--tta-batch"),
     ],

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from protext.checkpoint import class_encoder
 from protext.prompts import PromptedTextEncoder
 from protext.tta import TTAConfig, build_adapter
-from protext.tta.ctpt import CTPTTuner, atfd
-from protext.tta.tpt import PromptTuner, TPTConfig
+from protext.tta.ctpt import atfd
+from tests.reference.tpt_reference import CTPTTuner, PromptTuner, TPTConfig  # production's, plus naive=True
 
 NAMES = ["cat", "golden retriever", "Great Dane", "ox", "tabby", "a rather long class name"]
 

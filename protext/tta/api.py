@@ -86,7 +86,6 @@ def _prompt_tuner(config: TTAConfig, model: nn.Module, encoder: PromptedTextEnco
         steps=config.steps,
         lr=config.lr,
         tune=config.tune,
-        naive=config.naive,
         amp=config.fp16,
         image_dtype=config.image_dtype,
     )

@@ -90,7 +90,7 @@ class BatchedTPTAdapter(Adapter):
         self.tuner = CTPTTuner(model, encoder, config, lam) if lam is not None else PromptTuner(model, encoder, config)
         self.single = TPTAdapter(self.tuner)
         self.encoder, self.config = encoder, config
-        self.batchable = supports_shared_prefix(encoder) and not config.amp and not config.naive
+        self.batchable = supports_shared_prefix(encoder) and not config.amp
 
     def adapt(self, views: torch.Tensor) -> AdaptResult:
         return self.single.adapt(views)

@@ -140,7 +140,8 @@ class TTAConfig:
         augmix: AugMix on the random views (default: TPT/C-TPT on every dataset but the ImageNet
             family, TDA on the natural shifts, ZERO and MTA never).
         batch: images adapted at once by the episodic methods (predictions equal one at a time).
-        naive: TPT/C-TPT through the published-style reference path (checks and benchmarks only).
+        naive: refused: the published-style TPT path is a test reference now
+            (``tests/reference/tpt_reference.py``, timed by ``benchmarks/bench_tpt.py``).
         fp16: fp16 autocast, with a gradient scaler for TPT/C-TPT (CUDA only), as published on GPU.
         image_dtype: precision of image encoding only (e.g. ``torch.bfloat16``); None: the model's.
     """
@@ -215,8 +216,11 @@ class TTAConfig:
         if method not in PROMPT_TUNING:
             if self.steps is not None:
                 raise TTAConfigError(f"--tta-steps applies to --tta tpt and ctpt; --tta {method} takes no gradient step.")
-            if self.naive:
-                raise TTAConfigError(f"--tta-naive applies to --tta tpt and ctpt only, not --tta {method}.")
+        if self.naive:
+            raise TTAConfigError(
+                "--tta-naive is gone: the published-style TPT path is a test reference "
+                "(tests/reference/tpt_reference.py; benchmarks/bench_tpt.py times it); drop the flag."
+            )
         if self.ctpt_lambda is not None and method != "ctpt":
             raise TTAConfigError(f"--tta-lambda is C-TPT's weight; it needs --tta ctpt, not --tta {method}.")
         if (self.tda_alpha is None) != (self.tda_beta is None):

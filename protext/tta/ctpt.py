@@ -3,7 +3,7 @@
 ``L = H(p̄_selected) − λ·ATFD`` with ``ATFD = (1/C) Σ_c ‖t_c − μ‖₂``, ``t_c`` the normalised class
 features of the same forward and ``μ`` their mean (not re-normalised). The gradient flows through
 the normalisation into the prompts; everything else is TPT (:mod:`protext.tta.tpt`), fast path,
-naive path and all.
+with the same reference path (tests/reference/tpt_reference.py).
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ For every test image, independently: logits of its views under the current promp
 ``⌊n · 0.1⌋`` most confident views (lowest entropy), take one AdamW step that lowers the entropy of
 their averaged prediction, predict from view 0 with the tuned prompts, and reset the prompts.
 
-Two implementations of the same mathematics:
+The implementation (the naive, published-style path it is tested against lives in
+``tests/reference/tpt_reference.py``):
 
-* the **fast** path (default) encodes the views once without gradient and reuses view 0's feature
+* it encodes the views once without gradient and reuses view 0's feature
   for the prediction; runs the text tower on class prompts batched by length, each batch cut at its
   own longest end-of-text token, with the prompt prefix (start-of-text and context, identical in
   every class prompt) computed once for all classes; and, because the prompts are reset before every image, reuses the
@@ -14,9 +15,6 @@ Two implementations of the same mathematics:
   then taken in two passes — ``dL/d(text features)`` from the cached features, then one batch of
   classes at a time re-encoded with gradient and back-propagated — so memory stays bounded by one
   batch whatever the number of classes;
-* the **naive** path does what the published code does: views re-encoded every step and view 0
-  again at prediction, every class prompt run through all 77 positions in one autograd graph. It
-  exists for the benchmark and for the tests that prove the fast path equal to it.
 """
 
 from __future__ import annotations
@@ -58,13 +56,9 @@ class TPTConfig:
             steps, as published).
         lr: AdamW learning rate (other AdamW settings are PyTorch's defaults).
         tune: ``all`` tunes the context and the deep prompts; ``shallow`` the context only.
-        naive: use the naive (published-style) path instead of the fast one.
         token_budget: tokens per text batch on the fast path (bounds memory).
         shared_prefix: on the fast path, run the prompt prefix once for all classes
             (:func:`shared_prefix_features`); off only to measure what it saves.
-        naive_class_chunk: on the naive path, at most this many classes per autograd graph (the
-            gradient is then taken in two passes, which costs one extra text forward); ``None``
-            keeps all classes in one graph as published.
         amp: fp16 autocast with a gradient scaler (CUDA only), as published on GPU.
         image_dtype: precision of image encoding only (``torch.bfloat16`` on CPUs that have it,
             or on CUDA: a bf16 copy of the image tower, see :class:`ImageEncoder`); ``None`` for
@@ -76,10 +70,8 @@ class TPTConfig:
     steps: int = 1
     lr: float = 5e-3
     tune: str = "all"
-    naive: bool = False
     token_budget: int = DEFAULT_TOKEN_BUDGET
     shared_prefix: bool = True
-    naive_class_chunk: Optional[int] = None
     amp: bool = False
     image_dtype: Optional[torch.dtype] = None
 
@@ -162,7 +154,7 @@ class PromptTuner:
         self.params = [p for p in encoder.parameters() if p.requires_grad]
         self.image_encoder = ImageEncoder(model, torch.float16 if config.amp else config.image_dtype)
         self.chunks = length_chunks(encoder.eot, config.token_budget)
-        self.shared_prefix = config.shared_prefix and not config.naive and supports_shared_prefix(encoder)
+        self.shared_prefix = config.shared_prefix and supports_shared_prefix(encoder)
         self._initial_text: Optional[torch.Tensor] = None
 
     # ---------------------------------------------------------------- text and image features
@@ -270,10 +262,13 @@ class PromptTuner:
         if views.ndim != 4:
             raise ValueError(f"views must be (n_views, 3, H, W), got shape {tuple(views.shape)}.")
         try:
-            run = self._adapt_naive if self.config.naive else self._adapt_fast
-            return run(views.to(self.device), return_tuned)
+            return self._run(views.to(self.device), return_tuned)
         finally:
             self.reset()
+
+    def _run(self, views: torch.Tensor, return_tuned: bool) -> TPTOutput:
+        """The fast path (the naive reference in ``tests/reference`` overrides this)."""
+        return self._adapt_fast(views, return_tuned)
 
     def _adapt_fast(self, views: torch.Tensor, return_tuned: bool) -> TPTOutput:
         timings: dict[str, float] = {}
@@ -298,42 +293,6 @@ class PromptTuner:
         logits = self._logits(image_features[:1], text)[0]  # view 0's feature, reused
         timings["predict"] = time.perf_counter() - start
         return self._output(logits, selected, losses, return_tuned, timings)
-
-    def _adapt_naive(self, views: torch.Tensor, return_tuned: bool) -> TPTOutput:
-        timings: dict[str, float] = {}
-        n_classes = self.encoder.tokens.shape[0]
-        chunk = self.config.naive_class_chunk
-        chunks = None
-        if chunk is not None and chunk < n_classes:
-            chunks = list(torch.arange(n_classes, device=self.device).split(chunk))
-        optimiser, scaler = self._optimiser()
-        selected, losses = None, []
-        for _ in range(self.config.steps):
-            start = time.perf_counter()
-            image_features = self._images(views)  # re-encoded at every step, as published
-            timings["images"] = timings.get("images", 0.0) + time.perf_counter() - start
-            text = None
-            if chunks is not None:  # memory-bounded: a first pass for the loss, without gradient
-                start = time.perf_counter()
-                text = self._text_full(chunks)
-                timings["text"] = timings.get("text", 0.0) + time.perf_counter() - start
-            start = time.perf_counter()
-            selected, loss = self._step(image_features, text, selected, optimiser, scaler, chunks or [], False)
-            timings["step"] = timings.get("step", 0.0) + time.perf_counter() - start
-            losses.append(loss)
-
-        start = time.perf_counter()
-        view0 = self._images(views[:1])  # the published code encodes the test image again
-        text = self._text_full(chunks or [torch.arange(n_classes, device=self.device)])
-        logits = self._logits(view0, text)[0]
-        timings["predict"] = time.perf_counter() - start
-        return self._output(logits, selected, losses, return_tuned, timings)
-
-    def _text_full(self, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Raw class features through all 77 positions, no gradient."""
-        with torch.no_grad(), _autocast(self.device, self.config.amp):
-            parts = [self.encoder(chunk, truncate=False) for chunk in chunks]
-        return torch.cat(parts)
 
     def _output(
         self,
