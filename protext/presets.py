@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
 from .errors import UserError
+from .templates import DEFAULT_TEMPLATE, PROTEXT_TEMPLATES, template_for  # noqa: F401  (DEFAULT_TEMPLATE re-exported)
 
 DATASETS = (
     "imagenet",
@@ -56,22 +57,13 @@ CLASSNAME_FILES = {
 }
 """The class-name list (label order) of each dataset, as named in ``../shared/classnames/``."""
 
-CROSS_DATASET_TEMPLATES = {
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
-    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
-    "dtd": "a photo of a {}, a type of a texture.",
-    "eurosat": "a photo of a centered satellite photo of {}.",
-    "food101": "a photo of a {}, a type of food.",
-}
-"""Class prompts for ImageNet-trained prompts evaluated elsewhere; every other dataset uses ``a photo of a {}.``"""
-
-DEFAULT_TEMPLATE = "a photo of a {}."
+CROSS_DATASET_TEMPLATES = PROTEXT_TEMPLATES
+"""Class prompts for ImageNet-trained prompts evaluated elsewhere (one copy: :mod:`protext.templates`)."""
 
 
 def cross_dataset_template(dataset: str) -> str:
     """The template that prompts trained on ImageNet use on ``dataset`` (PRESETS.md)."""
-    return CROSS_DATASET_TEMPLATES.get(dataset, DEFAULT_TEMPLATE)
+    return template_for(dataset, "protext")
 
 
 @dataclass(frozen=True)
@@ -165,6 +157,108 @@ PRESETS: dict[str, Preset] = _build()
 
 DEFAULT_PRESET = "cross_dataset"
 """Where ``n_ctx``, ``lr`` and ``epochs`` come from when no preset is named."""
+
+
+class PresetError(UserError, KeyError):
+    """An unknown preset name or an out-of-range override; the message names the flag."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; an unknown name raises :class:`PresetError` (a ``KeyError``) listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        known = ", ".join(PRESETS)
+        raise PresetError(f"--preset: unknown preset '{name}'; known presets: {known}") from None
+
+
+#: the settings a command-line flag (``--n-ctx`` for ``n_ctx``) may override
+OVERRIDABLE = ("n_ctx", "depth", "ctx_init", "lr", "epochs", "warmup_epochs", "batch_size", "loss", "loss_weight", "split")
+LOSS_WEIGHTS = {"mse": 1000.0, "l1": 1.0}
+"""The published loss factors: MSE × 1000, L1 unweighted."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A preset with the user's overrides applied: every value a training run needs.
+
+    ``ctx_init`` None means a random context; ``preset`` is None when no preset was named (the
+    values then come from :data:`DEFAULT_PRESET`, and ``split`` is ``all``).
+    """
+
+    preset: Optional[str]
+    n_ctx: int
+    depth: int
+    ctx_init: Optional[str]
+    template: str
+    split: str
+    lr: float
+    epochs: int
+    warmup_epochs: int
+    warmup_lr: float
+    batch_size: int
+    loss: str
+    loss_weight: float
+    betas: tuple[float, float]
+    weight_decay: float
+    preset_values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trains_nothing(self) -> bool:
+        """True when every epoch is a warm-up epoch: the cosine schedule never starts."""
+        return self.epochs <= self.warmup_epochs
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _check_ranges(values: Mapping[str, Any]) -> None:
+    for key in ("n_ctx", "depth", "epochs", "batch_size"):
+        if values[key] < 1:
+            raise PresetError(f"{_flag(key)} must be at least 1, got {values[key]}.")
+    if values["warmup_epochs"] < 0:
+        raise PresetError(f"--warmup-epochs must be 0 or more, got {values['warmup_epochs']}.")
+    for key in ("lr", "loss_weight"):
+        if not values[key] > 0:
+            raise PresetError(f"{_flag(key)} must be positive, got {values[key]}.")
+    if values["loss"] not in LOSS_WEIGHTS:
+        raise PresetError(f"--loss must be one of {', '.join(LOSS_WEIGHTS)}, got '{values['loss']}'.")
+    if values["split"] not in ("all", "base", "novel"):
+        raise PresetError(f"--split must be all, base or novel, got '{values['split']}'.")
+
+
+def resolve(preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> Settings:
+    """The named preset (or :data:`DEFAULT_PRESET`'s values) with every non-None override applied.
+
+    ``overrides`` takes the keys of :data:`OVERRIDABLE`. A ``ctx_init`` of ``none`` or ``""`` means a
+    random context. Changing ``loss`` without ``loss_weight`` takes that loss's published factor.
+    ``split`` defaults to the preset's (``base`` for ``base2novel/*``), or ``all`` without a preset.
+
+    Raises:
+        PresetError: unknown preset or override key, or a value out of range (named by its flag).
+    """
+    base = get_preset(preset or DEFAULT_PRESET)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(OVERRIDABLE))
+    if unknown:
+        raise PresetError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(OVERRIDABLE)}.")
+    values = {key: getattr(base, key) for key in OVERRIDABLE}
+    values["split"] = base.split if preset else "all"
+    if "loss" in given and "loss_weight" not in given:
+        values["loss_weight"] = LOSS_WEIGHTS.get(given["loss"], base.loss_weight)
+    values.update(given)
+    ctx_init = values["ctx_init"]
+    if ctx_init is not None and ctx_init.strip().lower() in ("", "none"):
+        values["ctx_init"] = None
+    _check_ranges(values)
+    return Settings(
+        preset=preset, template=base.template, warmup_lr=base.warmup_lr, betas=base.betas, weight_decay=base.weight_decay,
+        preset_values=base.as_dict() if preset else {}, **values,
+    )
 
 
 class PresetError(UserError, KeyError):

@@ -100,3 +100,36 @@ def test_cross_dataset_templates(shared_dir):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(KeyError, match=re.escape("text_only/dtd")):
         get_preset("text_only/textures")
+
+
+def test_resolve_applies_overrides_over_the_preset():
+    from protext.presets import resolve
+
+    plain = resolve(None, {})
+    assert (plain.n_ctx, plain.lr, plain.epochs, plain.split, plain.preset_values) == (4, 0.03, 10, "all", {})
+    b2n = resolve("base2novel/dtd", {"epochs": 3, "ctx_init": "none", "lr": None})
+    assert (b2n.n_ctx, b2n.lr, b2n.epochs, b2n.ctx_init, b2n.split) == (4, 0.03, 3, None, "base")
+    assert b2n.preset_values["epochs"] == 200 and b2n.trains_nothing  # 3 epochs <= 5 warm-up epochs
+    assert resolve("text_only/dtd", {"split": "novel"}).split == "novel"
+    assert resolve(None, {"loss": "l1"}).loss_weight == 1.0  # the published factor of the loss asked for
+    assert resolve(None, {"loss": "l1", "loss_weight": 4.0}).loss_weight == 4.0
+    assert not resolve(None, {"epochs": 6}).trains_nothing
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"epochs": 0}, "--epochs must be at least 1, got 0"),
+        ({"n_ctx": 0}, "--n-ctx must be at least 1"),
+        ({"warmup_epochs": -1}, "--warmup-epochs must be 0 or more"),
+        ({"lr": 0.0}, "--lr must be positive"),
+        ({"loss": "huber"}, "--loss must be one of mse, l1"),
+        ({"width": 3}, "cannot override width"),
+    ],
+)
+def test_resolve_errors_name_the_flag(overrides, message):
+    from protext.errors import UserError
+    from protext.presets import resolve
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        resolve(None, overrides)
