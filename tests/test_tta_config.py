@@ -87,3 +87,23 @@ def test_tda_without_published_pair_asks_for_flags():
     with pytest.raises(TTAConfigError, match="--tta-alpha and --tta-beta"):
         TTAConfig(method="tda").validate("my_folder")
     TTAConfig(method="tda", tda_alpha=1.0, tda_beta=2.0).validate("my_folder")
+
+
+def test_build_adapter_refusals(tiny_clip):
+    import torch
+
+    from protext.tta import build_adapter
+
+    features = torch.randn(3, 32)
+    with pytest.raises(TTAConfigError, match="--precision fp16"):  # CPU here
+        build_adapter(TTAConfig(method="zero", fp16=True), tiny_clip.model, "dtd", text_features=features)
+    with pytest.raises(TTAConfigError, match="--tta-steps"):  # validated before anything is built
+        build_adapter(TTAConfig(method="mta", steps=1), tiny_clip.model, "dtd", text_features=features)
+    with pytest.raises(ValueError, match="encoder"):
+        build_adapter(TTAConfig(method="tpt"), tiny_clip.model, "dtd", text_features=features)
+    with pytest.raises(ValueError, match="class features"):
+        build_adapter(TTAConfig(method="tda"), tiny_clip.model, "dtd")
+    adapter = build_adapter(TTAConfig(method="tda"), tiny_clip, "dtd", text_features=features)  # a LoadedClip works too
+    assert adapter.online and adapter.state_dict()["seen"] == 0
+    episodic = build_adapter(TTAConfig(method="mta"), tiny_clip, "dtd", text_features=features)
+    assert not episodic.online and episodic.state_dict() == {}

@@ -2,8 +2,8 @@
 
 ``L = H(p̄_selected) − λ·ATFD`` with ``ATFD = (1/C) Σ_c ‖t_c − μ‖₂``, ``t_c`` the normalised class
 features of the same forward and ``μ`` their mean (not re-normalised). The gradient flows through
-the normalisation into the prompts; everything else is TPT (:mod:`protext.tta.tpt`), fast path,
-with the same reference path (tests/reference/tpt_reference.py).
+the normalisation into the prompts; everything else is TPT (:mod:`protext.tta.tpt`), and the
+naive reference of ``tests/reference/tpt_reference.py`` covers C-TPT too.
 """
 
 from __future__ import annotations
