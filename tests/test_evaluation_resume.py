@@ -384,3 +384,43 @@ def test_ranks_exit_when_the_torchrun_agent_is_killed(many, tmp_path):
             os.killpg(agent.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_sigkill_under_torchrun_then_rerun_gives_identical_results(many, tmp_path):
+    """The same fault injection with 2 ranks: each rank's log resumes its shard; the merged result
+    equals one uninterrupted process's."""
+    args = ["--dataset", "folder", "--root", str(many), "--tta", "tpt", "--tta-views", "8", "--tta-steps", "3", "--save-logits", *TINY]
+    ref_out = tmp_path / "ref" / "r.json"
+    assert _start([*args, "--out", str(ref_out)]).wait(timeout=300) == 0
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "run" / "r.json"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "protext.eval", *args, "--out", str(out)]
+    rng = random.Random(99)
+    kills = 0
+    for _ in range(2):
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            if _wait_for_records(proc, out.parent, "r.json.resume-*.rank*.jsonl", rng.randrange(1, 20), timeout=180) and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not _group_gone(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _group_gone(proc.pid)
+    assert kills == 2 and not out.exists()
+    final = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = final.communicate(timeout=300)
+    finally:
+        if final.poll() is None:
+            os.killpg(final.pid, signal.SIGKILL)
+    assert final.returncode == 0, err[-2000:]
+    two, one = json.loads(out.read_text()), json.loads(ref_out.read_text())
+    assert two["runtime"]["world_size"] == 2
+    assert {k: v for k, v in _stable(two).items() if k != "runtime"} == {k: v for k, v in _stable(one).items() if k != "runtime"}
+    assert leftovers(out.parent) == []

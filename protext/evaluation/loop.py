@@ -24,7 +24,7 @@ from .config import ONLINE_METHODS, EvalConfig, EvalError
 from .data import Preprocess, SeededViews, batches, open_dataset, progress_bar
 from .preflight import check_inputs, check_outputs
 from .resume import ResumeLog
-from .runtime import Runtime, reset_peak_memory, resolve_runtime
+from .runtime import Runtime, peak_memory, reset_peak_memory, resolve_runtime
 
 #: an online method's state is saved every this many images of its stream (resume granularity)
 STATE_EVERY = 50
@@ -56,6 +56,7 @@ class ShardResult:
     seconds: float = 0.0  # summed per-image seconds, from the log for images done by earlier runs
     phases: dict[str, float] = field(default_factory=dict)
     stream: Optional[dict[str, Any]] = None
+    peak_memory: Optional[dict[str, Any]] = None  # this rank's, measured when its images are done
     error: Optional[str] = None
 
 
@@ -293,10 +294,12 @@ def run_images(setup: Setup) -> list[ShardResult]:
     config = setup.config
     reset_peak_memory(setup.runtime.device)
     if config.tta in ONLINE_METHODS:
-        return [stream_shard(setup, seed) for seed in (config.stream_seeds or [config.seed])]
-    if config.tta:
-        return [episodic_shard(setup)]
-    return [zeroshot_shard(setup)]
+        results = [stream_shard(setup, seed) for seed in (config.stream_seeds or [config.seed])]
+    else:
+        results = [episodic_shard(setup) if config.tta else zeroshot_shard(setup)]
+    for result in results:
+        result.peak_memory = peak_memory(setup.runtime.device)
+    return results
 
 
 def evaluate_shards(config: EvalConfig, clip=None, progress: bool = True) -> tuple[Optional[Setup], list[list[ShardResult]]]:

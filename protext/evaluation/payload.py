@@ -9,7 +9,7 @@ from typing import Any, Optional
 from ..results import calibration_dict, compute_metrics, metrics_dict, predictions_table
 from . import adapters
 from .loop import STATE_EVERY, Setup, ShardResult, merged
-from .runtime import device_name, peak_memory, versions
+from .runtime import device_name, versions
 
 #: metrics whose mean and spread over stream seeds are reported
 _STREAM_METRICS = ("top1", "top5", "mean_per_class", "ece")
@@ -53,6 +53,12 @@ def _streams(setup: Setup, parts: list[list[ShardResult]]) -> Optional[dict[str,
             "note": "one stream, in one process; metrics are over the whole stream of every seed"}
 
 
+def _peak(parts: list[list[ShardResult]]) -> dict[str, Any]:
+    """The largest rank's peak memory, with every rank's (MiB)."""
+    peaks = [part[-1].peak_memory or {"kind": "unknown", "mib": 0.0} for part in parts]
+    return {"kind": peaks[0]["kind"], "mib": max(p["mib"] for p in peaks), "per_rank_mib": [p["mib"] for p in peaks]}
+
+
 def build_payload(setup: Setup, parts: list[list[ShardResult]], command: str, wall_seconds: float) -> dict[str, Any]:
     """The results dict written as JSON (first stream's predictions; every stream under ``streams``)."""
     config = setup.config
@@ -84,6 +90,6 @@ def build_payload(setup: Setup, parts: list[list[ShardResult]], command: str, wa
         "metrics": metrics_out,
         "calibration": calibration_dict(predictions),
         "timing": {"wall_seconds": wall_seconds, "eval_seconds": seconds, "seconds_per_image": seconds / n if n else 0.0,
-                   "images_per_second": n / seconds if seconds > 0 else 0.0, "peak_memory": peak_memory(setup.runtime.device)},
+                   "images_per_second": n / seconds if seconds > 0 else 0.0, "peak_memory": _peak(parts)},
         "predictions": predictions_table(predictions),
     }
