@@ -424,3 +424,10 @@ def test_sigkill_under_torchrun_then_rerun_gives_identical_results(many, tmp_pat
     assert two["runtime"]["world_size"] == 2
     assert {k: v for k, v in _stable(two).items() if k != "runtime"} == {k: v for k, v in _stable(one).items() if k != "runtime"}
     assert leftovers(out.parent) == []
+
+
+def test_decompression_bomb_is_one_line_naming_the_image(many, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # our 32x40 images are then "bombs" (> 2x the limit)
+    err = fail(["--dataset", "folder", "--root", str(many), "--limit", "1", "--out", str(tmp_path / "r.json")], capsys)
+    assert "too large to decode safely" in err and "ant/0.png" in err
+    assert not (tmp_path / "r.json").exists()
