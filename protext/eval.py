@@ -96,7 +96,7 @@ def _tta_flags(parser: argparse.ArgumentParser) -> None:
     tta.add_argument("--tta-tune", default=None, choices=TTA_TUNE, help="What TPT/C-TPT tune: all (context and deep prompts) or shallow (context only). [all]")
     _old(tta, "--tpt-tune", "tta_tune", "--tta-tune", choices=TTA_TUNE)
     tta.add_argument("--tta-batch", type=int, default=None, metavar="B", help="Images adapted at once by the episodic methods (same predictions as one at a time). [1]")
-    tta.add_argument("--tta-naive", action="store_true", default=False, help="TPT/C-TPT through the slow reference path (checks only).")
+    tta.add_argument("--tta-naive", action="store_true", default=False, help="Gone: the published-style reference path now lives in tests/reference/tpt_reference.py; refused with that pointer.")
     _old(tta, "--tpt-naive", "tta_naive", "--tta-naive", nargs=0, value=True)
     tta.add_argument("--ctpt-lambda", type=float, default=None, metavar="L", help="C-TPT's weight of the text-feature dispersion (>= 0). [50; 20 on ImageNet-A/V2/R/Sketch]")
     tta.add_argument("--tda-alpha", type=float, default=None, metavar="A", help="TDA's positive-cache weight alpha (>= 0). [published per dataset]")

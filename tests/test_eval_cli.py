@@ -317,6 +317,26 @@ def test_random_weights_warn(folder, tmp_path, capsys):
     assert "warning:" in err and "RANDOM weights" in err
 
 
+def test_device_precision_workers_progress_and_selection_flags(folder, tmp_path, capsys):
+    base = ["--dataset", "folder", "--root", str(folder), "--save-logits", "--batch-size", "2"]
+    fp32 = run_cli(base, tmp_path / "fp32.json")
+    capsys.readouterr()
+    code = main([*base, "--model", "tiny-clip", "--pretrained", "random", "--device", "cpu", "--precision", "bf16",
+                 "--workers", "2", "--progress", "--out", str(tmp_path / "bf16.json")])
+    assert code == 0
+    assert "img" in capsys.readouterr().err  # the progress bar
+    bf16 = json.loads((tmp_path / "bf16.json").read_text())
+    assert bf16["runtime"]["precision"] == "bf16" and bf16["runtime"]["device"] == "cpu" and bf16["settings"]["workers"] == 2
+    a, b = torch.tensor(fp32["predictions"]["logits"]), torch.tensor(bf16["predictions"]["logits"])
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.5)  # a bfloat16 image tower: close, not equal
+    tpt = ["--dataset", "folder", "--root", str(folder), "--limit", "2", "--save-logits"]
+    new = run_cli([*tpt, "--tta", "tpt", "--tta-views", "8", "--tta-selection", "0.5"], tmp_path / "s.json")
+    old = run_cli([*tpt, "--tpt", "--tpt-views", "8", "--tpt-selection", "0.5"], tmp_path / "o.json")
+    default = run_cli([*tpt, "--tta", "tpt", "--tta-views", "8"], tmp_path / "d.json")
+    assert new["predictions"] == old["predictions"] and new["tta"]["settings"]["selection"] == 0.5
+    assert new["predictions"]["logits"] != default["predictions"]["logits"]
+
+
 def test_two_process_torchrun_equals_one_process(folder, tmp_path):
     """Sharded over 2 gloo ranks: the same per-image predictions and totals as one process."""
     args = ["--dataset", "folder", "--root", str(folder), "--tpt", "--tpt-views", "8", "--seed", "3", *TINY]
