@@ -6,24 +6,26 @@ test-time adaptation), so the results say precisely what ran. The work itself is
 :class:`CellRunner`: :class:`LibraryRunner` trains with :func:`protext.training.run_training` and
 evaluates with :func:`protext.evaluation.evaluate` on one model loaded once; tests plug in a fake.
 
-Everything lands in one output folder and survives a kill:
+Everything lands under one output root ``OUT`` (``--out``) and survives a kill:
 
-``run.json``
+``OUT/TABLE/run.json``
     what the folder is a run of (table, model, weights, smoke-test caps); a rerun with other
     settings is refused instead of mixing results.
-``cells/<row>__<dataset>__<split>.json``
+``OUT/TABLE/cells/<row>__<dataset>__<split>.json``
     one file per finished cell, written atomically the moment it finishes; a rerun skips it.
-``prompts/<preset>.safetensors`` (+ ``.json``)
-    the prompts a preset trained, reused by every cell and every rerun.
-``eval/``, ``descriptions/``
-    the evaluation's own resumable logs and the CuPL descriptions each dataset was given.
-``TABLE.json``, ``TABLE.md``
+``OUT/prompts/<model>-<weights>-<hash>/<preset>.safetensors`` (+ ``.json``, written last)
+    the prompts a preset trained, reused by every cell, every table and every rerun on the same
+    weights (the text-only ImageNet prompts serve protext-text-only and protext-dg alike).
+``OUT/TABLE/eval/``, ``OUT/TABLE/descriptions/``
+    the evaluation's own results and resumable logs, and the CuPL descriptions each dataset was given.
+``OUT/TABLE/TABLE.json``, ``OUT/TABLE/TABLE.md``
     rebuilt from the cell files alone, so a killed-and-rerun table ends with the same files as an
-    uninterrupted one (cell seconds are read back from the cell files, never re-measured).
+    uninterrupted one (machine-dependent numbers, under ``cost``, are read back, never re-measured).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -82,8 +84,15 @@ class ReproduceConfig:
     progress: bool = True
 
     def output_dir(self) -> Path:
-        """``--out``, or ``reproduction/TABLE``."""
-        return Path(self.out) if self.out else Path("reproduction") / self.table
+        """The table's folder: ``OUT/TABLE`` (``--out``, default ``reproduction``)."""
+        return Path(self.out or "reproduction") / self.table
+
+    def prompts_dir(self) -> Path:
+        """Where trained prompts live, shared by every table of ``--out`` run on the same weights
+        and smoke-test caps (protext-text-only and protext-dg share text_only/imagenet, for example)."""
+        key = {"model": self.model, "pretrained": self.pretrained, "epochs": self.epochs, "depth": self.depth}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        return Path(self.out or "reproduction") / "prompts" / f"{_slug(self.model)}-{_slug(Path(self.pretrained).stem)}-{digest}"
 
     def identity(self) -> dict[str, Any]:
         """The settings that change a cell's number: a results folder holds one identity only."""
@@ -247,10 +256,10 @@ class CellRunner(TypingProtocol):
 class RunFolder:
     """The output folder of one table run: refuses foreign or mismatched content, never deletes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, prompts: Path) -> None:
         self.path = path
         self.cells = path / "cells"
-        self.prompts = path / "prompts"
+        self.prompts = prompts
 
     def open(self, identity: dict[str, Any], table: str) -> None:
         """Create the folder, or check that it holds a run with the same ``identity``."""
@@ -478,7 +487,7 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
     """Run (or continue) a table: pre-flight everything, then train and evaluate the missing cells."""
     protocol = get_protocol(config.table)
     _validate(config)
-    folder = RunFolder(config.output_dir())
+    folder = RunFolder(config.output_dir(), config.prompts_dir())
     cells = plan_cells(protocol, config)
     found = check_datasets(protocol, config.root)
     folder.open(config.identity(), protocol.name)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 
 from protext.errors import UserError
 from protext.protocols import get_protocol
-from protext.reproduction import Cell, ReproduceConfig, plan_cells, render_markdown, reproduce
+from protext.reproduction import STOP_AFTER_ENV, Cell, ReproduceConfig, plan_cells, render_markdown, reproduce
 
 from synthetic_datasets import make_tree
 
@@ -90,8 +92,17 @@ def without_cost(path: Path, out_dir: Path | None = None):
     return strip(json.loads(path.read_text()))
 
 
+RELEASE = {"folder": CUPL}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _small_release(small_cupl):
+    """Every test of this file reads the one-description-per-class release (the real keys and file names)."""
+    RELEASE["folder"] = small_cupl
+
+
 def _config(table, root, out, **kw):
-    return ReproduceConfig(table, str(root), out=str(out), descriptions=str(CUPL), progress=False, **kw)
+    return ReproduceConfig(table, str(root), out=str(out), descriptions=str(RELEASE["folder"]), progress=False, **kw)
 
 
 def test_dg_differences_and_averages_by_hand(imagenet_root, tmp_path):
@@ -141,7 +152,7 @@ def test_crash_mid_table_then_rerun_recomputes_nothing_and_ends_identical(imagen
     crashing = FakeRunner(fail_after=4)
     with pytest.raises(KeyboardInterrupt):
         reproduce(_config("tpt-ood", imagenet_root, tmp_path / "b"), crashing, say=lambda m: None)
-    done = sorted(p.name for p in (tmp_path / "b" / "cells").iterdir())
+    done = sorted(p.name for p in (tmp_path / "b" / "tpt-ood" / "cells").iterdir())
     assert len(done) == 4
     again = FakeRunner()
     rerun = reproduce(_config("tpt-ood", imagenet_root, tmp_path / "b"), again, say=lambda m: None)
@@ -150,8 +161,9 @@ def test_crash_mid_table_then_rerun_recomputes_nothing_and_ends_identical(imagen
     third = FakeRunner()
     reproduce(_config("tpt-ood", imagenet_root, tmp_path / "b"), third, say=lambda m: None)
     assert third.evaluated == [] and third.trained == []
-    assert without_cost(tmp_path / "a" / "tpt-ood.json") == without_cost(tmp_path / "b" / "tpt-ood.json")
-    assert (tmp_path / "b" / "tpt-ood.md").read_text() == render_markdown(json.loads((tmp_path / "b" / "tpt-ood.json").read_text()))
+    a, b = tmp_path / "a" / "tpt-ood" / "tpt-ood.json", tmp_path / "b" / "tpt-ood" / "tpt-ood.json"
+    assert without_cost(a, tmp_path / "a") == without_cost(b, tmp_path / "b")
+    assert b.with_suffix(".md").read_text() == render_markdown(json.loads(b.read_text()))
     assert rerun.table["rows_not_run"]["CoOp (16-shot)"].startswith("needs CoOp")
 
 
@@ -176,7 +188,7 @@ def test_root_with_none_of_the_datasets(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds none of tpt-xd's 10 datasets"):
         reproduce(_config("tpt-xd", tmp_path / "empty", tmp_path / "out"), FakeRunner(), say=lambda m: None)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # nothing created before the pre-flight passed
 
 
 def test_unknown_table(tmp_path):
@@ -201,9 +213,9 @@ def test_descriptions_missing_for_classes(imagenet_root, tmp_path):
 def test_checkpoint_of_other_weights_refused_and_kept(imagenet_root, tmp_path):
     out = tmp_path / "dg"
     reproduce(_config("protext-dg", imagenet_root, out), FakeRunner(), say=lambda m: None)
-    ckpt = out / "prompts" / "text-only-imagenet.safetensors"
+    (ckpt,) = (out / "prompts").glob("*/text-only-imagenet.safetensors")
     ckpt.write_text("other weights")
-    for cell in (out / "cells").glob("protext__*"):
+    for cell in (out / "protext-dg" / "cells").glob("protext__*"):
         cell.unlink()
     with pytest.raises(UserError, match="prompts of other weights"):
         reproduce(_config("protext-dg", imagenet_root, out), FakeRunner(), say=lambda m: None)
@@ -213,7 +225,7 @@ def test_checkpoint_of_other_weights_refused_and_kept(imagenet_root, tmp_path):
 def test_half_written_or_foreign_results_folder(imagenet_root, tmp_path):
     out = tmp_path / "dg"
     reproduce(_config("protext-dg", imagenet_root, out), FakeRunner(), say=lambda m: None)
-    cell = out / "cells" / "clip__imagenet_a__all.json"
+    cell = out / "protext-dg" / "cells" / "clip__imagenet_a__all.json"
     cell.write_text(cell.read_text()[:40])
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(UserError, match=r"clip__imagenet_a__all.json is damaged or half-written.*delete that file"):
@@ -222,8 +234,159 @@ def test_half_written_or_foreign_results_folder(imagenet_root, tmp_path):
     with pytest.raises(UserError, match="holds another run .*limit None there, 3 now"):
         reproduce(_config("protext-dg", imagenet_root, out, limit=3), FakeRunner(), say=lambda m: None)
     foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
+    (foreign / "protext-dg").mkdir(parents=True)
+    (foreign / "protext-dg" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not a protext reproduce folder"):
         reproduce(_config("protext-dg", imagenet_root, foreign), FakeRunner(), say=lambda m: None)
-    assert (foreign / "notes.txt").read_text() == "mine"
+    assert (foreign / "protext-dg" / "notes.txt").read_text() == "mine"
+
+
+def test_every_table_every_row_and_column(full_root, tmp_path):
+    """With every dataset present, each table has all its rows, columns, averages and cells."""
+    from protext.protocols import PROTOCOLS
+
+    for name, p in PROTOCOLS.items():
+        run = reproduce(_config(name, full_root, tmp_path / name), FakeRunner(), say=lambda m: None)
+        t = run.table
+        assert [r["name"] for r in t["rows"]] == [r.name for r in p.rows]
+        assert t["datasets"] == list(p.datasets) and not t["missing_datasets"]
+        external = {r.name for r in p.rows if r.external}
+        for row in t["rows"]:
+            for d in p.datasets:
+                for measure, entry in row["cells"][d].items():
+                    assert (entry["ours"] is None) == (row["name"] in external), (name, row["name"], d, measure)
+            assert set(row["averages"]) == {a.name for a in p.averages}
+        keys = {c["key"] for c in t["cells"]}
+        assert len(keys) == len(p.rows) * len(p.datasets) * len(p.splits) - len(t["cells_not_run"])
+        md = run.markdown_path.read_text()
+        assert all(f"| {r.name} |" in md for r in p.rows)
+        heads = [line for line in md.splitlines() if line.startswith("| method |")]
+        assert len(heads) == len(p.measures()) and all(f" {d} |" in h for h in heads for d in p.datasets)
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end on tiny-clip (random weights), through the real training and evaluation
+
+TINY = ["--model", "tiny-clip", "--pretrained", "random", "--limit", "1", "--epochs", "1", "--depth", "2",
+        "--tta-views", "2", "--workers", "0", "--no-progress"]
+# per table: a few datasets (the 1000-class ImageNet sets cost ~1 s per cell on tiny-clip; A and R have 200)
+E2E_DATASETS = {
+    "protext-text-only": ["dtd", "eurosat"],
+    "protext-base2novel": ["dtd", "eurosat"],
+    "protext-cross-dataset": ["dtd", "eurosat"],
+    "protext-dg": ["imagenet_a", "imagenet_r"],
+    "tpt-ood": ["imagenet_a"],
+    "tpt-xd": ["dtd", "eurosat"],
+    "protext-tpt": ["eurosat", "imagenet_r"],
+}
+
+
+@pytest.fixture(scope="module")
+def small_cupl(tmp_path_factory):
+    """CuPL's release folder with each class's first description only (tiny training and CuPL cells)."""
+    folder = tmp_path_factory.mktemp("cupl")
+    for path in CUPL.glob("*.json"):
+        data = json.loads(path.read_text())
+        (folder / path.name).write_text(json.dumps({k: v[:1] for k, v in data.items()}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def e2e_roots(tmp_path_factory, shared_dir):
+    """Per table, a tree holding only its E2E_DATASETS (the others are reported missing)."""
+    roots = {}
+    for table, names in E2E_DATASETS.items():
+        roots[table] = tmp_path_factory.mktemp(f"e2e-{table}")
+        make_tree(roots[table], names, classes_per_dataset=2, shared=shared_dir)
+    return roots
+
+
+@pytest.fixture(scope="module")
+def e2e_out(tmp_path_factory):
+    """One output root for every table: prompts trained for one table serve the next."""
+    return tmp_path_factory.mktemp("reproduction")
+
+
+@pytest.fixture(scope="module")
+def library_runner():
+    from protext.reproduction import LibraryRunner
+
+    return LibraryRunner(ReproduceConfig("tpt-xd", ".", model="tiny-clip", pretrained="random", workers=0, progress=False))
+
+
+def _tiny_config(table, root, out, cupl):
+    return ReproduceConfig(table, str(root), out=str(out), model="tiny-clip", pretrained="random", descriptions=str(cupl),
+                           limit=1, epochs=1, depth=2, tta_views=2, workers=0, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:--epochs 1 is not more than")
+@pytest.mark.parametrize("table", list(E2E_DATASETS))
+def test_table_end_to_end_on_tiny_clip(table, e2e_roots, small_cupl, library_runner, e2e_out):
+    p = get_protocol(table)
+    library_runner.config = _tiny_config(table, e2e_roots[table], e2e_out, small_cupl)
+    run = reproduce(library_runner.config, library_runner, say=lambda m: None)
+    present = E2E_DATASETS[table]
+    assert sorted(run.table["missing_datasets"]) == sorted(set(p.datasets) - set(present))
+    by_key = {c["key"]: c for c in run.table["cells"]}
+    for row in p.rows:
+        for d in present:
+            for split in p.splits:
+                key = f"{'-'.join(''.join(ch.lower() if ch.isalnum() else ' ' for ch in row.name).split())}__{d}__{split}"
+                if row.external:
+                    assert key not in by_key and row.name in run.table["rows_not_run"]
+                    continue
+                cell = by_key[key]
+                s, m = cell["settings"], cell["metrics"]
+                assert 0.0 <= m["top1"] <= 100.0 and m["n_images"] == 1
+                assert m["n_classes"] == s["n_classes"]  # the evaluation scored exactly the planned classes
+                assert cell["template_used"] == s["template"] == cell["evaluation"]["template"]["template"]
+                assert cell["evaluation"]["template"]["rule"] == row.template_rule
+                if row.tta:
+                    assert cell["evaluation"]["tta"]["settings"]["views"] == 2
+                    assert cell["evaluation"]["tta"].get("init") == row.tta.init
+                if s["preset"]:
+                    assert cell["evaluation"]["checkpoint"]["n_ctx"] == s["n_ctx"]
+                assert cell["environment"]["model"] == "tiny-clip/random"
+    for preset, record in run.table["prompts"].items():
+        assert record["epochs"] == 1 and Path(record["checkpoint"]).is_file()
+    assert "--epochs 1" in run.markdown_path.read_text()
+
+
+def _md_without_cost(text: str) -> str:
+    """TABLE.md with the seconds columns and line blanked (wall times differ between runs)."""
+    text = re.sub(r"\| [0-9.]+ \| (cpu|cuda[:0-9]*) \|$", r"| S | \1 |", text, flags=re.M)
+    text = re.sub(r"^(\| [a-z_0-9/]+ \| \d+ \| )([0-9.?]+)( \|)", r"\1S\3", text, flags=re.M)
+    return re.sub(r"^- seconds: .*$", "- seconds: S", text, flags=re.M)
+
+
+@pytest.mark.filterwarnings("ignore:--epochs 1 is not more than")
+def test_sigkill_mid_table_then_rerun_recomputes_nothing(e2e_roots, small_cupl, library_runner, tmp_path):
+    """Killed (SIGKILL) after 5 of 6 cells, rerun: only the 6th cell and its prompts are computed,
+    and the table equals an uninterrupted run's (wall times aside)."""
+    table, out = "protext-text-only", tmp_path / "out"
+    library_runner.config = _tiny_config(table, e2e_roots[table], out, small_cupl)
+    reproduce(library_runner.config, library_runner, say=lambda m: None)
+    final = out / table / f"{table}.json"
+    uninterrupted = without_cost(final, out)
+    uninterrupted_md = _md_without_cost(final.with_suffix(".md").read_text().replace(str(out), "OUT"))
+    shutil.rmtree(out)
+
+    command = [sys.executable, "-m", "protext.reproduce", table, "--root", str(e2e_roots[table]), "--out", str(out),
+               "--descriptions", str(small_cupl), *TINY]
+    env = {**os.environ, "PYTHONPATH": str(REPO), STOP_AFTER_ENV: "5"}
+    killed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    cells = sorted((out / table / "cells").iterdir())
+    assert [c.name for c in cells][-1] == "protext__dtd__all.json" and len(cells) == 5 and not final.exists()
+    kept = {p: p.stat().st_mtime_ns for p in [*cells, *(out / "prompts").glob("*/text-only-*.safetensors")]}
+    assert len(kept) == 6
+
+    del env[STOP_AFTER_ENV]
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    said = rerun.stdout + rerun.stderr
+    assert "1 cells computed, 5 reused" in said
+    assert "training text_only/eurosat" in said and "training text_only/dtd" not in said
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing finished was rewritten
+    assert without_cost(final, out) == uninterrupted
+    assert _md_without_cost(final.with_suffix(".md").read_text().replace(str(out), "OUT")) == uninterrupted_md
