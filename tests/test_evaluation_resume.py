@@ -115,10 +115,18 @@ def test_existing_result_is_never_replaced_silently(tiny_clip, many, tmp_path, c
     default = tmp_path / "results" / "folder-all-clip.json"
     assert json.loads(default.read_text())["metrics"] == first["metrics"]
     before = default.read_bytes()
-    err = fail(["--dataset", "folder", "--root", str(many), "--limit", "2"], capsys)
+    err = fail(["--dataset", "folder", "--root", str(many), "--limit", "3"], capsys)
     assert "already holds a result" in err and "--overwrite" in err
     assert default.read_bytes() == before
-    assert main(["--dataset", "folder", "--root", str(many), "--limit", "2", "--overwrite", *TINY]) == 0
+    # the same command again: its result stands, nothing is recomputed or rewritten
+    monkeypatch.setattr(loop, "zeroshot_shard", lambda setup: pytest.fail("a finished run was recomputed"))
+    assert main(["--dataset", "folder", "--root", str(many), "--limit", "2", *TINY]) == 0
+    assert "already holds this run's result" in capsys.readouterr().err
+    assert default.read_bytes() == before
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--dataset", "folder", "--root", str(many), "--limit", "3", "--overwrite", *TINY]) == 0
+    assert json.loads(default.read_text())["metrics"]["n_images"] == 3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,12 +335,9 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_results(many, tmp_p
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         assert _group_gone(proc.pid)
-        if out.exists():
-            break
     assert kills >= 2
-    if not out.exists():
-        final = _start([*args, "--out", str(out)])
-        assert final.wait(timeout=300) == 0, final.stderr.read()
+    final = _start([*args, "--out", str(out)])  # also when a kill came after the results were written
+    assert final.wait(timeout=300) == 0, final.stderr.read()
     assert _stable(json.loads(out.read_text())) == _stable(json.loads(ref_out.read_text()))
     assert leftovers(out.parent) == []
 

@@ -42,6 +42,8 @@ def evaluate(config: EvalConfig, *, clip: Any = None, progress: bool = True, com
         protext.errors.UserError: bad flags, inputs or output paths (before any model loads), or
             bad data found during the run; the message is one line naming the flag or file.
     """
+    import os
+    import sys
     import time
 
     from ..results import write_results
@@ -49,8 +51,19 @@ def evaluate(config: EvalConfig, *, clip: Any = None, progress: bool = True, com
     from .payload import build_payload
     from .resume import remove_logs
 
+    from .preflight import AlreadyDone
+
     start = time.perf_counter()
-    setup, parts = evaluate_shards(config, clip=clip, progress=progress)
+    try:
+        setup, parts = evaluate_shards(config, clip=clip, progress=progress)
+    except AlreadyDone as done:
+        # a rerun of a finished run (perhaps killed between writing its results and removing its
+        # log): the result stands, nothing is recomputed or rewritten
+        remove_logs(done.path, done.payload["settings"]["fingerprint"])
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: {done.path} already holds this run's result (same settings and inputs); nothing to do "
+                  "(--overwrite recomputes it).", file=sys.stderr)
+        return done.payload
     payload = build_payload(setup, parts, command or f"protext.evaluation.evaluate({config!r})", time.perf_counter() - start)
     if setup.ctx.is_main:
         out = config.output_path()

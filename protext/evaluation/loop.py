@@ -71,9 +71,11 @@ def _legacy_errors() -> tuple[type[BaseException], ...]:
     return (UserError, DatasetError, PretrainedUnavailableError, PromptShapeError, UnsupportedTextTowerError, ZeroShotError)
 
 
-def prepare(config: EvalConfig, ctx: DistContext) -> tuple[Any, Runtime]:
+def prepare(config: EvalConfig, ctx: DistContext) -> tuple[Any, Runtime, str]:
     """Every check that needs no model: flags, input files, output paths, the dataset, the TTA
-    settings for this dataset. Returns the dataset and the runtime."""
+    settings for this dataset. Returns the dataset, the runtime and the run's fingerprint.
+
+    Raises :class:`~.preflight.AlreadyDone` when the results file already holds this run's result."""
     config.validate()
     if config.tta in ONLINE_METHODS and ctx.active:
         raise EvalError(
@@ -81,11 +83,12 @@ def prepare(config: EvalConfig, ctx: DistContext) -> tuple[Any, Runtime]:
             f"split over {ctx.world_size} processes without changing it. Run it in one process (without torchrun)."
         )
     check_inputs(config)
-    check_outputs(config)
+    fingerprint = config.fingerprint(features.input_digests(config))
+    check_outputs(config, fingerprint)
     runtime = resolve_runtime(config, ctx)
     dataset = open_dataset(config)
     adapters.validate_tta(config, dataset.name)
-    return dataset, runtime
+    return dataset, runtime, fingerprint
 
 
 def load_model(config: EvalConfig, runtime: Runtime, ctx: DistContext):
@@ -107,11 +110,10 @@ def load_model(config: EvalConfig, runtime: Runtime, ctx: DistContext):
 
 def build_setup(config: EvalConfig, ctx: DistContext, clip, progress: bool) -> Setup:
     """Dataset, model, checkpoint (weights checked), template and the resume fingerprint."""
-    dataset, runtime = prepare(config, ctx)
+    dataset, runtime, fingerprint = prepare(config, ctx)
     classnames = list(dataset.classnames)
     n_images = len(dataset) if config.limit is None else min(config.limit, len(dataset))
-    digests = features.input_digests(config)
-    setup = Setup(config, ctx, runtime, dataset, classnames, n_images, config.fingerprint(digests), progress=progress)
+    setup = Setup(config, ctx, runtime, dataset, classnames, n_images, fingerprint, progress=progress)
     setup.clip = clip if clip is not None else load_model(config, runtime, ctx)
     setup.record["model"] = {"name": setup.clip.name, "pretrained": setup.clip.pretrained, "identity": setup.clip.identity}
     setup.checkpoint = features.load_checkpoint(config)

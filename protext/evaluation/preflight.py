@@ -8,8 +8,11 @@ Every input file named by a flag must exist.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Optional
 
 from ..errors import UserError
 from ..results import result_files
@@ -48,9 +51,40 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_outputs(config: EvalConfig) -> Path:
+class AlreadyDone(Exception):
+    """The results file holds this very run's result (same settings, same inputs): nothing to do."""
+
+    def __init__(self, path: Path, payload: dict[str, Any]) -> None:
+        super().__init__(str(path))
+        self.path, self.payload = path, payload
+
+
+#: settings that may differ between two runs with the same result
+_IRRELEVANT = ("out", "overwrite", "progress", "workers", "fingerprint")
+
+
+def _same_run(out: Path, config: EvalConfig, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The payload in ``out`` if it was produced by these settings and inputs, else None."""
+    try:
+        payload = json.loads(out.read_text())
+        stored = payload["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ours = {k: v for k, v in asdict(config).items() if k not in _IRRELEVANT}
+    theirs = {k: v for k, v in stored.items() if k not in _IRRELEVANT}
+    same = stored.get("fingerprint") == fingerprint and json.dumps(ours, sort_keys=True, default=str) == json.dumps(theirs, sort_keys=True, default=str)
+    return payload if same else None
+
+
+def check_outputs(config: EvalConfig, fingerprint: Optional[str] = None) -> Path:
     """Check every file the run will write (results JSON, markdown, reliability PNG, resume logs'
-    folder); returns the results path."""
+    folder); returns the results path.
+
+    Raises:
+        AlreadyDone: the results file already holds the result of these settings and inputs (a
+            rerun of a finished command; ``fingerprint`` given), so nothing needs to run.
+        OutputPathError: a path that cannot or must not be written.
+    """
     out = config.output_path()
     flag = "--out" if config.out else "the default results path (--out)"
     inputs = {flag_: Path(p) for flag_, p in config.input_paths().items()}
@@ -60,7 +94,10 @@ def check_outputs(config: EvalConfig) -> Path:
                 raise OutputPathError(f"{flag} {path} is the run's own input {in_flag}; choose another --out, the input stays untouched.")
         check_writable(path, flag if kind == "json" else f"{flag} (its {kind} file)")
     if out.exists() and not config.overwrite:
-        raise OutputPathError(f"{out} already holds a result; pass --overwrite to replace it, or choose another --out.")
+        done = _same_run(out, config, fingerprint) if fingerprint else None
+        if done is not None:
+            raise AlreadyDone(out, done)
+        raise OutputPathError(f"{out} already holds a result of other settings; pass --overwrite to replace it, or choose another --out.")
     return out
 
 
