@@ -125,6 +125,8 @@ def test_ensemble_features_are_the_seven_templates_averaged(tiny_clip, folder, t
         paths = [folder / "ant" / "0.png", folder / "ant" / "1.png", folder / "bee" / "0.png"]
         img = F.normalize(model.encode_image(torch.stack([tiny_clip.preprocess(Image.open(p).convert("RGB")) for p in paths])), dim=-1)
     torch.testing.assert_close(logits(result), model.logit_scale.exp() * img @ text.t(), atol=1e-5, rtol=0)
+    zero = run(folder, tmp_path / "z.json", tiny_clip, method="ensemble", tta="zero", tta_views=8, limit=3)  # ZERO+Ensemble
+    assert zero["method"] == "ensemble + ZERO" and zero["template"]["templates"] == list(ENSEMBLE_TEMPLATES)
 
 
 def _reference_stream(clip, folder: Path, order: list[int], alpha: float, beta: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ per-image predictions only.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def load_model(config: EvalConfig, runtime: Runtime, ctx: DistContext):
     if ctx.is_main:
         for warning in caught:
             if "RANDOM" in str(warning.message):
-                print(f"warning: {warning.message}", file=__import__("sys").stderr)
+                print(f"warning: {warning.message}", file=sys.stderr)
     return clip
 
 
@@ -123,7 +124,7 @@ def build_setup(config: EvalConfig, ctx: DistContext, clip, progress: bool) -> S
             weights = features.check_weights(setup.checkpoint, setup.clip, config.prompts, allow_other=config.allow_other_weights)
         if ctx.is_main:
             for warning in caught:
-                print(f"warning: {warning.message}", file=__import__("sys").stderr)
+                print(f"warning: {warning.message}", file=sys.stderr)
         setup.record["checkpoint"] = features.checkpoint_identity(config.prompts, setup.checkpoint, weights)
         setup.record["model"]["text_tower_fingerprint"] = weights.model
     setup.template = features.resolve_template(config, dataset.name, setup.checkpoint)
