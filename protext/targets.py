@@ -203,6 +203,19 @@ class TargetCache:
         atomic_write(self.path, lambda tmp: save_file({"keys": keys, "targets": rows}, tmp, metadata=metadata))
 
 
+class NonFiniteTargetError(UserError, RuntimeError):
+    """The model encoded a description to NaN/inf: its weights are broken; nothing was cached."""
+
+
+def _check_finite_rows(rows: torch.Tensor, texts: Sequence[str]) -> None:
+    bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteTargetError(
+            f"the text tower encoded {len(bad)} descriptions to non-finite features (e.g. '{texts[bad[0]][:60]}'); "
+            "the model weights (--pretrained) are broken, so nothing was cached. Check the weights file."
+        )
+
+
 @dataclass
 class TargetStats:
     """What :func:`description_targets` did.
@@ -285,6 +298,7 @@ def description_targets(
             part = todo[start : start + chunk]
             rows = torch.tensor([position[k] for k in part], dtype=torch.long)
             fresh = encode_descriptions(model, tokenized.tokens[rows], batch_size=batch_size, progress=False)
+            _check_finite_rows(fresh, [texts[first_of[k]] for k in part])
             new = dict(zip(part, fresh))
             found.update(new)
             if cache is not None:

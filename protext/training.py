@@ -291,6 +291,9 @@ def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
         raise ResumeStateError(f"{path}: not a readable protext training state ({type(err).__name__}: {err}).") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ResumeStateError(f"{path}: not a protext training state (format {STATE_FORMAT} expected).")
+    prompts = state.get("prompts") or {}
+    if not all(torch.isfinite(t).all() for t in prompts.values()):
+        raise ResumeStateError(f"{path}: the saved prompts hold non-finite values (NaN or inf); the file is corrupted.")
     return state
 
 

@@ -191,3 +191,16 @@ def test_encoding_is_kept_chunk_by_chunk_and_resumes(tiny_clip, texts, tmp_path,
     assert (stats.cached, stats.computed, calls["rows"]) == (20, len(unique) - 20, len(unique) - 20)
     direct = F.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(unique)), dim=-1)
     torch.testing.assert_close(got, direct, atol=1e-5, rtol=0)
+
+
+def test_non_finite_encodings_are_never_cached(tiny_clip, texts, tmp_path):
+    import copy
+
+    from protext.errors import UserError
+
+    broken = copy.deepcopy(tiny_clip.model)
+    with torch.no_grad():
+        broken.ln_final.weight[0] = float("nan")
+    with pytest.raises(UserError, match="non-finite features .*--pretrained"):
+        description_targets(broken, tiny_clip.tokenizer, texts[:4], cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []

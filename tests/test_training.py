@@ -288,3 +288,14 @@ def test_the_optimiser_steps_with_the_scheduled_rate(tiny_clip, small_pairs, sma
         rate = 1e-5 if e < warmup else base * 0.5 * (1 + math.cos(math.pi * (e - warmup) / epochs))
         expected += [rate, rate]
     assert seen == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_resume_state_with_non_finite_prompts_is_refused(tiny_clip, small_pairs, small_targets, tmp_path):
+    state = tmp_path / "run.resume.pt"
+    config = TrainConfig(lr=0.02, epochs=1, warmup_epochs=0, batch_size=48)
+    train(make_encoder(tiny_clip, small_pairs), small_pairs, config, targets=small_targets, state_path=state, progress=False)
+    saved = torch.load(state, weights_only=True)
+    saved["prompts"]["ctx"][0, 0] = float("inf")
+    torch.save(saved, state)
+    with pytest.raises(ResumeStateError, match=r"run\.resume\.pt: the saved prompts hold non-finite values"):
+        training.load_resume_state(state)
