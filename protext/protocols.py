@@ -46,35 +46,37 @@ CLASS_COUNTS = {
     "fgvc_aircraft": 100, "sun397": 397, "dtd": 47, "eurosat": 10, "ucf101": 101,
 }
 
-FEATURES = ("clip", "cupl", "prompts")
-"""Class features: one template (clip), the mean of a class's CuPL descriptions (cupl), learned prompts."""
+FEATURES = ("clip", "cupl", "prompts", "ensemble")
+"""Class features: one template (clip), the mean of a class's CuPL descriptions (cupl), learned prompts,
+or the mean over ZERO+Ensemble's seven templates (ensemble)."""
 
 
 @dataclass(frozen=True)
 class TTASpec:
     """A test-time adaptation setting of a row (TTA.md, PRESETS.md "TPT (published defaults)").
 
-    ``init`` is where TPT's prompts start: ``handcrafted`` ("a photo of a", 4 tokens), ``prompts``
-    (the row's ProText checkpoint) or ``coop`` (a CoOp checkpoint). The views use AugMix on the
-    fine-grained sets only; that choice belongs to the view maker, keyed by the dataset.
+    A field left at None takes the method's published default for the dataset (:mod:`protext.tta`
+    resolves it: TDA's 1 or 64 views, C-TPT's λ 50 or 20, TDA's (α⁺, β⁺), AugMix on the fine-grained
+    sets), and the evaluation records the value it resolved. ``init`` is where TPT's prompts start:
+    ``handcrafted`` ("a photo of a", 4 tokens), ``prompts`` (the row's ProText checkpoint) or ``coop``.
     """
 
     method: str = "tpt"
-    views: int = 64
-    selection: float = 0.1
-    steps: int = 1
-    lr: float = 5e-3
-    init: str = "handcrafted"
-    extra: tuple[tuple[str, Any], ...] = ()
+    views: Optional[int] = 64
+    selection: Optional[float] = 0.1
+    steps: Optional[int] = 1
+    lr: Optional[float] = 5e-3
+    init: Optional[str] = "handcrafted"
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (``extra`` as a mapping)."""
-        out = asdict(self)
-        out["extra"] = dict(self.extra)
-        return out
+        """JSON-ready fields."""
+        return asdict(self)
 
 
 TPT = TTASpec()
+ZERO = TTASpec("zero", views=64, selection=0.3, steps=None, lr=None, init=None)
+TDA = TTASpec("tda", views=None, selection=None, steps=None, lr=None, init=None)
+CTPT = TTASpec("ctpt")
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,13 @@ class Row:
 
     Attributes:
         name: the row label as the paper prints it (``CLIP``, ``CuPL``, ``ProText``, ``TPT`` ...).
-        features: ``clip``, ``cupl`` or ``prompts``.
+        features: ``clip``, ``cupl``, ``prompts`` or ``ensemble`` (ZERO's seven templates).
         template_rule: ``protext``, ``coop`` or ``tpt`` (:mod:`protext.templates`).
         preset: the preset that trains the row's prompts; ``{dataset}`` is replaced by the
             column's dataset (``text_only/{dataset}``). None for rows without learned prompts.
         novel_features: class features on the novel half when they differ (CuPL has no
             descriptions of unseen classes: its novel cells are CLIP's).
+        features_by_dataset: per-dataset exceptions to ``features`` (TDA's published features).
         tta: test-time adaptation, or None.
         external: a user-supplied checkpoint the row needs (``coop``: CoOp's 16-shot ImageNet
             prompts, which protext cannot train from text); its cells are skipped without one.
@@ -100,9 +103,16 @@ class Row:
     template_rule: str
     preset: Optional[str] = None
     novel_features: Optional[str] = None
+    features_by_dataset: tuple[tuple[str, str], ...] = ()
     tta: Optional[TTASpec] = None
     external: Optional[str] = None
     note: str = ""
+
+    def features_for(self, dataset: str, split: str) -> str:
+        """The class features of the row's cell on ``dataset``/``split``."""
+        if split == "novel" and self.novel_features:
+            return self.novel_features
+        return dict(self.features_by_dataset).get(dataset, self.features)
 
     def preset_for(self, dataset: str) -> Optional[str]:
         """The preset that trains this row's prompts for a column's dataset, if any."""
@@ -132,6 +142,7 @@ class Protocol:
             ``novel``, ``hm`` or ``ece``.
         published_averages: the paper's own average cells, ``(row, average, measure) -> number``.
         notes: protocol facts every reader of the table needs (printed in ``TABLE.md``).
+        report_ece: also report the expected calibration error (C-TPT's tables print acc / ECE).
     """
 
     name: str
@@ -143,6 +154,7 @@ class Protocol:
     published: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
     published_averages: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    report_ece: bool = False
 
     @property
     def base_to_novel(self) -> bool:
@@ -151,7 +163,9 @@ class Protocol:
 
     def measures(self) -> tuple[str, ...]:
         """The numbers reported per (row, dataset): ``top1``, or ``base``/``novel``/``hm``."""
-        return ("base", "novel", "hm") if self.base_to_novel else ("top1",)
+        if self.base_to_novel:
+            return ("base", "novel", "hm")
+        return ("top1", "ece") if self.report_ece else ("top1",)
 
     def row(self, name: str) -> Row:
         """The row called ``name``."""
@@ -228,6 +242,26 @@ _TPT_XD = {
 _TPT_XD_AVERAGE = {"CLIP (`a photo of a`)": 63.58, "TPT": 65.10}
 
 
+_TTA_OOD = {
+    "ZERO": (69.31, 59.61, 64.16, 77.22, 48.40),
+    "ZERO + Ensemble": (71.17, 62.75, 65.23, 80.75, 50.59),
+    "TDA": (69.51, 60.11, 64.67, 80.24, 50.54),
+    "C-TPT (acc / ECE)": (68.5, 51.6, 62.7, 76.0, 47.9),
+}
+_CTPT_OOD_ECE = (3.15, 8.16, 6.23, 1.54, 7.35)
+_TTA_XD = {
+    "ZERO": (25.21, 93.66, 68.04, 46.12, 34.33, 67.68, 86.53, 87.75, 65.03, 67.77),
+    "ZERO + Ensemble": (25.21, 94.41, 68.97, 45.86, 42.17, 67.17, 86.77, 87.83, 67.63, 69.18),
+    "TDA": (23.91, 94.24, 67.28, 47.40, 58.00, 71.42, 86.14, 88.63, 67.62, 70.66),
+    "C-TPT (acc / ECE)": (24.85, 93.63, 65.8, 46.0, 43.2, 69.8, 83.7, 88.2, 64.8, 65.7),
+}
+_CTPT_XD_ECE = (4.36, 4.24, 1.59, 11.9, 13.2, 5.04, 3.43, 1.90, 5.04, 2.54)
+_TTA_XD_AVERAGE = {
+    ("ZERO", "top1"): 64.21, ("ZERO + Ensemble", "top1"): 65.52, ("TDA", "top1"): 67.53,
+    ("C-TPT (acc / ECE)", "top1"): 64.57, ("C-TPT (acc / ECE)", "ece"): 5.13,
+}
+
+
 def _numbers(rows: Mapping[str, tuple[float, ...]], order: tuple[str, ...]) -> dict:
     out: dict = {}
     for row, values in rows.items():
@@ -245,6 +279,25 @@ _CUPL = Row(
 )
 _CLIP_TPT = Row("CLIP (`a photo of a`)", "clip", "tpt", note="TPT's baseline: `a photo of a {}.` on every dataset")
 _TPT_ROW = Row("TPT", "clip", "tpt", tta=TPT, note="64 views, 6 kept, 1 AdamW step at 5e-3, prompts reset per image")
+# TDA's published class features (TTA.md §3.7): the seven Tip-Adapter templates (ZERO's ensemble) on
+# ImageNet, A, V2, Caltech, Cars and SUN; CLIP's 80 templates on R and Sketch (not in protext: the
+# seven instead, a listed departure); one dataset template (CoOp's) on the rest
+_TDA_FEATURES = tuple((d, "ensemble") for d in (
+    "imagenet", "imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch", "caltech101", "stanford_cars", "sun397"))
+_TTA_ROWS = (
+    Row("ZERO", "clip", "tpt", tta=ZERO, note="64 views without AugMix, 19 kept, hard votes of the zero-temperature argmax"),
+    Row("ZERO + Ensemble", "ensemble", "tpt", tta=ZERO, note="ZERO over the mean feature of its seven templates"),
+    Row("TDA", "clip", "coop", features_by_dataset=_TDA_FEATURES, tta=TDA,
+        note="online positive/negative caches; 1 view (64 with AugMix on A/V2/R/Sketch); the 7-template "
+             "ensemble on ImageNet, its variants, Caltech, Cars and SUN, CoOp's template elsewhere"),
+    Row("C-TPT (acc / ECE)", "clip", "tpt", tta=CTPT, note="TPT with the text-feature dispersion term, λ 50 (20 on A/V2/R/Sketch)"),
+)
+_TTA_NOTES = (
+    "The C-TPT numbers come from a third-party copy of the paper's tables (lower confidence).",
+    "ZERO and TDA report means over 3 seeds / stream orders; protext runs one seed per cell (--seed).",
+    "TDA's published R and Sketch features average CLIP's 80 templates; protext uses the 7-template ensemble there.",
+)
+
 _IN_DOMAIN = "learned context in place of `a photo of a` of the training template, as the authors evaluate in-domain"
 
 _PROTOCOLS: tuple[Protocol, ...] = (
@@ -362,6 +415,30 @@ _PROTOCOLS: tuple[Protocol, ...] = (
         _row_numbers("ProText", _CROSS_ORDER, _PROTEXT_CROSS),
         {("ProText", "avg (10 targets)", "top1"): 67.23},
         ("No paper reports TPT started from ProText prompts; the ProText + TPT row has no published numbers.",),
+    ),
+    Protocol(
+        "tta-ood",
+        "ZERO (NeurIPS'24), TDA (CVPR'24), C-TPT (ICLR'24): natural distribution shifts",
+        TPT_OOD_ORDER,
+        ("all",),
+        _TTA_ROWS,
+        (Average("avg (OOD 4)", TPT_OOD_ORDER[1:]),),
+        {**_numbers(_TTA_OOD, TPT_OOD_ORDER), **_row_numbers("C-TPT (acc / ECE)", TPT_OOD_ORDER, _CTPT_OOD_ECE, "ece")},
+        {},
+        _TTA_NOTES + ("The papers print no average here; protext's is over A, V2, R and Sketch.",),
+        report_ece=True,
+    ),
+    Protocol(
+        "tta-xd",
+        "ZERO (NeurIPS'24), TDA (CVPR'24), C-TPT (ICLR'24): fine-grained cross-dataset",
+        TPT_XD_ORDER,
+        ("all",),
+        _TTA_ROWS,
+        (Average("avg", TPT_XD_ORDER),),
+        {**_numbers(_TTA_XD, TPT_XD_ORDER), **_row_numbers("C-TPT (acc / ECE)", TPT_XD_ORDER, _CTPT_XD_ECE, "ece")},
+        {(r, "avg", m): v for (r, m), v in _TTA_XD_AVERAGE.items()},
+        _TTA_NOTES,
+        report_ece=True,
     ),
 )
 

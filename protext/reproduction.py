@@ -47,6 +47,8 @@ RUN_FORMAT = "protext-reproduce/1"
 CELL_FORMAT = "protext-reproduce-cell/1"
 #: test hook: SIGKILL this process after that many newly computed cells (the kill-and-rerun test)
 STOP_AFTER_ENV = "PROTEXT_REPRODUCE_KILL_AFTER_CELLS"
+#: the template field of cells whose class features average ZERO's seven templates
+ENSEMBLE = "ensemble of 7 templates"
 
 
 class ReproduceError(UserError):
@@ -164,6 +166,8 @@ def _slug(text: str) -> str:
 
 def _cell_template(row: Row, dataset: str, features: str) -> tuple[str, str]:
     """(template, where it comes from) for a row's cell on ``dataset``."""
+    if features == "ensemble":
+        return ENSEMBLE, "ZERO+Ensemble's seven templates (TTA.md §1.6)"
     preset = row.preset_for(dataset)
     if features == "prompts" and preset is not None and _preset(preset).dataset == dataset:
         # in-domain: the training template, written in full so the context replaces its phrase
@@ -178,13 +182,14 @@ def _preset(name: str):
 
 
 def _cell_for(protocol: Protocol, row: Row, dataset: str, split: str, config: ReproduceConfig) -> Cell:
-    features = row.novel_features if (split == "novel" and row.novel_features) else row.features
+    features = row.features_for(dataset, split)
     preset = row.preset_for(dataset) if features == "prompts" else None
     template, source = _cell_template(row, dataset, features)
     tta = row.tta.as_dict() if row.tta else None
     if tta is not None and config.tta_views is not None:
         tta["views"] = config.tta_views
-    n_ctx = _preset(preset).n_ctx if preset else (4 if tta and tta["init"] == "handcrafted" else None)
+    handcrafted = tta is not None and (tta.get("init") or ("handcrafted" if tta["method"] in ("tpt", "ctpt") else None)) == "handcrafted"
+    n_ctx = _preset(preset).n_ctx if preset else (4 if handcrafted else None)
     total = CLASS_COUNTS[dataset]
     n_classes = {"all": total, "base": math.ceil(total / 2), "novel": total - math.ceil(total / 2)}[split]
     return Cell(
@@ -644,19 +649,21 @@ def _entry(ours: Optional[float], published: Optional[float]) -> dict[str, Optio
     return {"ours": _round(ours), "published": published, "difference": _round(diff)}
 
 
+def _metric(record: Optional[dict], name: str) -> Optional[float]:
+    value = record["metrics"].get(name) if record else None
+    return None if value is None else float(value)
+
+
 def _row_values(protocol: Protocol, row: Row, records: dict[str, dict]) -> dict[str, dict[str, Optional[float]]]:
     """``{dataset: {measure: our number}}`` for one row (HM computed from our base and novel)."""
     values: dict[str, dict[str, Optional[float]]] = {}
     for dataset in protocol.datasets:
-        per_split = {}
-        for split in protocol.splits:
-            record = records.get(f"{_slug(row.name)}__{dataset}__{split}")
-            per_split[split] = float(record["metrics"]["top1"]) if record else None
+        found = {split: records.get(f"{_slug(row.name)}__{dataset}__{split}") for split in protocol.splits}
         if protocol.base_to_novel:
-            per_split["hm"] = harmonic_mean(per_split["base"], per_split["novel"])
-            values[dataset] = per_split
+            base, novel = _metric(found["base"], "top1"), _metric(found["novel"], "top1")
+            values[dataset] = {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
         else:
-            values[dataset] = {"top1": per_split["all"]}
+            values[dataset] = {m: _metric(found["all"], m) for m in protocol.measures()}
     return values
 
 
@@ -666,7 +673,7 @@ def _averages(protocol: Protocol, numbers: dict[str, dict[str, Optional[float]]]
         base = _mean([numbers[d]["base"] for d in datasets])
         novel = _mean([numbers[d]["novel"] for d in datasets])
         return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
-    return {"top1": _mean([numbers[d]["top1"] for d in datasets])}
+    return {m: _mean([numbers[d][m] for d in datasets]) for m in protocol.measures()}
 
 
 def _published_numbers(protocol: Protocol, row: Row) -> dict[str, dict[str, Optional[float]]]:
@@ -713,6 +720,7 @@ def build_table(
         "notes": list(protocol.notes),
         "datasets": list(protocol.datasets),
         "splits": list(protocol.splits),
+        "measures": list(protocol.measures()),
         "missing_datasets": dict(found.missing),
         "rows_not_run": not_run,
         "rows": [_table_row(protocol, row, records) for row in protocol.rows],
@@ -757,7 +765,8 @@ def _cells_table(table: dict[str, Any]) -> list[str]:
     lines = [head, "|" + " --- |" * 12]
     for rec in table["cells"]:
         s, m = rec["settings"], rec["metrics"]
-        tta = "—" if not s["tta"] else f"{s['tta']['method']} {s['tta']['views']} views, init {s['tta']['init']}"
+        tta = "—" if not s["tta"] else " ".join(
+            f"{k} {v}" for k, v in s["tta"].items() if v is not None and k not in ("steps", "lr", "selection"))
         seconds = f"= {rec['same_as']}" if rec.get("same_as") else f"{rec['cost']['seconds']:.1f}"
         lines.append(
             f"| {rec['key']} | {s['features']} | {s['split']} | {m.get('n_classes', s['n_classes'])} | "
@@ -772,10 +781,11 @@ def render_markdown(table: dict[str, Any]) -> str:
     out = [f"# {table['table']}", "", table["title"], ""]
     out += ["Each cell: ours (published, ours − published). Averages and harmonic means are recomputed from the",
             "rows; the number in brackets under an average is the paper's printed average.", ""]
-    measures = ("base", "novel", "hm") if table["splits"] == ["base", "novel"] else ("top1",)
+    measures = table["measures"]
+    titles = {"top1": "top-1 accuracy (%)", "ece": "expected calibration error (%)", "hm": "harmonic mean"}
     for measure in measures:
         if len(measures) > 1:
-            out += [f"## {measure if measure != 'hm' else 'harmonic mean'}", ""]
+            out += [f"## {titles.get(measure, measure)}", ""]
         out += _measure_table(table, measure) + [""]
     if table["departures"]:
         out += ["## This run departs from the published protocol", ""] + [f"- {d}" for d in table["departures"]] + [""]
@@ -883,7 +893,8 @@ class LibraryRunner:
         config = EvalConfig(
             dataset=cell.dataset, root=request.root, split=cell.split, limit=request.limit,
             model=self.config.model, pretrained=self.config.pretrained, device=self.config.device,
-            precision=self.config.precision, method=cell.features, template=cell.template,
+            precision=self.config.precision, method=cell.features,
+            template=None if cell.features == "ensemble" else cell.template,
             templates=cell.template_rule, descriptions=_opt(request.descriptions), prompts=_opt(request.checkpoint),
             tta=tta.get("method"), tta_views=tta.get("views"), tta_selection=tta.get("selection"),
             tta_steps=tta.get("steps"), tta_lr=tta.get("lr"), tta_init=tta.get("init"),
@@ -930,7 +941,7 @@ def _cell_result(payload: dict[str, Any]) -> dict[str, Any]:
     return {
         "metrics": kept,
         "cost": {"image_seconds": payload["timing"]["eval_seconds"], "seconds_per_image": payload["timing"]["seconds_per_image"], "peak_memory": payload["timing"]["peak_memory"]},
-        "template": payload["template"]["template"],
+        "template": payload["template"].get("template") or ENSEMBLE,
         "details": {
             "template": payload["template"],
             "method": payload["method"],

@@ -76,11 +76,15 @@ def _expected(published_md: str) -> dict[str, dict[tuple[str, str], str]]:
         "tpt-ood": _by_method(t[4]),
         "tpt-xd": _by_method(t[5]),
         "protext-tpt": {k: v for k, v in _by_method(t[2]).items() if k[0] == "ProText"},
+        "tta-ood": _by_method(t[6]),
+        "tta-xd": _by_method(t[7]),
     }
 
 
 def _split_cell(text: str, measures: tuple[str, ...]) -> dict[str, float]:
     parts = [p.strip() for p in text.split("/")]
+    if measures == ("top1", "ece") and len(parts) == 1:
+        measures = ("top1",)  # only C-TPT's cells print "acc / ECE"
     assert len(parts) == len(measures), text
     return {m: _number(p) for m, p in zip(measures, parts)}
 
@@ -174,7 +178,9 @@ def test_cell_settings_follow_the_protocol_text(name, published_md, presets_md, 
     for c in cells:
         total = _n_classes(shared_dir, c.dataset)
         assert c.n_classes == {"all": total, "base": math.ceil(total / 2), "novel": total // 2}[c.split]
-        if c.row.startswith("CLIP (") or c.row.startswith("TPT") or c.row.startswith("CoOp"):
+        if c.features == "ensemble":  # ZERO+Ensemble (and TDA on its datasets): the seven templates
+            assert c.row in ("ZERO + Ensemble", "TDA") and c.template == "ensemble of 7 templates"
+        elif c.row.startswith(("CLIP (", "TPT", "CoOp", "ZERO", "C-TPT")):
             assert c.template == "a photo of a {}." and c.template_rule == "tpt"  # TPT: one template everywhere
         elif c.features == "clip" or c.row == "CuPL":
             assert c.template == coop.get(c.dataset, default) and c.template_rule == "coop"
@@ -184,8 +190,15 @@ def test_cell_settings_follow_the_protocol_text(name, published_md, presets_md, 
             in_domain = trained_on == c.dataset
             want = "a photo of a {}." if in_domain else cross.get(c.dataset, "a photo of a {}.")
             assert c.template == want, c
-        if c.tta:
+        if c.tta and c.tta["method"] in ("tpt", "ctpt"):  # TPT's published defaults (PUBLISHED.md)
             assert (c.tta["views"], int(c.tta["views"] * c.tta["selection"]), c.tta["steps"], c.tta["lr"]) == (64, 6, 1, 5e-3)
+        if c.tta and c.tta["method"] == "zero":  # TTA.md §1: 64 views, floor(64 * 0.3) = 19 kept
+            assert (c.tta["views"], int(c.tta["views"] * c.tta["selection"])) == (64, 19)
+        if c.row == "TDA":  # TTA.md §3: per-dataset views and features, resolved by protext.tta / the row
+            assert c.tta["views"] is None
+            ensemble = ("imagenet", "imagenet_a", "imagenet_v2", "caltech101", "stanford_cars", "sun397", "imagenet_r", "imagenet_sketch")
+            assert c.features == ("ensemble" if c.dataset in ensemble else "clip")
+            assert c.features == "ensemble" or c.template == coop.get(c.dataset, default)
 
 
 def test_rows_use_the_presets_the_paper_names():
