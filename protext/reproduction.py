@@ -92,7 +92,8 @@ class ReproduceConfig:
     def prompts_dir(self) -> Path:
         """Where trained prompts live, shared by every table of ``--out`` run on the same weights
         and smoke-test caps (protext-text-only and protext-dg share text_only/imagenet, for example)."""
-        key = {"model": self.model, "pretrained": self.pretrained, "epochs": self.epochs, "depth": self.depth}
+        key = {"model": self.model, "pretrained": self.pretrained, "epochs": self.epochs, "depth": self.depth,
+               "seed": self.seed if self.pretrained == "random" else None}  # the seed is the random weights
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         return Path(self.out or "reproduction") / "prompts" / f"{_slug(self.model)}-{_slug(Path(self.pretrained).stem)}-{digest}"
 

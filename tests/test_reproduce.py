@@ -398,3 +398,60 @@ def test_sigkill_mid_table_then_rerun_recomputes_nothing(e2e_roots, small_cupl, 
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing finished was rewritten
     assert without_cost(final, out) == uninterrupted
     assert _md_without_cost(final.with_suffix(".md").read_text().replace(str(out), "OUT")) == uninterrupted_md
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from protext.reproduce import main
+
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["protext-text", "--root", str(tmp_path)], "unknown table 'protext-text'; the tables are: protext-text-only,"),
+        (["tpt-xd"], "--root DATA is required"),
+        (["tpt-xd", "--root", str(tmp_path / "nowhere")], "--root"),
+        (["tpt-xd", "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], "holds none of tpt-xd's 10 datasets"),
+        (["tpt-xd", "--root", str(tmp_path), "--limit", "0"], "--limit must be at least 1"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_list_and_fast_help():
+    listing = subprocess.run([sys.executable, "-m", "protext.reproduce", "--list"], cwd=REPO, capture_output=True, text=True)
+    assert listing.returncode == 0
+    from protext.protocols import table_names
+
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == table_names()
+    probe = "import sys, protext.reproduce as r; r.build_parser().format_help(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.filterwarnings("ignore:--epochs 1 is not more than")
+def test_prompts_of_other_weights_refused_by_the_cli(e2e_roots, small_cupl, tmp_path, capsys):
+    """A trained checkpoint whose text-tower fingerprint is not the model's: one line, exit 2, kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from protext.reproduce import main
+
+    table, out = "protext-text-only", tmp_path / "out"
+    argv = [table, "--root", str(e2e_roots[table]), "--out", str(out), "--descriptions", str(small_cupl), *TINY]
+    assert main(argv) == 0
+    (ckpt,) = (out / "prompts").glob("*/text-only-dtd.safetensors")
+    with safe_open(str(ckpt), "pt") as handle:
+        meta = handle.metadata()
+    meta["text_tower_fingerprint"] = json.dumps("0" * 32)  # as if trained on other weights
+    save_file(load_file(str(ckpt)), str(ckpt), metadata=meta)
+    (out / table / "cells" / "protext__dtd__all.json").unlink()
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ckpt}: prompts were trained on other text-tower weights") and err.count("\n") == 1
+    assert ckpt.read_bytes() == before
