@@ -651,3 +651,36 @@ def test_unwritable_out_and_cache_dir_are_refused_before_the_model_loads(tmp_pat
     code, err = run(capsys, argv)
     assert code == 2 and f"--cache-dir {readonly / 'cache'}: cannot write in {readonly}" in err
     assert list(readonly.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, dtd_data):
+    """One default run (6 classes x 10 descriptions, batch 16, 2 epochs) to compare flags against."""
+    folder = tmp_path_factory.mktemp("default")
+    desc = write_jsonl(folder / "small.jsonl", [(c, d) for c in list(dtd_data)[:6] for d in dtd_data[c][:10]])
+    out = folder / "d.safetensors"
+    assert main(cli(desc, out, "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16")) == 0
+    return desc, out
+
+
+@pytest.mark.parametrize("flag", ["--keep-last-batch", "--precision bf16", "--precision auto", "--no-shared-prefix", "--device cpu"])
+def test_run_flags_in_successful_runs(tmp_path, default_run, capsys, flag):
+    desc, ref = default_run
+    out = tmp_path / "f.safetensors"
+    code, err = run(capsys, cli(desc, out, "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16", *flag.split()))
+    assert code == 0, err
+    hyper, steps = load_prompts(out).meta["hyperparameters"], json.loads((tmp_path / "f.loss.json").read_text())["step_losses"]
+    ref_steps = json.loads(ref.with_suffix("").with_suffix(".loss.json").read_text())["step_losses"]
+    got, want = load_prompts(out).ctx, load_prompts(ref).ctx
+    if flag == "--keep-last-batch":  # 60 samples: 3 full batches of 16 and the last 12, kept
+        assert [len(s) for s in steps] == [4, 4] and hyper["drop_last"] is False
+    elif flag == "--precision bf16":
+        assert hyper["precision"] == "bf16" and steps != ref_steps
+        assert steps[0][0] == pytest.approx(ref_steps[0][0], rel=0.05)  # the same loss, at bf16's precision
+    elif flag == "--precision auto":  # fp32 on a CPU
+        assert hyper["precision"] == "fp32" and torch.equal(got, want)
+    elif flag == "--no-shared-prefix":  # another path, the same numbers
+        assert hyper["shared_prefix"] is False and sum(steps, []) == pytest.approx(sum(ref_steps, []), rel=1e-5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    else:
+        assert hyper["device"] == "cpu" and torch.equal(got, want)
