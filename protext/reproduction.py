@@ -267,21 +267,26 @@ class RunFolder:
         self.cells = path / "cells"
         self.prompts = prompts
 
-    def open(self, identity: dict[str, Any], table: str) -> None:
-        """Create the folder, or check that it holds a run with the same ``identity``."""
+    def check(self, identity: dict[str, Any]) -> bool:
+        """Whether the folder already holds this run; refuses another run's or foreign content. Writes nothing."""
         run_file = self.path / "run.json"
         if run_file.is_file():
             saved = _read_json(run_file, "delete the folder or pass another --out").get("identity")
             if saved != identity:
-                diff = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} now" for k, v in identity.items()
-                                 if not isinstance(saved, dict) or saved.get(k) != v)
+                saved = saved if isinstance(saved, dict) else {}
+                diff = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} now" for k, v in identity.items() if saved.get(k) != v)
                 raise ReproduceError(f"--out {self.path} holds another run ({diff}); pass another --out or the same flags.")
-            return
+            return True
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             raise ReproduceError(
                 f"--out {self.path} is not empty and has no run.json: not a protext reproduce folder; pass another --out."
             )
-        _write_json(run_file, {"format": RUN_FORMAT, "table": table, "identity": identity})
+        return False
+
+    def open(self, identity: dict[str, Any], table: str) -> None:
+        """Create the folder's run.json (after every pre-flight check passed), unless it exists."""
+        if not self.check(identity):
+            _write_json(self.path / "run.json", {"format": RUN_FORMAT, "table": table, "identity": identity})
 
     def cell_file(self, cell: Cell) -> Path:
         return self.cells / f"{cell.key}.json"
@@ -407,13 +412,11 @@ def _release_descriptions(folder: str, dataset: str, classes: list[str]) -> dict
         raise ReproduceError(f"--descriptions: {err}") from None
 
 
-def prepare_descriptions(
-    config: ReproduceConfig, cells: list[Cell], found: Availability, folder: RunFolder
-) -> dict[str, Path]:
-    """Write, per dataset that needs them, its CuPL descriptions keyed by its own class names.
+def gather_descriptions(config: ReproduceConfig, cells: list[Cell], found: Availability) -> dict[str, dict[str, list[str]]]:
+    """Per dataset that needs them, its CuPL descriptions keyed by its own class names.
 
     Every class a cell scores or a preset trains on must have descriptions; otherwise the error
-    names the CuPL file and the classes. Returns ``{dataset: descriptions file}``.
+    names the CuPL file and the classes. Returns ``{dataset: {class: [description, ...]}}``.
     """
     needed: dict[str, list[str]] = {}
     for cell in cells:
@@ -427,7 +430,7 @@ def prepare_descriptions(
             f"{config.table} needs CuPL descriptions for {', '.join(needed)}: pass --descriptions DIR "
             "(CuPL's release folder, e.g. ../shared/cupl)."
         )
-    return {ds: _materialise(config.descriptions, ds, names, folder) for ds, names in needed.items()}
+    return {ds: _release_descriptions(config.descriptions, ds, names) for ds, names in needed.items()}
 
 
 def _classes_of(dataset: str, found: Availability) -> list[str]:
@@ -445,12 +448,11 @@ def _merge(first: list[str], second: list[str]) -> list[str]:
     return first + [n for n in second if n not in seen]
 
 
-def _materialise(release: str, dataset: str, classes: list[str], folder: RunFolder) -> Path:
+def _materialise(release: str, dataset: str, data: dict[str, list[str]], folder: RunFolder) -> Path:
     """Write ``dataset``'s descriptions (every sample, repeats kept) as a protext description file."""
     from .descriptions import read_descriptions
     from .descriptions.cupl import import_descriptions
 
-    data = _release_descriptions(release, dataset, classes)
     path = folder.path / "descriptions" / f"{dataset}.jsonl"
     if path.exists():
         if read_descriptions(path) != data:
@@ -495,13 +497,15 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
     _validate(config)
     folder = RunFolder(config.output_dir(), config.prompts_dir())
     cells = plan_cells(protocol, config)
+    folder.check(config.identity())
     found = check_datasets(protocol, config.root)
-    folder.open(config.identity(), protocol.name)
     for cell in cells:  # damaged cell files are reported before any work
         if cell.dataset in found.present:
             folder.read_cell(cell)
-    descriptions = prepare_descriptions(config, cells, found, folder)
     external_problem = check_external(config, protocol)
+    texts = gather_descriptions(config, cells, found)  # every check passes before anything is written
+    folder.open(config.identity(), protocol.name)
+    descriptions = {ds: _materialise(config.descriptions, ds, data, folder) for ds, data in texts.items()}
     for name, fix in found.missing.items():
         say(f"missing: {name}: {fix}")
     runner = runner if runner is not None else LibraryRunner(config)
@@ -535,6 +539,7 @@ class _RunState:
         self.done: dict[tuple, dict[str, Any]] = {}
         self.prompts: dict[str, dict[str, Any]] = {}
         self._environment: Optional[dict[str, Any]] = None
+        self._checked: set[str] = set()
 
     def environment(self) -> dict[str, Any]:
         if self._environment is None:
@@ -591,7 +596,9 @@ class _RunState:
         path = self.folder.prompts / f"{_slug(preset)}.safetensors"
         record_path = path.with_suffix(".json")
         if record_path.is_file():
-            self.runner.check_prompts(path)
+            if preset not in self._checked:  # once per run: the fingerprint hashes the whole text tower
+                self.runner.check_prompts(path)
+                self._checked.add(preset)
             self.prompts.setdefault(preset, self._prompt_record(preset))
             return path
         info = _preset(preset)

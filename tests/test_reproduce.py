@@ -455,3 +455,10 @@ def test_prompts_of_other_weights_refused_by_the_cli(e2e_roots, small_cupl, tmp_
     err = capsys.readouterr().err
     assert err.startswith(f"error: {ckpt}: prompts were trained on other text-tower weights") and err.count("\n") == 1
     assert ckpt.read_bytes() == before
+
+
+def test_missing_descriptions_leave_no_folder_behind(imagenet_root, tmp_path):
+    config = ReproduceConfig("protext-dg", str(imagenet_root), out=str(tmp_path / "out"), descriptions=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="nowhere"):
+        reproduce(config, FakeRunner(), say=lambda m: None)
+    assert not (tmp_path / "out").exists()
