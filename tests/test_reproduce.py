@@ -462,3 +462,20 @@ def test_missing_descriptions_leave_no_folder_behind(imagenet_root, tmp_path):
     with pytest.raises(UserError, match="nowhere"):
         reproduce(config, FakeRunner(), say=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_coop_rows_run_from_a_coop_checkpoint(e2e_roots, small_cupl, library_runner, tmp_path):
+    """tpt-ood's CoOp rows take CoOp's own .pth format; TPT + CoOp starts from it."""
+    import torch
+
+    coop = tmp_path / "coop_imagenet.pth"
+    torch.save({"state_dict": {"ctx": torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.02}}, coop)
+    config = _tiny_config("tpt-ood", e2e_roots["tpt-ood"], tmp_path / "out", small_cupl)
+    config.coop = str(coop)
+    library_runner.config = config
+    run = reproduce(config, library_runner, say=lambda m: None)
+    assert run.table["rows_not_run"] == {}
+    cells = {c["key"]: c for c in run.table["cells"]}
+    for key in ("coop-16-shot__imagenet_a__all", "tpt-coop__imagenet_a__all"):
+        assert cells[key]["checkpoint"] == str(coop) and cells[key]["template_used"] == "a photo of a {}."
+    assert cells["tpt-coop__imagenet_a__all"]["evaluation"]["tta"]["init"] == "coop"
