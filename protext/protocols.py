@@ -13,7 +13,7 @@ tables can be listed (``python -m protext.reproduce --list``) instantly.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from .errors import UserError
@@ -67,6 +67,7 @@ class TTASpec:
     steps: Optional[int] = 1
     lr: Optional[float] = 5e-3
     init: Optional[str] = "handcrafted"
+    augmix: Optional[bool] = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -77,6 +78,8 @@ TPT = TTASpec()
 ZERO = TTASpec("zero", views=64, selection=0.3, steps=None, lr=None, init=None)
 TDA = TTASpec("tda", views=None, selection=None, steps=None, lr=None, init=None)
 CTPT = TTASpec("ctpt")
+#: C-TPT's natural-shift runs switch AugMix on (TTA.md §2), ImageNet included ("shares the fine-grained protocol")
+CTPT_AUGMIX = TTASpec("ctpt", augmix=True)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class Protocol:
         published_averages: the paper's own average cells, ``(row, average, measure) -> number``.
         notes: protocol facts every reader of the table needs (printed in ``TABLE.md``).
         report_ece: also report the expected calibration error (C-TPT's tables print acc / ECE).
+        departures: every place protext still runs this table differently from the paper, and why
+            (:data:`COMMON_DEPARTURES` apply to every table and are added by :meth:`all_departures`).
     """
 
     name: str
@@ -155,6 +160,11 @@ class Protocol:
     published_averages: Mapping[tuple[str, str, str], float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     report_ece: bool = False
+    departures: tuple[str, ...] = ()
+
+    def all_departures(self) -> list[str]:
+        """This table's departures from the paper, then those common to every table."""
+        return list(self.departures) + list(COMMON_DEPARTURES)
 
     @property
     def base_to_novel(self) -> bool:
@@ -292,13 +302,39 @@ _TTA_ROWS = (
              "ensemble on ImageNet, its variants, Caltech, Cars and SUN, CoOp's template elsewhere"),
     Row("C-TPT (acc / ECE)", "clip", "tpt", tta=CTPT, note="TPT with the text-feature dispersion term, λ 50 (20 on A/V2/R/Sketch)"),
 )
-_TTA_NOTES = (
-    "The C-TPT numbers come from a third-party copy of the paper's tables (lower confidence).",
-    "ZERO and TDA report means over 3 seeds / stream orders; protext runs one seed per cell (--seed).",
-    "TDA's published R and Sketch features average CLIP's 80 templates; protext uses the 7-template ensemble there.",
+_TTA_OOD_ROWS = _TTA_ROWS[:3] + (
+    Row("C-TPT (acc / ECE)", "clip", "tpt", tta=CTPT_AUGMIX,
+        note="TPT with the text-feature dispersion term, λ 50 on ImageNet and 20 on A/V2/R/Sketch, AugMix views as published"),
 )
+_TTA_NOTES = ("ImageNet-A and -R are scored on their 200-class subsets.",)
 
 _IN_DOMAIN = "learned context in place of `a photo of a` of the training template, as the authors evaluate in-domain"
+
+COMMON_DEPARTURES = (
+    "Image decoding and resizing: PIL + open_clip's preprocessing of the loaded model (bicubic resize, centre "
+    "crop); the papers used the same transforms through torchvision, so pixel values can differ by rounding "
+    "between library versions.",
+    "Runs on the CPU are fp32 throughout; the published GPU evaluations ran fp16 (protext's default on CUDA, "
+    "--precision auto), so CPU numbers can differ from GPU ones in the last digits.",
+)
+"""Departures that hold for every table."""
+
+_PROTEXT_DEPARTURES = (
+    "ProText prompts are trained with protext's fast path (targets precomputed, each class encoded once per "
+    "batch, shared prefix); it equals the published computation to float rounding, not bit for bit.",
+    "Training seed 1 (the trainer's default; the paper does not state one), so learned prompts, and the numbers "
+    "they give, are one draw of the published run's randomness.",
+)
+_ZERO_TDA_DEPARTURES = (
+    "One seed per cell (--seed), where ZERO and TDA report means over 3 seeds / stream orders.",
+    "TDA on ImageNet-R and -Sketch: the published features average CLIP's 80 templates; protext has no copy of "
+    "that list and uses the 7-template ensemble there.",
+    "TDA on the other fine-grained sets: 'one dataset template' is read as CoOp's per-dataset template (TTA.md "
+    "does not name it).",
+    "ZERO votes are hard (the paper's rule); the published GPU runs were fp16, where near-ties give soft votes "
+    "(TTA.md §1.5: the fp16-votes variant, not used here).",
+    "The C-TPT numbers come from a third-party copy of the paper's tables (lower confidence).",
+)
 
 _PROTOCOLS: tuple[Protocol, ...] = (
     Protocol(
@@ -421,7 +457,7 @@ _PROTOCOLS: tuple[Protocol, ...] = (
         "ZERO (NeurIPS'24), TDA (CVPR'24), C-TPT (ICLR'24): natural distribution shifts",
         TPT_OOD_ORDER,
         ("all",),
-        _TTA_ROWS,
+        _TTA_OOD_ROWS,
         (Average("avg (OOD 4)", TPT_OOD_ORDER[1:]),),
         {**_numbers(_TTA_OOD, TPT_OOD_ORDER), **_row_numbers("C-TPT (acc / ECE)", TPT_OOD_ORDER, _CTPT_OOD_ECE, "ece")},
         {},
@@ -442,6 +478,21 @@ _PROTOCOLS: tuple[Protocol, ...] = (
     ),
 )
 
+_DEPARTURES = {
+    "protext-text-only": _PROTEXT_DEPARTURES,
+    "protext-base2novel": _PROTEXT_DEPARTURES,
+    "protext-cross-dataset": _PROTEXT_DEPARTURES,
+    "protext-dg": _PROTEXT_DEPARTURES,
+    "tpt-ood": (
+        "CoOp (16-shot) and TPT + CoOp need CoOp's image-trained ImageNet prompts (--coop FILE): protext learns "
+        "prompts from text only and cannot make them; without the file those rows are not run.",
+    ),
+    "tpt-xd": (),
+    "protext-tpt": _PROTEXT_DEPARTURES + ("No published numbers exist for ProText + TPT: nothing to compare with.",),
+    "tta-ood": _ZERO_TDA_DEPARTURES,
+    "tta-xd": _ZERO_TDA_DEPARTURES,
+}
+_PROTOCOLS = tuple(replace(p, departures=_DEPARTURES[p.name]) for p in _PROTOCOLS)
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in _PROTOCOLS}
 
 

@@ -725,6 +725,7 @@ def build_table(
         "protext_version": __version__,
         "run": {**config.identity(), "descriptions": config.descriptions, "root": config.root},
         "departures": config.departures(),
+        "protocol_departures": protocol.all_departures(),
         "notes": list(protocol.notes),
         "datasets": list(protocol.datasets),
         "splits": list(protocol.splits),
@@ -797,6 +798,8 @@ def render_markdown(table: dict[str, Any]) -> str:
         out += _measure_table(table, measure) + [""]
     if table["departures"]:
         out += ["## This run departs from the published protocol", ""] + [f"- {d}" for d in table["departures"]] + [""]
+    out += ["## Where protext still departs from the paper's setting", ""]
+    out += [f"- {d}" for d in table["protocol_departures"]] + [""]
     if table["missing_datasets"]:
         out += ["## Missing datasets (not run)", ""]
         out += [f"- {name}: {fix}" for name, fix in table["missing_datasets"].items()] + [""]
@@ -905,7 +908,7 @@ class LibraryRunner:
             template=None if cell.features == "ensemble" else cell.template,
             templates=cell.template_rule, descriptions=_opt(request.descriptions), prompts=_opt(request.checkpoint),
             tta=tta.get("method"), tta_views=tta.get("views"), tta_selection=tta.get("selection"),
-            tta_steps=tta.get("steps"), tta_lr=tta.get("lr"), tta_init=tta.get("init"),
+            tta_steps=tta.get("steps"), tta_lr=tta.get("lr"), tta_init=tta.get("init"), augmix=tta.get("augmix"),
             batch_size=self.config.batch_size, workers=self.config.workers, seed=self.config.seed,
             out=str(request.out / "results.json"), progress=self.config.progress,
         )
