@@ -479,3 +479,25 @@ def test_coop_rows_run_from_a_coop_checkpoint(e2e_roots, small_cupl, library_run
     for key in ("coop-16-shot__imagenet_a__all", "tpt-coop__imagenet_a__all"):
         assert cells[key]["checkpoint"] == str(coop) and cells[key]["template_used"] == "a photo of a {}."
     assert cells["tpt-coop__imagenet_a__all"]["evaluation"]["tta"]["init"] == "coop"
+
+
+def test_descriptions_from_cupls_release_with_its_original_keys(tmp_path, shared_dir):
+    """--descriptions takes CuPL's folder as released (Cars' year-last keys, SUN's reworded ones):
+    every class of the dataset gets its descriptions under its own name, repeats kept."""
+    from protext.descriptions import read_descriptions
+
+    release = tmp_path / "release"
+    release.mkdir()
+    for path in [*CUPL.glob("*.json"), *(CUPL / "original-keys").glob("*.json")]:  # original keys win
+        shutil.copy(path, release / path.name)
+    root = tmp_path / "data"
+    make_tree(root, ["stanford_cars", "sun397"], classes_per_dataset=2, shared=shared_dir)
+    config = ReproduceConfig("protext-text-only", str(root), out=str(tmp_path / "out"), descriptions=str(release))
+    reproduce(config, FakeRunner(), say=lambda m: None)
+    for dataset, names_file, cupl_file in (("stanford_cars", "cars.json", "cars_prompts_full.json"),
+                                           ("sun397", "sun397.json", "sun_prompts_full.json")):
+        written = read_descriptions(tmp_path / "out" / "protext-text-only" / "descriptions" / f"{dataset}.jsonl")
+        names = json.loads((shared_dir / "classnames" / names_file).read_text())
+        assert sorted(written) == sorted(names)
+        original = json.loads((release / cupl_file).read_text())
+        assert sum(map(len, written.values())) == sum(len([d for d in v if d.strip()]) for v in original.values())
