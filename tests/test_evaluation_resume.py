@@ -271,12 +271,16 @@ def _start(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def _records(folder: Path, pattern: str) -> int:
+    """Image records in the logs matching ``pattern`` (lines after each header)."""
+    return sum(max(0, len(p.read_bytes().split(b"\n")) - 2) for p in folder.glob(pattern))
+
+
 def _wait_for_records(proc: subprocess.Popen, folder: Path, pattern: str, at_least: int, timeout: float = 120) -> bool:
     """Poll until the logs matching ``pattern`` hold ``at_least`` image records; False if the process ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        records = sum(max(0, len(p.read_bytes().split(b"\n")) - 2) for p in folder.glob(pattern))
-        if records >= at_least:
+        if _records(folder, pattern) >= at_least:
             return True
         if proc.poll() is not None:
             return False
@@ -322,11 +326,15 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_results(many, tmp_p
     rng = random.Random(1234)
     out = tmp_path / "run" / "r.json"
     kills = 0
+    points = []
     for _ in range(4):
-        at = rng.randrange(0, 24)
+        # kill after k more images (k = 0: during start-up, before any image)
+        before = _records(out.parent, "r.json.resume-*.jsonl") if out.parent.exists() else 0
+        k = rng.randrange(0, max(1, 24 - before - 1))
+        points.append((before, k))
         proc = _start([*args, "--out", str(out)])
         try:
-            reached = at == 0 or _wait_for_records(proc, out.parent, "r.json.resume-*.jsonl", at)
+            reached = k == 0 or _wait_for_records(proc, out.parent, "r.json.resume-*.jsonl", before + k)
             if reached and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 kills += 1
@@ -335,7 +343,7 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_results(many, tmp_p
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         assert _group_gone(proc.pid)
-    assert kills >= 2
+    assert kills >= 3, points
     final = _start([*args, "--out", str(out)])  # also when a kill came after the results were written
     assert final.wait(timeout=300) == 0, final.stderr.read()
     assert _stable(json.loads(out.read_text())) == _stable(json.loads(ref_out.read_text()))
@@ -404,9 +412,11 @@ def test_sigkill_under_torchrun_then_rerun_gives_identical_results(many, tmp_pat
     rng = random.Random(99)
     kills = 0
     for _ in range(2):
+        before = _records(out.parent, "r.json.resume-*.rank*.jsonl") if out.parent.exists() else 0
+        k = rng.randrange(1, max(2, 24 - before - 2))
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            if _wait_for_records(proc, out.parent, "r.json.resume-*.rank*.jsonl", rng.randrange(1, 20), timeout=180) and proc.poll() is None:
+            if _wait_for_records(proc, out.parent, "r.json.resume-*.rank*.jsonl", before + k, timeout=180) and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 kills += 1
             proc.wait(timeout=60)
