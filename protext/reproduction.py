@@ -111,18 +111,19 @@ class ReproduceConfig:
             "coop": Path(self.coop).name if self.coop else None,
         }
 
-    def departures(self) -> list[str]:
-        """How this run's own flags depart from the published protocol (empty for a faithful run)."""
+    def departures(self, trains: bool = True) -> list[str]:
+        """How this run's own flags depart from the published protocol (empty for a faithful run);
+        ``trains``: whether the table trains prompts (else --epochs and --depth change nothing)."""
         out = []
         if (self.model, self.pretrained) != ("ViT-B-16", "openai"):
             out.append(f"model {self.model} / weights {self.pretrained} (published: ViT-B-16 / openai)")
         if self.limit is not None:
             out.append(f"--limit {self.limit}: only the first {self.limit} test images of each cell")
-        if self.epochs is not None:
+        if self.epochs is not None and trains:
             out.append(f"--epochs {self.epochs}: every preset trained for {self.epochs} epochs, not its own")
         if self.tta_views is not None:
             out.append(f"--tta-views {self.tta_views}: test-time adaptation on {self.tta_views} views, not 64")
-        if self.depth is not None:
+        if self.depth is not None and trains:
             out.append(f"--depth {self.depth}: prompts {self.depth} blocks deep, not 9 (for text towers with fewer blocks)")
         return out
 
@@ -724,7 +725,7 @@ def build_table(
         "title": protocol.title,
         "protext_version": __version__,
         "run": {**config.identity(), "descriptions": config.descriptions, "root": config.root},
-        "departures": config.departures(),
+        "departures": config.departures(trains=any(r.preset for r in protocol.rows)),
         "protocol_departures": protocol.all_departures(),
         "notes": list(protocol.notes),
         "datasets": list(protocol.datasets),
