@@ -333,61 +333,45 @@ def _write_text(path: Path, text: str) -> None:
 
 @dataclass
 class Availability:
-    """Which of a table's datasets are under ``--root``; for the others, what to place where."""
+    """Which of a table's datasets are under ``--root``; for the others, what to place where.
+
+    ``found`` records, per present dataset, its layout and its test images against the published
+    test set's size: a smaller copy gives numbers that are not the paper's, and the table says so.
+    """
 
     present: list[str] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
     classes: dict[str, list[str]] = field(default_factory=dict)
+    found: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def check_datasets(protocol: Protocol, root: str) -> Availability:
-    """Look for every dataset of the table; a table with none of them is an error."""
-    found = Availability()
+    """Look for every dataset of the table (:func:`protext.datasets.dataset_status`); none is an error."""
+    from .datasets import dataset_status
+
+    result = Availability()
     for name in protocol.datasets:
-        problem = _dataset_problem(name, root)
-        if problem:
-            found.missing[name] = problem
+        status = dataset_status(name, root)
+        if status.state != "found":
+            result.missing[name] = f"{status.state}: {status.problem + '; ' if status.problem else ''}{status.fix}"
             continue
-        found.present.append(name)
-        found.classes[name] = _dataset_classes(name, root)
-    if not found.present:
-        first = next(iter(found.missing.values()))
+        result.present.append(name)
+        result.classes[name] = _dataset_classes(name, root)
+        result.found[name] = {"layout": status.layout, "folder": str(status.folder), "test_images": status.images,
+                              "published_test_images": status.published}
+    if not result.present:
+        first = next(iter(result.missing.values()))
         raise ReproduceError(
             f"--root {root} holds none of {protocol.name}'s {len(protocol.datasets)} datasets "
             f"({', '.join(protocol.datasets)}); for example {first}"
         )
-    return found
-
-
-def _dataset_problem(name: str, root: str) -> Optional[str]:
-    """None when the dataset is complete under ``root``, else one line saying what to place where."""
-    try:
-        from .datasets import dataset_status
-    except ImportError:  # before the dataset checker exists: a test build is the check
-        dataset_status = None
-    if dataset_status is not None:
-        status = dataset_status(name, root)
-        state = str(getattr(status, "state", getattr(status, "status", "")))
-        if state == "found":
-            return None
-        return str(getattr(status, "fix", None) or getattr(status, "message", None) or state)
-    from .datasets import DatasetError
-
-    try:
-        _build(name, root, "all")
-    except (DatasetError, UserError) as err:
-        return str(err)
-    return None
+    return result
 
 
 def _build(name: str, root: str, split: str):
-    import inspect
-
     from .datasets import build_dataset
 
-    if "partition" in inspect.signature(build_dataset).parameters:
-        return build_dataset(name, root, split=split, partition="test")
-    return build_dataset(name, root, split="test", subset=split)
+    return build_dataset(name, root, split=split, partition="test")
 
 
 def _dataset_classes(name: str, root: str) -> list[str]:
@@ -732,6 +716,7 @@ def build_table(
         "splits": list(protocol.splits),
         "measures": list(protocol.measures()),
         "missing_datasets": dict(found.missing),
+        "datasets_found": dict(found.found),
         "rows_not_run": not_run,
         "rows": [_table_row(protocol, row, records) for row in protocol.rows],
         "cells": [records[c.key] for c in cells if c.key in records],
@@ -786,6 +771,19 @@ def _cells_table(table: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _datasets_section(table: dict[str, Any]) -> list[str]:
+    """Each dataset found: layout and test images against the published test set."""
+    found = table.get("datasets_found") or {}
+    if not found:
+        return []
+    out = ["## Datasets found", "", "| dataset | layout | test images | published test set |", "| --- | --- | --- | --- |"]
+    for name, info in found.items():
+        short = info["test_images"] != info["published_test_images"]
+        mark = " (not the published test set: numbers are not comparable)" if short else ""
+        out.append(f"| {name} | {info['layout']} | {info['test_images']}{mark} | {info['published_test_images']} |")
+    return out + [""]
+
+
 def render_markdown(table: dict[str, Any]) -> str:
     """``TABLE.md``: ours (published, difference) per cell, recomputed averages, then every setting."""
     out = [f"# {table['table']}", "", table["title"], ""]
@@ -801,6 +799,7 @@ def render_markdown(table: dict[str, Any]) -> str:
         out += ["## This run departs from the published protocol", ""] + [f"- {d}" for d in table["departures"]] + [""]
     out += ["## Where protext still departs from the paper's setting", ""]
     out += [f"- {d}" for d in table["protocol_departures"]] + [""]
+    out += _datasets_section(table)
     if table["missing_datasets"]:
         out += ["## Missing datasets (not run)", ""]
         out += [f"- {name}: {fix}" for name, fix in table["missing_datasets"].items()] + [""]

@@ -179,6 +179,11 @@ def test_missing_datasets_listed_and_the_rest_runs(tmp_path, shared_dir):
     avg = run.table["rows"][0]["averages"]["avg"]["top1"]
     assert avg["ours"] is None and avg["complete"] == 2 and avg["of"] == 10
     assert "## Missing datasets" in run.markdown_path.read_text()
+    # two classes with one test image each, against CoOp's test splits (DTD 1,692 images, EuroSAT 8,100)
+    found = run.table["datasets_found"]
+    assert (found["dtd"]["test_images"], found["dtd"]["published_test_images"]) == (2, 1692)
+    assert (found["eurosat"]["test_images"], found["eurosat"]["published_test_images"]) == (2, 8100)
+    assert "| dtd | coop | 2 (not the published test set: numbers are not comparable) | 1692 |" in run.markdown_path.read_text()
 
 
 # --------------------------------------------------------------------------------------------------
