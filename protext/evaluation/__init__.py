@@ -14,6 +14,13 @@ images are sharded (every ``world_size``-th image per rank) and merged exactly. 
 results JSON, its markdown summary and reliability diagram (:func:`protext.results.write_results`),
 then removes the log.
 
+What a kill costs: finished images are appended (flushed and fsynced per batch) to
+``OUT.resume-<fingerprint>.rank<r>.jsonl``; a SIGKILL loses at most the batch in flight, and the
+same command rerun skips every finished batch and ends with the same results (a changed command
+has another fingerprint, so it uses its own log and leaves the old one alone). Ctrl-C exits 130
+and keeps the log. Online methods (TDA) also save their caches every :data:`.loop.STATE_EVERY`
+images. Rerunning a finished command returns its result without recomputing anything.
+
 Modules: :mod:`.config` (settings, no torch), :mod:`.preflight`, :mod:`.data`, :mod:`.features`
 (class features and templates), :mod:`.adapters` (the bridge to :mod:`protext.tta`), :mod:`.resume`
 (the log), :mod:`.loop`, :mod:`.payload`.
