@@ -336,6 +336,7 @@ def test_table_end_to_end_on_tiny_clip(table, e2e_roots, small_cupl, library_run
     present = E2E_DATASETS[table]
     assert sorted(run.table["missing_datasets"]) == sorted(set(p.datasets) - set(present))
     by_key = {c["key"]: c for c in run.table["cells"]}
+    in_domain: list[str] = []
     for row in p.rows:
         for d in present:
             for split in p.splits:
@@ -359,11 +360,31 @@ def test_table_end_to_end_on_tiny_clip(table, e2e_roots, small_cupl, library_run
                         assert cell["evaluation"]["tta"].get("init") == row.tta.init
                 if s["preset"]:
                     assert cell["evaluation"]["checkpoint"]["n_ctx"] == s["n_ctx"]
+                if s["template_source"].startswith("training template"):
+                    in_domain.append(cell["checkpoint"])
                 assert cell["environment"]["model"] == "tiny-clip/random"
     for preset, record in run.table["prompts"].items():
         assert record["epochs"] == 1 and Path(record["checkpoint"]).is_file()
+    _same_as_training_template(set(in_domain), library_runner)
     trains = any(r.preset for r in p.rows)  # --epochs is a departure only where prompts are trained
     assert ("--epochs 1:" in run.markdown_path.read_text()) == trains and bool(run.table["prompts"]) == trains
+
+
+def _same_as_training_template(checkpoints, runner) -> None:
+    """In-domain cells write the training template in full ("a photo of a {}."); with the context in
+    place of its phrase that must give exactly the checkpoint's own training prompts ("X … X {}.")."""
+    import torch
+
+    from protext.checkpoint import class_encoder, load_prompts
+    from protext.zeroshot import prompt_text_features
+
+    clip = runner._load()
+    for path in checkpoints:
+        ckpt = load_prompts(path)
+        names = ["banded", "red car", "a b_c"]
+        ours = prompt_text_features(class_encoder(clip.model, clip.tokenizer, names, "a photo of a {}.", ckpt))
+        own = prompt_text_features(class_encoder(clip.model, clip.tokenizer, names, None, ckpt))
+        assert ckpt.meta["template"] == "{}." and torch.equal(ours, own), path
 
 
 def _md_without_cost(text: str) -> str:
