@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .descriptions import match_classnames
+from .errors import UserError
 from .prompts import PromptedTextEncoder, clean_classname
 from .text_tower import encode_tokens, eot_positions
 
@@ -33,7 +34,7 @@ DEFAULT_TOKEN_BUDGET = 8192
 METHODS = ("clip", "cupl", "prompts")
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(UserError, ValueError):
     """The inputs cannot describe every class (missing descriptions, a bad template, ...)."""
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from protext.descriptions import load_cupl_json
 from protext.prompts import PromptedTextEncoder
-from protext.tpt import context_template
+from protext.tpt import context_template  # deprecated shim; the rule now lives in checkpoint.class_encoder
 from protext.zeroshot import (
     ZeroShotError,
     clip_text_features,
