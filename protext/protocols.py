@@ -311,9 +311,6 @@ _TTA_NOTES = ("ImageNet-A and -R are scored on their 200-class subsets.",)
 _IN_DOMAIN = "learned context in place of `a photo of a` of the training template, as the authors evaluate in-domain"
 
 COMMON_DEPARTURES = (
-    "Image decoding and resizing: PIL + open_clip's preprocessing of the loaded model (bicubic resize, centre "
-    "crop); the papers used the same transforms through torchvision, so pixel values can differ by rounding "
-    "between library versions.",
     "Runs on the CPU are fp32 throughout; the published GPU evaluations ran fp16 (protext's default on CUDA, "
     "--precision auto), so CPU numbers can differ from GPU ones in the last digits.",
 )
@@ -322,7 +319,7 @@ COMMON_DEPARTURES = (
 _PROTEXT_DEPARTURES = (
     "ProText prompts are trained with protext's fast path (targets precomputed, each class encoded once per "
     "batch, shared prefix); it equals the published computation to float rounding, not bit for bit.",
-    "Training seed 1 (the trainer's default; the paper does not state one), so learned prompts, and the numbers "
+    "Training seed 1 (the trainer's default; PRESETS.md names none), so the learned prompts, and the numbers "
     "they give, are one draw of the published run's randomness.",
 )
 _ZERO_TDA_DEPARTURES = (
