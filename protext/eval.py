@@ -158,6 +158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutdown_all()
         if payload["runtime"]["world_size"] == 1 or _is_main():
             print(markdown_table([summary_row(payload)]))
+            if payload.get("streams"):
+                top1 = payload["streams"]["summary"]["top1"]
+                print(f"stream seeds {payload['streams']['seeds']}: top-1 {top1['mean']:.2f} ± {top1['std']:.2f} "
+                      f"(min {top1['min']:.2f}, max {top1['max']:.2f})")
             files = result_files(config.output_path())
             print(f"results written to {files['json']} (+ {files['markdown'].name}, {files['reliability'].name})")
         return 0
