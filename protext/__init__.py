@@ -1,6 +1,7 @@
 """protext: learn CLIP prompts from text alone (ProText) and carry them into test-time prompt tuning.
 
-Pipeline: descriptions -> targets -> prompts -> training -> checkpoint -> zero-shot / TPT evaluation.
+Pipeline: descriptions -> targets -> prompts -> training -> checkpoint -> evaluation and test-time
+adaptation -> reproduce.
 
 The public names below are imported lazily, so that text-only stages (``gen_descriptions``) start
 without paying for torch and open_clip.
@@ -25,6 +26,15 @@ _PUBLIC = {
     "PromptCheckpoint": "checkpoint",
     "load_prompts": "checkpoint",
     "save_prompts": "checkpoint",
+    "class_encoder": "checkpoint",
+    "check_weights": "checkpoint",
+    "read_classes": "classlists",
+    "read_descriptions": "descriptions",
+    "TrainJob": "training",
+    "run_training": "training",
+    "EvalConfig": "evaluation",
+    "evaluate": "evaluation",
+    "UserError": "errors",
 }
 
 __all__ = ["__version__", *_PUBLIC]
