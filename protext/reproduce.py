@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("table", nargs="?", help="Table name (see --list), e.g. protext-base2novel.")
     parser.add_argument("--list", action="store_true", help="List the tables and what each reproduces, then exit.")
+    parser.add_argument("--plan", action="store_true", help="Print every cell of TABLE with its settings (features, classes, template, preset, n_ctx, TTA) and the known departures, then exit; reads and runs nothing.")
     data = parser.add_argument_group("inputs")
     data.add_argument("--root", help="Folder holding the datasets (CoOp or TPT layout); missing ones are listed and skipped.")
     data.add_argument("--descriptions", metavar="DIR", help="CuPL's release folder (its own file names and keys), e.g. ../shared/cupl; needed by CuPL rows and by every table that trains prompts.")
@@ -76,9 +77,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .reproduction import ReproduceConfig, ReproduceError, reproduce
 
         get_protocol(args.table or "")
+        options = {k: v for k, v in vars(args).items() if k not in ("list", "plan")}
+        if args.plan:
+            from .reproduction import describe_plan
+
+            print(describe_plan(ReproduceConfig(**{**options, "root": args.root or ""})))
+            return 0
         if not args.root:
             raise ReproduceError("--root DATA is required: the folder holding the table's datasets.")
-        options = {k: v for k, v in vars(args).items() if k not in ("list",)}
         run = reproduce(ReproduceConfig(**options))
         done = len(run.computed) + len(run.reused)
         print(f"{args.table}: {len(run.computed)} cells computed, {len(run.reused)} reused ({done} of "

@@ -170,6 +170,8 @@ def _cell_template(row: Row, dataset: str, features: str) -> tuple[str, str]:
     """(template, where it comes from) for a row's cell on ``dataset``."""
     if features == "ensemble":
         return ENSEMBLE, "ZERO+Ensemble's seven templates (TTA.md §1.6)"
+    if features == "cupl":  # recorded for completeness: CuPL's class features use no template
+        return template_for(dataset, row.template_rule), "not used: the class's CuPL descriptions"
     preset = row.preset_for(dataset)
     if features == "prompts" and preset is not None and _preset(preset).dataset == dataset:
         # in-domain: the training template, written in full so the context replaces its phrase
@@ -208,6 +210,23 @@ def plan_cells(protocol: Protocol, config: ReproduceConfig) -> list[Cell]:
         for dataset in protocol.datasets
         for split in protocol.splits
     ]
+
+
+def describe_plan(config: ReproduceConfig) -> str:
+    """The cells a table would run, one line each with every setting (nothing is read or run)."""
+    protocol = get_protocol(config.table)
+    lines = [f"{protocol.name}: {protocol.title}"]
+    for cell in plan_cells(protocol, config):
+        tta = "" if not cell.tta else " tta=" + ",".join(f"{k}:{v}" for k, v in cell.tta.items() if v is not None)
+        preset = f" preset={cell.preset} n_ctx={cell.n_ctx}" if cell.preset else (f" n_ctx={cell.n_ctx}" if cell.n_ctx else "")
+        external = f" needs --{cell.external}" if cell.external else ""
+        lines.append(
+            f"  {cell.key}: {cell.features}, {cell.n_classes} classes, template '{cell.template}' "
+            f"({cell.template_source}){preset}{tta}{external}"
+        )
+    lines += [f"  departs: {d}" for d in config.departures(trains=any(r.preset for r in protocol.rows))]
+    lines += [f"  known departure: {d}" for d in protocol.all_departures()]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -449,6 +449,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_plan_prints_every_cell_and_runs_nothing(tmp_path, capsys):
+    from protext.reproduce import main
+
+    assert main(["protext-base2novel", "--plan", "--out", str(tmp_path / "o")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cells = [ln for ln in lines if "__" in ln]
+    assert len(cells) == 66 and not (tmp_path / "o").exists()
+    assert "  protext__dtd__base: prompts, 24 classes, template 'a photo of a {}.' (training template" in "\n".join(cells)
+    assert any(ln.startswith("  known departure: ") for ln in lines)
+
+
 def test_cli_list_and_fast_help():
     listing = subprocess.run([sys.executable, "-m", "protext.reproduce", "--list"], cwd=REPO, capture_output=True, text=True)
     assert listing.returncode == 0
