@@ -508,12 +508,13 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
             folder.read_cell(cell)
     external_problem = check_external(config, protocol)
     texts = gather_descriptions(config, cells, found)  # every check passes before anything is written
+    runner = runner if runner is not None else LibraryRunner(config)
+    environment = runner.environment()  # loads the model: a bad --model/--pretrained/--device fails here
     folder.open(config.identity(), protocol.name)
     descriptions = {ds: _materialise(config.descriptions, ds, data, folder) for ds, data in texts.items()}
     for name, fix in found.missing.items():
         say(f"missing: {name}: {fix}")
-    runner = runner if runner is not None else LibraryRunner(config)
-    state = _RunState(config, folder, runner, descriptions, say)
+    state = _RunState(config, folder, runner, descriptions, say, environment)
     for cell in cells:
         if cell.dataset in found.present and not (cell.external and external_problem):
             state.run_cell(cell, found)
@@ -536,19 +537,15 @@ def _validate(config: ReproduceConfig) -> None:
 class _RunState:
     """The cells and prompts of one call: computes what is missing, reuses what is on disk."""
 
-    def __init__(self, config, folder: RunFolder, runner: CellRunner, descriptions: dict[str, Path], say) -> None:
+    def __init__(self, config, folder: RunFolder, runner: CellRunner, descriptions: dict[str, Path], say,
+                 environment: dict[str, Any]) -> None:
         self.config, self.folder, self.runner, self.descriptions, self.say = config, folder, runner, descriptions, say
+        self.environment = environment
         self.computed: list[str] = []
         self.reused: list[str] = []
         self.done: dict[tuple, dict[str, Any]] = {}
         self.prompts: dict[str, dict[str, Any]] = {}
-        self._environment: Optional[dict[str, Any]] = None
         self._checked: set[str] = set()
-
-    def environment(self) -> dict[str, Any]:
-        if self._environment is None:
-            self._environment = self.runner.environment()
-        return self._environment
 
     def run_cell(self, cell: Cell, found: Availability) -> None:
         record = self.folder.read_cell(cell)
@@ -591,7 +588,7 @@ class _RunState:
             "checkpoint": str(checkpoint) if checkpoint else None,
             "descriptions": str(request.descriptions) if request.descriptions else None,
             "evaluation": result.get("details", {}),
-            "environment": self.environment(),
+            "environment": self.environment,
             "same_as": None,
         }
 
@@ -863,7 +860,12 @@ class LibraryRunner:
 
             name = self.config.device
             name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-            self._device = torch.device(name)
+            if name.startswith("cuda") and not torch.cuda.is_available():
+                raise ReproduceError(f"--device {self.config.device}: CUDA is not available on this machine; use --device cpu or auto.")
+            try:
+                self._device = torch.device(name)
+            except RuntimeError:
+                raise ReproduceError(f"--device must be auto, cpu, cuda or cuda:N, got {self.config.device!r}.") from None
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
                 try:

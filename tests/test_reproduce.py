@@ -539,3 +539,22 @@ def test_descriptions_from_cupls_release_with_its_original_keys(tmp_path, shared
         assert sorted(written) == sorted(names)
         original = json.loads((release / cupl_file).read_text())
         assert sum(map(len, written.values())) == sum(len([d for d in v if d.strip()]) for v in original.values())
+
+
+def test_cli_bad_model_or_device_before_anything_is_written(e2e_roots, tmp_path, capsys):
+    from protext.reproduce import main
+
+    root = str(e2e_roots["tpt-xd"])
+    cases = [
+        (["--model", "no-such-model", "--pretrained", "random"], "--model no-such-model --pretrained random: "),
+        (["--model", "tiny-clip", "--pretrained", str(tmp_path / "missing.pt")], "missing.pt"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--model", "tiny-clip", "--pretrained", "random", "--device", "cuda"], "--device cuda: CUDA is not available"))
+    for extra, message in cases:
+        assert main(["tpt-xd", "--root", root, "--out", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
