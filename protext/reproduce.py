@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
             "presets, evaluate every cell with the table's own protocol (template rule, class split, TTA), "
             "and write TABLE.json and TABLE.md with ours beside the published numbers."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("table", nargs="?", help="Table name (see --list), e.g. protext-base2novel.")
     parser.add_argument("--list", action="store_true", help="List the tables and what each reproduces, then exit.")
@@ -40,20 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--descriptions", metavar="DIR", help="CuPL's release folder (its own file names and keys), e.g. ../shared/cupl; needed by CuPL rows and by every table that trains prompts.")
     data.add_argument("--coop", metavar="FILE", help="CoOp's 16-shot ImageNet prompts (.pth) for tpt-ood's CoOp rows; without it those rows are listed as not run.")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="ViT-B-16", help="open_clip architecture; the papers use ViT-B-16.")
-    model.add_argument("--pretrained", default="openai", help="open_clip tag, a weights file, or 'random' (smoke tests only).")
-    model.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N.")
-    model.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="Evaluation precision (auto: fp16 on CUDA as published, fp32 on the CPU); prompts always train in fp32.")
+    model.add_argument("--model", default="ViT-B-16", help="open_clip architecture; the papers use ViT-B-16. [ViT-B-16]")
+    model.add_argument("--pretrained", default="openai", help="open_clip tag, a weights file, or 'random' (smoke tests only). [openai]")
+    model.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N. [auto]")
+    model.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="Evaluation precision (auto: fp16 on CUDA as published, fp32 on the CPU); prompts always train in fp32. [auto]")
     run = parser.add_argument_group("run")
-    run.add_argument("--out", metavar="DIR", help="Output folder (default: reproduction/TABLE); rerun with the same --out to continue.")
+    run.add_argument("--out", metavar="DIR", help="Output folder; rerun with the same --out to continue. [reproduction/TABLE]")
     run.add_argument("--limit", type=int, metavar="N", help="Smoke test: only the first N test images of each cell (a departure, listed in TABLE.md).")
     run.add_argument("--epochs", type=int, metavar="N", help="Smoke test: train every preset for N epochs instead of its own (a departure).")
     run.add_argument("--tta-views", type=int, metavar="N", help="Smoke test: N views per image for test-time adaptation instead of 64 (a departure).")
     run.add_argument("--depth", type=int, metavar="N", help="Prompt depth N instead of 9, for models whose text tower has fewer blocks (tiny-clip: 2); a departure.")
-    run.add_argument("--seed", type=int, default=0, help="Seed of the views of every image (and of a --pretrained random model).")
-    run.add_argument("--batch-size", type=int, default=64, help="Images per batch for cells without test-time adaptation.")
-    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes.")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show progress bars.")
+    run.add_argument("--seed", type=int, default=0, help="Seed of the views of every image (and of a --pretrained random model). [0]")
+    run.add_argument("--batch-size", type=int, default=64, help="Images per batch for cells without test-time adaptation. [64]")
+    run.add_argument("--workers", type=int, default=2, help="DataLoader worker processes. [2]")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show progress bars. [on]")
     return parser
 
 
