@@ -65,39 +65,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="description cache to create or resume, e.g. llm_data/imagenet_gpt-4o-mini.jsonl")
     add("--backend", choices=("openai", "templates"), default=d.backend,
         help="'openai': any OpenAI-compatible chat server (OpenAI, vLLM, Ollama, llama.cpp); "
-        "'templates': no LLM, descriptions from built-in attribute templates (offline); default %(default)s")
+        "'templates': no LLM, descriptions from built-in attribute templates (offline) [%(default)s]")
     add("--model", help="chat model name as the server knows it (required with --backend openai)")
     add("--base-url", help="server URL, e.g. http://localhost:8000/v1 for vLLM, "
-        "http://localhost:11434/v1 for Ollama (default: OpenAI, or $OPENAI_BASE_URL)")
+        "http://localhost:11434/v1 for Ollama [OpenAI, or $OPENAI_BASE_URL]")
     add("--api-key-env", default=d.api_key_env, metavar="VAR",
-        help="environment variable holding the API key, default %(default)s (the key itself is never a flag, "
+        help="environment variable holding the API key [%(default)s] (the key itself is never a flag, "
         "and never written to the cache or printed)")
     add("--queries", default="builtin", metavar="builtin|FILE",
         help="questions for the LLM with '{}' for the class name: the built-in CuPL-style set, or a file "
-        "(.txt one per line, or .json list); default %(default)s")
+        "(.txt one per line, or .json list) [%(default)s]")
     add("--prompts", dest="queries", action=_DeprecatedAlias, new="--queries")
     add("--n-per-query", type=int, default=d.n_per_query, metavar="N",
-        help="samples per class and query (sent as n; servers that refuse or ignore n get N single requests); "
-        "default %(default)s")
+        help="samples per class and query (sent as n; servers that refuse or ignore n get N single requests) "
+        "[%(default)s]")
     add("--n-per-prompt", dest="n_per_query", type=int, action=_DeprecatedAlias, new="--n-per-query")
     add("--temperature", type=_temperature, default=d.temperature, metavar="T",
-        help="sampling temperature, or 'default' to send none (reasoning models); default %(default)s, as CuPL")
+        help="sampling temperature, or 'default' to send none (reasoning models), as CuPL [%(default)s]")
     add("--max-tokens", type=int, default=d.max_tokens, metavar="N",
-        help="answer length limit in tokens (sent as max_tokens, or max_completion_tokens if the model wants it); "
-        "default %(default)s")
+        help="answer length limit in tokens (sent as max_tokens, or max_completion_tokens if the model wants it) "
+        "[%(default)s]")
     add("--seed", type=int, default=d.seed,
-        help="sampling seed for servers that support it (sample i of a single-choice fallback uses seed+i); "
-        "default: none sent")
-    add("--concurrency", type=int, default=d.concurrency, metavar="N", help="requests in flight at most; default %(default)s")
-    add("--timeout", type=float, default=d.timeout, metavar="SEC", help="per-request timeout; default %(default)s")
+        help="sampling seed for servers that support it (sample i of a single-choice fallback uses seed+i) "
+        "[none sent]")
+    add("--concurrency", type=int, default=d.concurrency, metavar="N", help="requests in flight at most [%(default)s]")
+    add("--timeout", type=float, default=d.timeout, metavar="SEC", help="per-request timeout [%(default)s]")
     add("--max-retries", type=int, default=d.max_retries, metavar="N",
-        help="client retries with backoff on 429, 5xx and timeouts; default %(default)s (a server that cannot be "
-        "connected to at all stops the run at once)")
+        help="client retries with backoff on 429, 5xx and timeouts (a server that cannot be "
+        "connected to at all stops the run at once) [%(default)s]")
     add("--attempts", type=int, default=d.attempts, metavar="N",
-        help="tries for answers that arrive unusable (bad JSON, no choices, only refusals); default %(default)s")
+        help="tries for answers that arrive unusable (bad JSON, no choices, only refusals) [%(default)s]")
     add("--system-prompt", default=d.system_prompt, metavar="TEXT",
-        help="system message sent with every query ('' to send none); default: ask for one short "
-        "sentence of visible features that names the thing")
+        help="system message sent with every query ('' to send none) [ask for one short "
+        "sentence of visible features that names the thing]")
     add("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     add("-v", "--verbose", action="store_true", help="log every retry and request")
     return p
@@ -117,7 +117,7 @@ def build_import_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", metavar="NAME",
                    help="read SOURCE as CuPL's release for this dataset (e.g. stanford_cars, sun397, dtd): its file "
                    "name in a folder, and its original keys renamed to the class names by protext's key map")
-    p.add_argument("--model", default="cupl", help="value of the 'model' field on every line; default %(default)s")
+    p.add_argument("--model", default="cupl", help="value of the 'model' field on every line [%(default)s]")
     p.add_argument("--classes", metavar="SPEC",
                    help="a dataset's class list (as for generation): refuse to import unless every class has "
                    "descriptions (keys compared case-insensitively, '_' as space), listing the mismatches")

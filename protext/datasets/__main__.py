@@ -34,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         action="append",
         metavar="NAME",
-        help=f"check only this dataset (repeatable; default: all of {', '.join(DATASET_NAMES)})",
+        help=f"check only this dataset (repeatable) [all of {', '.join(DATASET_NAMES)}]",
     )
     check.add_argument(
         "--splits",
         metavar="DIR",
         help="folder holding the split_zhou_*.json files in TPT's layout "
-        "(default: ROOT/data_splits or ROOT/data/data_splits)",
+        "[ROOT/data_splits or ROOT/data/data_splits]",
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     return parser
