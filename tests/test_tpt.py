@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from protext.checkpoint import PromptCheckpoint, load_coop
 from protext.prompts import PromptedTextEncoder, PromptShapeError
-from protext.tpt import checkpoint_encoder, handcrafted_encoder  # deprecated wrappers of protext.checkpoint.class_encoder
+from protext.checkpoint import class_encoder
 from tests.reference.tpt_reference import PromptTuner, TPTConfig  # production's tuner, plus the naive reference path
 from protext.tta.tpt import (
     image_generator,
@@ -21,6 +21,17 @@ from protext.tta.tpt import (
     supports_shared_prefix,
     view_entropy,
 )
+
+
+
+def handcrafted_encoder(model, tokenizer, classnames, template):
+    """TPT's hand-crafted start: ``class_encoder`` without a checkpoint."""
+    return class_encoder(model, tokenizer, classnames, template)
+
+
+def checkpoint_encoder(checkpoint, model, tokenizer, classnames, template):
+    return class_encoder(model, tokenizer, classnames, template, checkpoint)
+
 
 NAMES = ["cat", "golden retriever", "Great Dane", "a rather long class name with several words in it", "ox", "tabby"]
 TEMPLATE = "a photo of a {}."

@@ -62,15 +62,15 @@ def test_aliases_and_overrides():
         ({"method": "mta", "steps": 2}, "--tta-steps"),
         ({"method": "tda", "batch": 4}, "--tta-batch"),
         ({"batch": 0}, "--tta-batch"),
-        ({"method": "ctpt", "ctpt_lambda": -1.0}, "--tta-lambda"),
-        ({"method": "ctpt", "ctpt_lambda": float("inf")}, "--tta-lambda"),
-        ({"method": "tpt", "ctpt_lambda": 5.0}, "--tta-lambda"),
-        ({"method": "tda", "tda_alpha": -1.0, "tda_beta": 5.0}, "--tta-alpha"),
-        ({"method": "tda", "tda_alpha": 1.0, "tda_beta": 0.0}, "--tta-beta"),
-        ({"method": "tda", "tda_alpha": 1.0}, "--tta-alpha"),
-        ({"method": "zero", "tda_alpha": 1.0, "tda_beta": 1.0}, "--tta-alpha"),
-        ({"method": "zero", "zero_votes": "soft"}, "--tta-zero-votes"),
-        ({"method": "tpt", "zero_votes": "fp16"}, "--tta-zero-votes"),
+        ({"method": "ctpt", "ctpt_lambda": -1.0}, "--ctpt-lambda"),
+        ({"method": "ctpt", "ctpt_lambda": float("inf")}, "--ctpt-lambda"),
+        ({"method": "tpt", "ctpt_lambda": 5.0}, "--ctpt-lambda"),
+        ({"method": "tda", "tda_alpha": -1.0, "tda_beta": 5.0}, "--tda-alpha"),
+        ({"method": "tda", "tda_alpha": 1.0, "tda_beta": 0.0}, "--tda-beta"),
+        ({"method": "tda", "tda_alpha": 1.0}, "--tda-alpha"),
+        ({"method": "zero", "tda_alpha": 1.0, "tda_beta": 1.0}, "--tda-alpha"),
+        ({"method": "zero", "zero_votes": "soft"}, "--zero-votes"),
+        ({"method": "tpt", "zero_votes": "fp16"}, "--zero-votes"),
         ({"method": "mta", "naive": True}, "--tta-naive"),
         ({"method": "tpt", "naive": True}, "--tta-naive"),
         ({"method": "mta", "selection": 0.2}, "--tta-selection"),
@@ -84,7 +84,7 @@ def test_bad_settings_name_the_flag(kwargs, flag):
 
 
 def test_tda_without_published_pair_asks_for_flags():
-    with pytest.raises(TTAConfigError, match="--tta-alpha and --tta-beta"):
+    with pytest.raises(TTAConfigError, match="--tda-alpha and --tda-beta"):
         TTAConfig(method="tda").validate("my_folder")
     TTAConfig(method="tda", tda_alpha=1.0, tda_beta=2.0).validate("my_folder")
 

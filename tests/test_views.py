@@ -1,4 +1,4 @@
-"""protext.views: TPT views and the paper-magnitude AugMix (ALGORITHMS.md §5 step 1)."""
+"""protext.tta.views: TPT views and the paper-magnitude AugMix (ALGORITHMS.md §5 step 1)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from protext.descriptions import load_cupl_json
 from protext.prompts import PromptedTextEncoder
-from protext.tpt import context_template  # deprecated shim; the rule now lives in checkpoint.class_encoder
 from protext.zeroshot import (
     ZeroShotError,
     clip_text_features,
@@ -108,12 +107,6 @@ def test_untrained_prompts_equal_clip(tiny_clip, template):
     encoder = PromptedTextEncoder(model, tok, NAMES, n_ctx=4, depth=1, ctx_init="a photo of a", template=template)
     got = prompt_text_features(encoder, token_budget=40)
     torch.testing.assert_close(got, clip_text_features(model, tok, NAMES, template), atol=1e-5, rtol=0)
-
-
-def test_context_template_drops_init_phrase_for_noise_contexts():
-    assert context_template("a photo of a {}, a type of pet.", None) == "{}, a type of pet."
-    assert context_template("a photo of a {}.", "a photo of a") == "a photo of a {}."
-    assert context_template("itap of a {}.", None) == "itap of a {}."
 
 
 def test_images_and_logits(tiny_clip):

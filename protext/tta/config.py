@@ -46,11 +46,11 @@ FLAGS: dict[str, str] = {
     "steps": "--tta-steps",
     "lr": "--tta-lr",
     "tune": "--tta-tune",
-    "ctpt_lambda": "--tta-lambda",
-    "tda_alpha": "--tta-alpha",
-    "tda_beta": "--tta-beta",
-    "zero_votes": "--tta-zero-votes",
-    "augmix": "--tta-augmix",
+    "ctpt_lambda": "--ctpt-lambda",
+    "tda_alpha": "--tda-alpha",
+    "tda_beta": "--tda-beta",
+    "zero_votes": "--zero-votes",
+    "augmix": "--augmix",
     "batch": "--tta-batch",
     "naive": "--tta-naive",
     "fp16": "--precision fp16",
@@ -185,7 +185,7 @@ class TTAConfig:
         if self.method == "tda" and self.tda_alpha is None and dataset_key(dataset_name) not in TDA_POSITIVE:
             raise TTAConfigError(
                 f"--tta tda has no published (alpha, beta) for dataset '{dataset_name}'; "
-                "pass --tta-alpha and --tta-beta (e.g. --tta-alpha 2 --tta-beta 5, ImageNet's)."
+                "pass --tda-alpha and --tda-beta (e.g. --tda-alpha 2 --tda-beta 5, ImageNet's)."
             )
 
     def _check_ranges(self) -> None:
@@ -200,13 +200,13 @@ class TTAConfig:
         if self.tune not in TUNE:
             raise TTAConfigError(f"--tta-tune must be one of {', '.join(TUNE)}, got '{self.tune}'.")
         if self.ctpt_lambda is not None and not (self.ctpt_lambda >= 0 and _finite(self.ctpt_lambda)):
-            raise TTAConfigError(f"--tta-lambda must be a finite number >= 0, got {self.ctpt_lambda}.")
+            raise TTAConfigError(f"--ctpt-lambda must be a finite number >= 0, got {self.ctpt_lambda}.")
         if self.tda_alpha is not None and not (self.tda_alpha >= 0 and _finite(self.tda_alpha)):
-            raise TTAConfigError(f"--tta-alpha must be a finite number >= 0, got {self.tda_alpha}.")
+            raise TTAConfigError(f"--tda-alpha must be a finite number >= 0, got {self.tda_alpha}.")
         if self.tda_beta is not None and not (self.tda_beta > 0 and _finite(self.tda_beta)):
-            raise TTAConfigError(f"--tta-beta must be a finite number > 0, got {self.tda_beta}.")
+            raise TTAConfigError(f"--tda-beta must be a finite number > 0, got {self.tda_beta}.")
         if self.zero_votes not in ZERO_VOTES:
-            raise TTAConfigError(f"--tta-zero-votes must be one of {', '.join(ZERO_VOTES)}, got '{self.zero_votes}'.")
+            raise TTAConfigError(f"--zero-votes must be one of {', '.join(ZERO_VOTES)}, got '{self.zero_votes}'.")
         if self.batch < 1:
             raise TTAConfigError(f"--tta-batch must be at least 1, got {self.batch}.")
 
@@ -222,13 +222,13 @@ class TTAConfig:
                 "(tests/reference/tpt_reference.py; benchmarks/bench_tpt.py times it); drop the flag."
             )
         if self.ctpt_lambda is not None and method != "ctpt":
-            raise TTAConfigError(f"--tta-lambda is C-TPT's weight; it needs --tta ctpt, not --tta {method}.")
+            raise TTAConfigError(f"--ctpt-lambda is C-TPT's weight; it needs --tta ctpt, not --tta {method}.")
         if (self.tda_alpha is None) != (self.tda_beta is None):
-            raise TTAConfigError("--tta-alpha and --tta-beta go together: pass both or neither.")
+            raise TTAConfigError("--tda-alpha and --tda-beta go together: pass both or neither.")
         if self.tda_alpha is not None and method != "tda":
-            raise TTAConfigError(f"--tta-alpha/--tta-beta are TDA's cache weights; they need --tta tda, not --tta {method}.")
+            raise TTAConfigError(f"--tda-alpha/--tda-beta are TDA's cache weights; they need --tta tda, not --tta {method}.")
         if self.zero_votes != "hard" and method != "zero":
-            raise TTAConfigError(f"--tta-zero-votes needs --tta zero, not --tta {method}.")
+            raise TTAConfigError(f"--zero-votes needs --tta zero, not --tta {method}.")
         if method == "tda" and self.batch > 1:
             raise TTAConfigError(
                 "--tta-batch is for the episodic methods; --tta tda is online (each image updates the cache "
