@@ -26,47 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
+from _common import CLASS_FILES, peak_gib, synthetic_images
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-CLASS_FILES = {47: "dtd.json", 1000: "imagenet.json"}
 VIEW_STYLE = {47: "dtd", 1000: "imagenet"}  # AugMix for the fine-grained set, crops only for ImageNet
 
 
 # --------------------------------------------------------------------------------------------------
 # one phase, in a child process
-
-
-def _peak_gib(device: str) -> float:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _synthetic_images(n: int):
-    """Photo-sized test images with some structure (noise plus blocks), the same in every phase."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(n):
-        pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
-        for _ in range(6):
-            y, x = rng.integers(0, 300), rng.integers(0, 420)
-            pixels[y : y + 75, x : x + 80] = rng.integers(0, 256, 3, dtype=np.uint8)
-        images.append(Image.fromarray(pixels))
-    return images
 
 
 def run_phase(args: argparse.Namespace) -> dict:
@@ -95,11 +71,11 @@ def run_phase(args: argparse.Namespace) -> dict:
         amp=args.device.startswith("cuda") and args.phase != "fast-bf16",
     )
     tuner = PromptTuner(clip.model, encoder, config)
-    rss_loaded = _peak_gib(args.device)
+    rss_loaded = peak_gib(args.device)
 
     views = view_transform_for(VIEW_STYLE[args.n_classes], n_views=args.views, resolution=224)
     start = time.perf_counter()
-    batches = [views(image, generator=image_generator(0, i)) for i, image in enumerate(_synthetic_images(args.images))]
+    batches = [views(image, generator=image_generator(0, i)) for i, image in enumerate(synthetic_images(args.images))]
     view_seconds = (time.perf_counter() - start) / args.images
 
     setup = 0.0
@@ -131,7 +107,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         "setup_seconds": setup,
         "view_seconds_per_image": view_seconds,
         "naive_class_chunk": chunk,
-        "peak_gib": _peak_gib(args.device),
+        "peak_gib": peak_gib(args.device),
         "loaded_gib": rss_loaded,
         "top1": top1,
         "logits": logits,

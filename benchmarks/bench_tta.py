@@ -17,45 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
+from _common import CLASS_FILES, peak_gib, synthetic_images
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-CLASS_FILES = {47: "dtd.json", 1000: "imagenet.json"}
 DATASET = {47: "dtd", 1000: "imagenet"}
 METHODS = ("tpt", "ctpt", "zero", "tda", "tda-64", "mta")
 EPISODIC = ("tpt", "ctpt", "zero", "mta")
-
-
-def _peak_gib(device: str) -> float:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _images(n: int):
-    """Photo-sized images with some structure, the same in every subprocess."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
-        for _ in range(6):
-            y, x = rng.integers(0, 300), rng.integers(0, 420)
-            pixels[y : y + 75, x : x + 80] = rng.integers(0, 256, 3, dtype=np.uint8)
-        out.append(Image.fromarray(pixels))
-    return out
 
 
 def _adapter(args, clip, classnames):
@@ -96,7 +72,7 @@ def run_one(args: argparse.Namespace) -> dict:
     classnames = json.loads((SHARED / "classnames" / CLASS_FILES[args.n_classes]).read_text())
     config, adapter, setup = _adapter(args, clip, classnames)
     maker = view_maker(config, DATASET[args.n_classes], model_preprocess_cfg(clip.model))
-    views = [maker(image, image_generator(0, i)) for i, image in enumerate(_images(args.images))]
+    views = [maker(image, image_generator(0, i)) for i, image in enumerate(synthetic_images(args.images))]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     encode, total = 0.0, 0.0
@@ -115,7 +91,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "method": args.method, "classes": args.n_classes, "batch": args.batch, "views": maker.n_views,
         "images": n, "seconds_per_image": total / n, "image_seconds_per_image": encode / n,
         "rest_seconds_per_image": (total - encode) / n, "setup_seconds": setup,
-        "peak_gib": _peak_gib(args.device), "top1": top1, "threads": torch.get_num_threads(),
+        "peak_gib": peak_gib(args.device), "top1": top1, "threads": torch.get_num_threads(),
     }
 
 

@@ -7,7 +7,6 @@ checkpoint through :func:`protext.checkpoint.class_encoder`, the one checkpointâ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,12 +22,9 @@ from .config import COOP_SUFFIXES, EvalConfig
 
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a file: the identity of a checkpoint or description file in the results."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from ..training import file_sha256
 
+    return file_sha256(path)
 
 def input_digests(config: EvalConfig) -> dict[str, str]:
     """sha256 of every input file that exists (for the resume fingerprint and the results)."""

@@ -192,18 +192,29 @@ def zeroshot_shard(setup: Setup) -> ShardResult:
     """Zero-shot predictions of this rank's images, batch by batch into the log."""
     from ..zeroshot import ImageEncoder, logit_scale
 
-    config, ctx = setup.config, setup.ctx
+    config = setup.config
     text = class_features(setup)
     scale = logit_scale(setup.clip.model).to(setup.runtime.device)
     encoder = ImageEncoder(setup.clip.model, setup.runtime.image_dtype)
+    result = ShardResult()
+
+    def predict(images, labels, idx) -> list[Prediction]:
+        return _zeroshot_batch(encoder, images, text, scale, config, idx, labels)
+
+    return _logged_batches(setup, Preprocess(setup.clip.preprocess), config.batch_size, config.method, predict, result)
+
+
+def _logged_batches(setup: Setup, make, size: int, label: str, predict, result: ShardResult) -> ShardResult:
+    """This rank's images not yet in the log, ``size`` at a time through ``predict``, each batch
+    appended to the log as it finishes (with its seconds per image); then the logged ones added."""
+    config, ctx = setup.config, setup.ctx
     indices = shard(range(setup.n_images), ctx)
     log, done = _open_log(setup)
-    todo = _todo(indices, config.batch_size, done)
-    result = ShardResult()
-    with progress_bar(len(todo), setup.progress and ctx.is_main, f"{setup.dataset.name} {config.method}") as bar:
-        for images, labels, idx in batches(setup.dataset, todo, Preprocess(setup.clip.preprocess), config.batch_size, config.workers):
+    todo = _todo(indices, size, done)
+    with progress_bar(len(todo), setup.progress and ctx.is_main, f"{setup.dataset.name} {label}") as bar:
+        for inputs, labels, idx in batches(setup.dataset, todo, make, size, config.workers):
             start = time.perf_counter()
-            batch = _zeroshot_batch(encoder, images, text, scale, config, idx, labels)
+            batch = predict(inputs, labels, idx)
             seconds = time.perf_counter() - start
             log.append(batch, seconds / len(batch))
             result.predictions += batch
@@ -235,25 +246,16 @@ def _adapt(adapter, views: torch.Tensor, setup: Setup, idx, labels, result: Shar
 
 def episodic_shard(setup: Setup) -> ShardResult:
     """An episodic TTA method (each image on its own) over this rank's images."""
-    config, ctx = setup.config, setup.ctx
+    config = setup.config
     tta_cfg = adapters.tta_config(config, setup.runtime)
     adapter = build_adapter(setup, tta_cfg)
     views = SeededViews(adapters.view_maker(tta_cfg, setup.dataset.name, setup.clip), config.seed)
-    size = config.tta_batch or 1
-    indices = shard(range(setup.n_images), ctx)
-    log, done = _open_log(setup)
-    todo = _todo(indices, size, done)
     result = ShardResult()
-    with progress_bar(len(todo), setup.progress and ctx.is_main, f"{setup.dataset.name} {config.tta}") as bar:
-        for image_views, labels, idx in batches(setup.dataset, todo, views, size, config.workers):
-            start = time.perf_counter()
-            batch = _adapt(adapter, image_views, setup, idx, labels, result)
-            seconds = time.perf_counter() - start
-            log.append(batch, seconds / len(batch))
-            result.predictions += batch
-            result.seconds += seconds
-            bar.update(len(batch))
-    return _finish(indices, done, result)
+
+    def predict(image_views, labels, idx) -> list[Prediction]:
+        return _adapt(adapter, image_views, setup, idx, labels, result)
+
+    return _logged_batches(setup, views, config.tta_batch or 1, config.tta, predict, result)
 
 
 def stream_order(n_images: int, seed: int) -> list[int]:

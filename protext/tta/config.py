@@ -84,34 +84,17 @@ TDA_POSITIVE: dict[str, tuple[float, float]] = {
 TDA_NEGATIVE: tuple[float, float] = (0.117, 1.0)
 """TDA's negative-cache (α⁻, β⁻), the same everywhere."""
 
-_ALIASES = {
-    "imagenetv2": "imagenet_v2",
-    "imagenet_adversarial": "imagenet_a",
-    "imagenet_rendition": "imagenet_r",
-    "imagenetsketch": "imagenet_sketch",
-    "imagenet_s": "imagenet_sketch",
-    "caltech": "caltech101",
-    "caltech_101": "caltech101",
-    "describabletextures": "dtd",
-    "aircraft": "fgvc_aircraft",
-    "fgvcaircraft": "fgvc_aircraft",
-    "food_101": "food101",
-    "flowers102": "oxford_flowers",
-    "flower102": "oxford_flowers",
-    "oxfordflowers": "oxford_flowers",
-    "pets": "oxford_pets",
-    "oxfordpets": "oxford_pets",
-    "cars": "stanford_cars",
-    "stanfordcars": "stanford_cars",
-    "ucf_101": "ucf101",
-    "sun_397": "sun397",
-}
-
 
 def dataset_key(name: str) -> str:
     """The canonical dataset name the per-dataset tables use (``ImageNet-A`` → ``imagenet_a``)."""
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")
-    return _ALIASES.get(key, key)
+    # one alias table for the whole package (protext.datasets); a name it does not know (a plain
+    # folder, a user's own dataset) keeps its normalised spelling and so gets no published default
+    from ..datasets.catalog import DatasetError, canonical_name
+
+    try:
+        return canonical_name(name)
+    except DatasetError:
+        return name.strip().lower().replace("-", "_").replace(" ", "_")
 
 
 class TTAConfigError(UserError, ValueError):
