@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -113,9 +114,16 @@ def test_deep_prompt_of_block_i_matters_only_below_depth(vit_b16, dtd_names):
 @pytest.mark.parametrize("which, depth", [("tiny", 2), ("vit_b16", 9)])
 def test_truncated_run_gives_same_features_and_gradients(which, depth, tiny_clip, vit_b16, dtd_names):
     clip = tiny_clip if which == "tiny" else vit_b16
+    model = clip.model
+    if which == "vit_b16":
+        # Random ViT-B/16 gradients reach ~15 in magnitude; in fp32 the CPU kernels chosen for the
+        # 77-token and the cut sequence round differently (up to 2.9e-5 on this project's CPU, above
+        # atol 1e-5 for the small entries, before any change to protext). The claim under test is
+        # exact in exact arithmetic, so it is checked in float64, with the same tolerances.
+        model = copy.deepcopy(model).double()
     torch.manual_seed(3)
-    encoder = PromptedTextEncoder(clip.model, clip.tokenizer, dtd_names[:10], n_ctx=4, depth=depth)
-    target = torch.randn(10, clip.model.text_projection.shape[1])
+    encoder = PromptedTextEncoder(model, clip.tokenizer, dtd_names[:10], n_ctx=4, depth=depth)
+    target = torch.randn(10, model.text_projection.shape[1], dtype=model.text_projection.dtype)
     results = []
     for truncate in (True, False):
         encoder.zero_grad()
