@@ -12,8 +12,9 @@ each stage is printed before it runs::
     python -m protext.quickstart --pretrained /data/ViT-B-16.pt
 
 With random weights the accuracies are chance-level: the run shows that every stage works, not
-what the prompts are worth. The adaptation methods use 16 views per image here (published: 64) so
-that the example stays quick on a CPU; ``--tta-views 64`` gives the published setting.
+what the prompts are worth. The adaptation methods use 16 views per image here (published: 64) and,
+on a CPU, a bfloat16 image tower, so that the example stays quick; ``--tta-views 64 --precision fp32``
+gives the published setting.
 """
 
 from __future__ import annotations
@@ -136,9 +137,12 @@ def evaluate_all(cfg: QuickstartConfig, clip, images: Path, descriptions: Path, 
     """Stage 3: every class-feature method, then every adaptation method on the learned prompts."""
     from .evaluation import EvalConfig, evaluate
 
+    precision = cfg.precision
+    if precision == "auto" and next(clip.model.parameters()).device.type == "cpu":
+        precision = "bf16"  # a bfloat16 image tower: ~3x faster on a CPU, so the example stays short
     base = EvalConfig(
         dataset="folder", root=str(images), model=cfg.model, pretrained=cfg.pretrained, device=cfg.device,
-        precision=cfg.precision, seed=cfg.seed, workers=0, overwrite=True, progress=False,
+        precision=precision, seed=cfg.seed, workers=0, overwrite=True, progress=False,
     )
     runs: list[tuple[str, EvalConfig]] = [
         ("clip", replace(base, method="clip")),
@@ -234,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where images, descriptions, checkpoint and results go [quickstart]")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="image-encoding precision of evaluation: auto is fp16 on CUDA, fp32 on a CPU [auto]")
+                        help="image-encoding precision of evaluation: auto is fp16 on CUDA and a bfloat16 image tower on "
+                        "a CPU (fp32 for full precision) [auto]")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs, 1 of them warm-up [10]")
     parser.add_argument("--depth", type=int, default=None,
                         help="prompt depth [9, or 2 for the two-block tiny-clip]")
