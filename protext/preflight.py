@@ -42,7 +42,8 @@ def _check_writable_dir(directory: Path, flag: str, shown: Path) -> None:
         ) from None
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (the same path, or hard links / symlinks to one file)."""
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
@@ -73,7 +74,7 @@ def check_output_file(
     if suffix and path.suffix != suffix:
         raise OutputPathError(f"{flag} {path}: the file name must end in {suffix}.")
     for input_flag, input_path in inputs:
-        if input_path is not None and _same_file(path, Path(input_path)):
+        if input_path is not None and same_file(path, Path(input_path)):
             raise OutputPathError(
                 f"{flag} {path} is the run's own input ({input_flag} {input_path}); writing it would destroy "
                 "that input. Choose another output path."

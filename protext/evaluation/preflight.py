@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+from ..preflight import OutputPathError, same_file
 from ..results import result_files
 from .config import EvalConfig
-
-
-class OutputPathError(UserError):
-    """An output path that cannot or must not be written; the message names it and the way out."""
 
 
 def _existing_folder(path: Path) -> Path:
@@ -42,13 +39,6 @@ def check_writable(path: Path, flag: str) -> None:
         raise OutputPathError(f"{flag} {path}: {folder} is a file, so the folder cannot be created; choose another path.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputPathError(f"{flag} {path}: folder {folder} is not writable; choose a writable location.")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 class AlreadyDone(Exception):
@@ -90,7 +80,7 @@ def check_outputs(config: EvalConfig, fingerprint: Optional[str] = None) -> Path
     inputs = {flag_: Path(p) for flag_, p in config.input_paths().items()}
     for kind, path in result_files(out).items():
         for in_flag, in_path in inputs.items():
-            if path.resolve() == in_path.resolve() or _same_file(path, in_path):
+            if same_file(path, in_path):
                 raise OutputPathError(f"{flag} {path} is the run's own input {in_flag}; choose another --out, the input stays untouched.")
         check_writable(path, flag if kind == "json" else f"{flag} (its {kind} file)")
     if out.exists() and not config.overwrite:
