@@ -27,12 +27,15 @@ class PromptShapeError(UserError, ValueError):
 
 
 def splice_context(hidden: torch.Tensor, vectors: torch.Tensor, n_ctx: int) -> torch.Tensor:
-    """``hidden`` (n, L, width) with positions ``1 .. n_ctx`` replaced by ``vectors`` (n_ctx, width).
+    """``hidden`` (n, L, width) with positions ``1 .. n_ctx`` replaced by ``vectors``: (n_ctx, width)
+    for every row, or (n, n_ctx, width), one set per row (per-image prompt copies of ``--tta-batch``).
 
     The one place prompts enter the tower: the input context and every deep prompt (here, in
     :mod:`protext.shared_prefix` and in TPT) go through it, so they all use the same positions.
     """
-    vectors = vectors.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+    vectors = vectors.to(hidden.dtype)
+    if vectors.dim() == 2:
+        vectors = vectors.unsqueeze(0).expand(hidden.shape[0], -1, -1)
     return torch.cat([hidden[:, :1], vectors, hidden[:, 1 + n_ctx :]], dim=1)
 
 
@@ -156,7 +159,6 @@ class PromptedTextEncoder(nn.Module):
         if truncate:
             tokens = tokens[:, : int(eot.max()) + 1]
         tower: TextTower = self.tower
-        n = tokens.shape[0]
         with torch.no_grad():
             emb = tower.embed(tokens)
         x = splice_context(emb, self.ctx, self.n_ctx)

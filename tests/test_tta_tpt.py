@@ -163,7 +163,7 @@ def test_build_adapter_and_batch_equal_one_at_a_time(tiny_clip, views, method):
 
 def test_batched_text_forward_equals_each_copy(tiny_clip):
     """Copy b of the batched forward == the plain encoder carrying copy b's prompts."""
-    from protext.tta.batched import batched_prompt_features
+    from protext.shared_prefix import prompt_copies_features as batched_prompt_features
 
     encoder = deep_encoder(tiny_clip)
     g = torch.Generator().manual_seed(8)

@@ -19,64 +19,16 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..prompts import PromptedTextEncoder
-from ..shared_prefix import supports_shared_prefix
+from ..shared_prefix import prompt_copies_features, supports_shared_prefix
 from ..zeroshot import length_chunks
 from .base import AdaptResult, Adapter
 from .ctpt import CTPTTuner
 from .selection import select_confident
 from .tpt import PromptTuner, TPTAdapter, TPTConfig
 
-__all__ = ["BatchedTPTAdapter", "batched_prompt_features"]
-
-
-def batched_prompt_features(
-    encoder: PromptedTextEncoder, ctx: torch.Tensor, deep: Optional[torch.Tensor], classes: torch.Tensor
-) -> torch.Tensor:
-    """Raw features (B, n, D) of ``classes`` under B prompt copies.
-
-    ``ctx`` is (B, n_ctx, width), ``deep`` (B, depth − 1, n_ctx, width) or None. Copy ``b`` gives
-    ``encoder(classes)`` with ``encoder``'s prompts replaced by ``ctx[b]``/``deep[b]``.
-    """
-    tower, n_ctx = encoder.tower, encoder.n_ctx
-    plen = 1 + n_ctx
-    tokens, eot = encoder.tokens[classes], encoder.eot[classes]
-    length = int(eot.max()) + 1
-    copies, n = ctx.shape[0], tokens.shape[0]
-    with torch.no_grad():
-        sot = tower.embed(tokens[:1, :1])
-        rest = tower.embed(tokens[:, plen:length])
-    dtype = rest.dtype
-    pos = tower.positional_embedding[:length].to(dtype)
-    prefix = torch.cat([sot.expand(copies, -1, -1), ctx.to(dtype)], dim=1) + pos[:plen]
-    rest = (rest + pos[plen:]).repeat(copies, 1, 1)  # row b·n + j: class j under copy b
-    mask = tower.attn_mask[:length, :length]
-    mask_prefix, allowed = mask[:plen, :plen], mask[plen:, :] == 0
-    rows, width = rest.shape[0], rest.shape[2]
-    for i, block in enumerate(tower.blocks):
-        if deep is not None and 0 < i < encoder.depth:
-            prefix = torch.cat([prefix[:, :1], deep[:, i - 1].to(dtype)], dim=1)
-        attn: nn.MultiheadAttention = block.attn
-        heads = attn.num_heads
-        head_dim = width // heads
-
-        def split(x: torch.Tensor, count: int) -> torch.Tensor:
-            return x.reshape(count, -1, heads, head_dim).transpose(1, 2)
-
-        k_pre, v_pre = F.linear(block.ln_1(prefix), attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, dim=-1)
-        q, k, v = F.linear(block.ln_1(rest), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        k = torch.cat([split(k_pre, copies).repeat_interleave(n, dim=0), split(k, rows)], dim=2)
-        v = torch.cat([split(v_pre, copies).repeat_interleave(n, dim=0), split(v, rows)], dim=2)
-        out = F.scaled_dot_product_attention(split(q, rows), k, v, attn_mask=allowed)
-        out = attn.out_proj(out.transpose(1, 2).reshape(rows, -1, width))
-        rest = rest + block.ls_1(out)
-        rest = rest + block.ls_2(block.mlp(block.ln_2(rest)))
-        prefix = block(prefix, attn_mask=mask_prefix)
-    rest = tower.ln_final(rest)
-    pooled = rest[torch.arange(rows, device=rest.device), (eot - plen).repeat(copies)]
-    return tower.project(pooled).reshape(copies, n, -1)
+__all__ = ["BatchedTPTAdapter"]
 
 
 class BatchedTPTAdapter(Adapter):
@@ -101,10 +53,10 @@ class BatchedTPTAdapter(Adapter):
         out = None
         for chunk in length_chunks(self.encoder.eot, max(1, self.config.token_budget // copies)):
             if grad is not None:
-                batched_prompt_features(self.encoder, ctx, deep, chunk).backward(grad[:, chunk])
+                prompt_copies_features(self.encoder, ctx, deep, chunk).backward(grad[:, chunk])
                 continue
             with torch.no_grad():
-                feats = batched_prompt_features(self.encoder, ctx, deep, chunk)
+                feats = prompt_copies_features(self.encoder, ctx, deep, chunk)
             if out is None:
                 out = feats.new_empty(copies, n_classes, feats.shape[-1])
             out[:, chunk] = feats
