@@ -120,3 +120,61 @@ def test_write_results_files(tmp_path):
     assert files["markdown"].read_text().startswith("| dataset | split | method |")
     assert files["reliability"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["r.json", "r.md", "r.reliability.png"]
+
+
+# ---- written against surviving mutants (mutmut): the JSON columns, the bins' count, the markdown
+
+
+def test_predictions_table_columns_by_hand():
+    from protext.results import Prediction, predictions_table
+
+    preds = [
+        Prediction(index=4, label=1, topk=(1, 0), confidence=0.75, calibration_pred=1),
+        Prediction(index=9, label=0, topk=(2, 0), confidence=0.5, calibration_pred=2),
+    ]
+    assert predictions_table(preds) == {
+        "index": [4, 9],
+        "label": [1, 0],
+        "topk": [[1, 0], [2, 0]],
+        "confidence": [0.75, 0.5],
+        "calibration_pred": [1, 2],
+    }
+    with_logits = [Prediction(index=0, label=0, topk=(0,), confidence=0.6, calibration_pred=0, logits=(2.0, 1.0))]
+    assert predictions_table(with_logits)["logits"] == [[2.0, 1.0]]
+
+
+def test_calibration_dict_uses_the_number_of_bins_asked_for():
+    from protext.results import Prediction, calibration_dict
+
+    preds = [
+        Prediction(index=0, label=0, topk=(0,), confidence=0.3, calibration_pred=0),
+        Prediction(index=1, label=1, topk=(0,), confidence=0.9, calibration_pred=0),
+    ]
+    four = calibration_dict(preds, n_bins=4)
+    assert four["n_bins"] == 4 and four["rule"] == "lower < confidence <= upper"
+    assert len(four["bins"]) == 4
+    # 0.3 falls in (0.25, 0.5], 0.9 in (0.75, 1.0]; the first correct, the second wrong
+    assert [b["n"] for b in four["bins"]] == [0, 1, 0, 1]
+    assert [b["upper"] for b in four["bins"]] == [0.25, 0.5, 0.75, 1.0]
+    assert [b["accuracy"] for b in four["bins"]] == [0.0, 1.0, 0.0, 0.0]
+    assert len(calibration_dict(preds)["bins"]) == 20
+
+
+def test_markdown_table_by_hand():
+    from protext.results import markdown_table
+
+    text = markdown_table([{"method": "clip", "top-1": 12.345, "images": 3}, {"method": "zero", "top-1": 50.0}])
+    assert text == (
+        "| method | top-1 | images |\n"
+        "| --- | --- | --- |\n"
+        "| clip | 12.35 | 3 |\n"
+        "| zero | 50.00 |  |"
+    )
+    assert markdown_table([]) == ""
+
+
+def test_prediction_record_round_trip():
+    from protext.results import Prediction
+
+    p = Prediction(index=3, label=2, topk=(2, 1, 0), confidence=0.25, calibration_pred=1, logits=(0.5, 1.5, 2.5))
+    assert Prediction.from_record(p.record()) == p

@@ -133,3 +133,27 @@ def test_resolve_errors_name_the_flag(overrides, message):
 
     with pytest.raises(UserError, match=re.escape(message)):
         resolve(None, overrides)
+
+
+# ---- written against surviving mutants (mutmut): bad schedules name the value that is wrong
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"base_lr": 0.03, "epochs": 0}, "epochs must be at least 1, got 0."),
+        ({"base_lr": 0.03, "epochs": 5, "warmup_epochs": -1}, "warmup epochs must be >= 0, got -1."),
+        ({"base_lr": 0.0, "epochs": 5}, "learning rates must be positive (lr 0.0, warm-up lr 1e-05)."),
+        ({"base_lr": 0.03, "epochs": 5, "warmup_lr": -1.0}, "learning rates must be positive (lr 0.03, warm-up lr -1.0)."),
+    ],
+)
+def test_bad_schedules_are_refused_naming_the_value(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        WarmupCosine(**kwargs)
+    assert str(info.value) == message
+
+
+def test_negative_epoch_is_refused():
+    with pytest.raises(ValueError) as info:
+        WarmupCosine(base_lr=0.03, epochs=5).lr(-1)
+    assert str(info.value) == "epoch must be >= 0, got -1."
