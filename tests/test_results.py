@@ -178,3 +178,5 @@ def test_prediction_record_round_trip():
 
     p = Prediction(index=3, label=2, topk=(2, 1, 0), confidence=0.25, calibration_pred=1, logits=(0.5, 1.5, 2.5))
     assert Prediction.from_record(p.record()) == p
+    without = Prediction(index=1, label=0, topk=(0,), confidence=0.5, calibration_pred=0)
+    assert "z" not in without.record() and Prediction.from_record(without.record()) == without

@@ -145,6 +145,7 @@ def test_resolve_errors_name_the_flag(overrides, message):
         ({"base_lr": 0.03, "epochs": 5, "warmup_epochs": -1}, "warmup epochs must be >= 0, got -1."),
         ({"base_lr": 0.0, "epochs": 5}, "learning rates must be positive (lr 0.0, warm-up lr 1e-05)."),
         ({"base_lr": 0.03, "epochs": 5, "warmup_lr": -1.0}, "learning rates must be positive (lr 0.03, warm-up lr -1.0)."),
+        ({"base_lr": 0.03, "epochs": 5, "warmup_lr": 0.0}, "learning rates must be positive (lr 0.03, warm-up lr 0.0)."),
     ],
 )
 def test_bad_schedules_are_refused_naming_the_value(kwargs, message):
