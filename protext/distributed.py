@@ -146,7 +146,16 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def shutdown_all() -> None:
-    """Leave the process group if this process is in one (the command's last step)."""
+def shutdown_all(meet: bool = False) -> None:
+    """Leave the process group if this process is in one (the command's last step).
+
+    ``meet``: after a run that every rank finished, the ranks meet once more first; gloo can abort a
+    rank (SIGABRT) whose peer tears its connections down while the last collective's bytes are
+    still in flight, which was seen once after the final gather.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if meet:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -148,14 +148,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .evaluation import evaluate
         from .results import markdown_table, result_files, summary_row
 
+        finished = False
         try:
             payload = evaluate(config, command="python -m protext.eval " + shlex.join(args))
+            finished = True
         except UserError:
             if not _is_main():
                 return 2  # every rank raises the same error; rank 0 alone prints it
             raise
         finally:
-            shutdown_all()
+            shutdown_all(meet=finished)
         if payload["runtime"]["world_size"] == 1 or _is_main():
             print(markdown_table([summary_row(payload)]))
             if payload.get("streams"):
