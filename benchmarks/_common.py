@@ -31,3 +31,21 @@ def synthetic_images(n: int):
             pixels[y : y + 75, x : x + 80] = rng.integers(0, 256, 3, dtype=np.uint8)
         images.append(Image.fromarray(pixels))
     return images
+
+
+def random_vit_and_classes(device: str, threads: int, n_classes: int, shared):
+    """A random-weight ViT-B/16 (speed does not depend on the weights) and the real class list of
+    ``n_classes`` from ``shared/classnames``; ``threads`` > 0 sets torch's thread count first."""
+    import json
+    import warnings
+
+    import torch
+
+    from protext.models import load_clip
+
+    if threads:
+        torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip("ViT-B-16", "random", device=device)
+    return clip, json.loads((shared / "classnames" / CLASS_FILES[n_classes]).read_text())

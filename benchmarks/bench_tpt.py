@@ -29,10 +29,9 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from _common import CLASS_FILES, peak_gib, synthetic_images
+from _common import CLASS_FILES, peak_gib, random_vit_and_classes, synthetic_images
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -48,18 +47,12 @@ VIEW_STYLE = {47: "dtd", 1000: "imagenet"}  # AugMix for the fine-grained set, c
 def run_phase(args: argparse.Namespace) -> dict:
     import torch
 
-    from protext.models import load_clip
     from protext.checkpoint import class_encoder
     from protext.tta.tpt import image_generator
     from tests.reference.tpt_reference import PromptTuner, TPTConfig  # fast (production) or naive (reference)
     from protext.tta.views import view_transform_for
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clip = load_clip("ViT-B-16", "random", device=args.device)
-    classnames = json.loads((SHARED / "classnames" / CLASS_FILES[args.n_classes]).read_text())
+    clip, classnames = random_vit_and_classes(args.device, args.threads, args.n_classes, SHARED)
     encoder = class_encoder(clip.model, clip.tokenizer, classnames, "a photo of a {}.")
     naive = args.phase == "naive"
     chunk = args.naive_class_chunk if naive and args.n_classes > args.naive_class_chunk else None

@@ -20,10 +20,9 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from _common import CLASS_FILES, peak_gib, synthetic_images
+from _common import CLASS_FILES, peak_gib, random_vit_and_classes, synthetic_images
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -59,17 +58,11 @@ def run_one(args: argparse.Namespace) -> dict:
     """One method at one class count and batch size, in this (child) process."""
     import torch
 
-    from protext.models import load_clip
     from protext.tta import view_maker
     from protext.tta.tpt import image_generator
     from protext.tta.views import model_preprocess_cfg
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clip = load_clip("ViT-B-16", "random", device=args.device)
-    classnames = json.loads((SHARED / "classnames" / CLASS_FILES[args.n_classes]).read_text())
+    clip, classnames = random_vit_and_classes(args.device, args.threads, args.n_classes, SHARED)
     config, adapter, setup = _adapter(args, clip, classnames)
     maker = view_maker(config, DATASET[args.n_classes], model_preprocess_cfg(clip.model))
     views = [maker(image, image_generator(0, i)) for i, image in enumerate(synthetic_images(args.images))]
