@@ -259,19 +259,7 @@ def load_clip(
     tokenizer = open_clip.get_tokenizer(model)
 
     if pretrained == "random":
-        warnings.warn(
-            f"load_clip: {model} has RANDOM weights (pretrained='random'): features are meaningless; "
-            "use this for tests and benchmarks only.",
-            stacklevel=2,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            logging.disable(logging.WARNING)  # open_clip's own "no pretrained weights" line repeats ours
-            try:
-                net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, precision=precision)
-            finally:
-                logging.disable(logging.NOTSET)
-        return LoadedClip(_freeze(net.to(device)), preprocess, tokenizer, model, "random")
+        return _random_model(model, tokenizer, device, precision, seed)
 
     looks_like_path = os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")
     if os.path.exists(pretrained) or looks_like_path:
@@ -280,6 +268,28 @@ def load_clip(
             raise WeightsFileMissing(f"--pretrained {path}: no such weights file.")
         return _from_local_file(model, path, tokenizer, device, precision)
 
+    return _from_tag(model, pretrained, tokenizer, device, precision, cache_dir)
+
+
+def _random_model(model: str, tokenizer, device, precision: str, seed: int) -> LoadedClip:
+    """A randomly initialised ``model``, the same in every process for one ``seed`` (tests, benchmarks)."""
+    warnings.warn(
+        f"load_clip: {model} has RANDOM weights (pretrained='random'): features are meaningless; "
+        "use this for tests and benchmarks only.",
+        stacklevel=3,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        logging.disable(logging.WARNING)  # open_clip's own "no pretrained weights" line repeats ours
+        try:
+            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, precision=precision)
+        finally:
+            logging.disable(logging.NOTSET)
+    return LoadedClip(_freeze(net.to(device)), preprocess, tokenizer, model, "random")
+
+
+def _from_tag(model: str, pretrained: str, tokenizer, device, precision: str, cache_dir: Optional[str]) -> LoadedClip:
+    """``model`` with the weights of open_clip's ``pretrained`` tag, downloaded (or found in ``cache_dir``)."""
     cfg = _tag_config(model, pretrained)
     quick_gelu = bool(cfg.get("quick_gelu", False))
     try:

@@ -290,20 +290,39 @@ def description_targets(
 
     if cache is not None:
         stats.cache_file = cache.path
-    position = {k: i for i, k in enumerate(unique_keys)}
+    rows_of = {k: i for i, k in enumerate(unique_keys)}
+    _encode_missing(model, tokenized.tokens, rows_of, todo, {k: texts[i] for k, i in first_of.items()}, found, cache, chunk_size, batch_size, progress)
+    dim = next(iter(found.values())).shape[0] if found else text_tower(model).embed_dim
+    out = torch.stack([found[k] for k in keys]) if keys else torch.zeros(0, dim)
+    return out, stats
+
+
+def _encode_missing(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    rows_of: dict[bytes, int],
+    todo: list[bytes],
+    text_of: dict[bytes, str],
+    found: dict[bytes, torch.Tensor],
+    cache: Optional["TargetCache"],
+    chunk_size: int,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Encode the ``todo`` texts (rows ``rows_of[k]`` of ``tokens``) into ``found``, chunk by chunk.
+
+    Each chunk reaches the cache as soon as it is encoded, so a killed run keeps it; without a cache
+    everything is one chunk.
+    """
     chunk = chunk_size if cache is not None else max(len(todo), 1)
     with tqdm(total=len(todo), desc="encoding descriptions", unit="text", disable=not progress or not todo, leave=False) as bar:
         for start in range(0, len(todo), chunk):
-            # each chunk reaches the cache as soon as it is encoded: a killed run keeps it
             part = todo[start : start + chunk]
-            rows = torch.tensor([position[k] for k in part], dtype=torch.long)
-            fresh = encode_descriptions(model, tokenized.tokens[rows], batch_size=batch_size, progress=False)
-            _check_finite_rows(fresh, [texts[first_of[k]] for k in part])
+            rows = torch.tensor([rows_of[k] for k in part], dtype=torch.long)
+            fresh = encode_descriptions(model, tokens[rows], batch_size=batch_size, progress=False)
+            _check_finite_rows(fresh, [text_of[k] for k in part])
             new = dict(zip(part, fresh))
             found.update(new)
             if cache is not None:
                 cache.write(new)
             bar.update(len(part))
-    dim = next(iter(found.values())).shape[0] if found else text_tower(model).embed_dim
-    out = torch.stack([found[k] for k in keys]) if keys else torch.zeros(0, dim)
-    return out, stats

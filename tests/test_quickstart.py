@@ -6,7 +6,8 @@ import json
 
 from protext.checkpoint import load_prompts
 from protext.descriptions import read_descriptions
-from protext.quickstart import EXAMPLE_PHOTOS, TTA_SHOWN, main
+from protext.example import EXAMPLE_PHOTOS, TTA_SHOWN
+from protext.quickstart import main
 
 METHODS = ["clip", "cupl", "prompts", *(f"prompts+{m}" for m in ("tpt", "ctpt", "zero", "tda", "mta"))]
 
