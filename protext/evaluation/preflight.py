@@ -9,36 +9,14 @@ Every input file named by a flag must exist.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
-from ..preflight import OutputPathError, same_file
+from ..preflight import OutputPathError, check_output_file, same_file
 from ..results import result_files
 from .config import EvalConfig
-
-
-def _existing_folder(path: Path) -> Path:
-    """The nearest folder of ``path`` that exists (where a ``mkdir -p`` would start)."""
-    folder = path.parent
-    while not folder.exists():
-        if folder.parent == folder:
-            break
-        folder = folder.parent
-    return folder
-
-
-def check_writable(path: Path, flag: str) -> None:
-    """``path`` can be created or replaced: not a folder, its nearest existing folder writable."""
-    if path.is_dir():
-        raise OutputPathError(f"{flag} {path} is a folder; name a file such as {path / 'results.json'}.")
-    folder = _existing_folder(path)
-    if not folder.is_dir():
-        raise OutputPathError(f"{flag} {path}: {folder} is a file, so the folder cannot be created; choose another path.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{flag} {path}: folder {folder} is not writable; choose a writable location.")
 
 
 class AlreadyDone(Exception):
@@ -82,7 +60,8 @@ def check_outputs(config: EvalConfig, fingerprint: Optional[str] = None) -> Path
         for in_flag, in_path in inputs.items():
             if same_file(path, in_path):
                 raise OutputPathError(f"{flag} {path} is the run's own input {in_flag}; choose another --out, the input stays untouched.")
-        check_writable(path, flag if kind == "json" else f"{flag} (its {kind} file)")
+        # one writability probe for every command: a file created and removed where the output goes
+        check_output_file(path, flag if kind == "json" else f"{flag} (its {kind} file)")
     if out.exists() and not config.overwrite:
         done = _same_run(out, config, fingerprint) if fingerprint else None
         if done is not None:
