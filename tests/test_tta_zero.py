@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from protext.tta import TTAConfig, build_adapter
+from protext.tta import TTAConfig, base, build_adapter
 from protext.tta.zero import ENSEMBLE_TEMPLATES, zero_votes
 
 SCALE = 100.0
@@ -48,7 +49,9 @@ def reference_zero(cos: list[list[float]], scale: float, keep: int, fp16: bool =
                 winner = argmax(cos[v])
                 break
         if winner is None:
-            winner = max(tied, key=lambda k: (cos[rest[0]][k], -k))
+            # with every view kept there is no discarded view: the most confident kept view decides
+            fallback = rest[0] if rest else kept[0]
+            winner = max(tied, key=lambda k: (cos[fallback][k], -k))
     votes[winner] += 1
     return votes, winner, kept
 
@@ -145,3 +148,35 @@ def test_adapter_on_tiny_clip_equals_reference(tiny_clip):
     torch.testing.assert_close(batch[0].logits, out.logits)
     torch.testing.assert_close(batch[0].calibration_logits, out.calibration_logits, atol=1e-4, rtol=0)
     assert torch.equal(batch[1].logits, adapter.adapt(views.flip(-1)).logits)
+
+
+def test_tie_with_every_view_kept_goes_to_the_most_confident_kept_view():
+    """``--tta-selection 1`` keeps every view, so a tie has no discarded view to break it: the
+    fallback reads the most confident kept view instead (its arg-max is one of the tied classes)."""
+    sharp = [0.0, 0.0, 0.0, 0.0, 0.2]  # logit gap 20 at scale 100: the lower entropy
+    soft = [0.0, 0.0, 0.1, 0.0, 0.0]  # logit gap 10
+    for rows in ([soft, sharp], [sharp, soft]):  # the position does not matter, the confidence does
+        got = zero_votes(torch.tensor(rows), SCALE, 1.0)
+        votes, winner, kept = reference_zero(rows, SCALE, 2)
+        assert winner == got.prediction == 4 and got.tie_broken_by == -1
+        assert got.kept.tolist() == kept
+        assert got.votes.tolist() == votes == [0.0, 0.0, 1.0, 0.0, 2.0]
+
+
+def fake_clock(monkeypatch) -> None:
+    """Every ``perf_counter`` reading the stopwatch takes is 8 s after the previous one, so each
+    timed phase lasts exactly 8 s (8 divides by 2 and 4 exactly in binary floating point)."""
+    readings = iter(range(0, 8000, 8))
+    monkeypatch.setattr(base, "time", SimpleNamespace(perf_counter=lambda: float(next(readings))))
+
+
+def test_timings_per_phase_and_batch_share_of_image_encoding(tiny_clip, monkeypatch):
+    """``images`` is the image encoding, ``vote`` the rest; a batch's single encoding forward is
+    shared equally among its images, the vote is each image's own."""
+    fake_clock(monkeypatch)
+    classes = torch.randn(C, 32, generator=torch.Generator().manual_seed(5))
+    adapter = build_adapter(TTAConfig(method="zero", views=4), tiny_clip.model, "dtd", text_features=classes)
+    views = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    assert adapter.adapt(views).timings == {"images": 8.0, "vote": 8.0}
+    batch = adapter.adapt_batch([views, views.flip(-1), views.flip(-2), views])
+    assert [out.timings for out in batch] == [{"images": 2.0, "vote": 8.0}] * 4
