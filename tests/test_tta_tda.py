@@ -180,3 +180,59 @@ def test_state_dict_resumes_the_stream(tiny_clip):
     for obs, expected in zip(stream[7:], want[7:]):
         assert torch.equal(resumed.step(obs), expected)
     assert resumed.state_dict()["seen"] == len(SCRIPT)
+
+
+def test_resume_is_exact_for_entropies_finer_than_float32(tiny_clip):
+    """A resumed stream must decide as the uninterrupted one even when two entropies differ by less
+    than float32 resolution: 0.3 and 0.6 round up in float32, so a cache that saved them in float32
+    would let a later 0.3 + 1e-9 (0.6 + 1e-9) replace an entry it must not replace."""
+    script = [(0, 0.1), (0, 0.2), (0, 0.3), (1, 0.45), (1, 0.6)]  # pos[0] full; neg[1] = [0.45, 0.6]
+    after = [(0, 0.3 + 1e-9), (1, 0.6 + 1e-9), (2, 0.05)]  # not lower than the worst: no replacement
+    stream = [_scripted(step, label, entropy) for step, (label, entropy) in enumerate(script + after)]
+    whole = _adapter(tiny_clip)
+    want = [whole.step(obs) for obs in stream]
+    first = _adapter(tiny_clip)
+    for obs in stream[: len(script)]:
+        first.step(obs)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _adapter(tiny_clip)
+    resumed.load_state_dict(torch.load(buffer))
+    assert [e.entropy for e in resumed.positive.entries[0]] == [0.1, 0.2, 0.3]
+    assert [e.entropy for e in resumed.negative.entries[1]] == [0.45, 0.6]
+    for obs, expected in zip(stream[len(script):], want[len(script):]):
+        assert torch.equal(resumed.step(obs), expected)
+    assert [e.entropy for e in resumed.positive.entries[0]] == [0.1, 0.2, 0.3]
+    assert [e.entropy for e in resumed.negative.entries[1]] == [0.45, 0.6]
+
+
+def test_loading_an_empty_state_starts_a_fresh_stream(tiny_clip):
+    """An empty state (what a method without carried state saves) leaves no cache and no count
+    behind, even in an adapter that had seen images: it then predicts as a new adapter does."""
+    stream = [_scripted(step, label, entropy) for step, (label, entropy) in enumerate(SCRIPT)]
+    used = _adapter(tiny_clip)
+    for obs in stream[:7]:
+        used.step(obs)
+    used.load_state_dict({})
+    assert used.state_dict() == {"positive": {}, "negative": {}, "seen": 0}
+    fresh = _adapter(tiny_clip)
+    for obs in stream[:3]:
+        assert torch.equal(used.step(obs), fresh.step(obs))
+    assert used.state_dict()["seen"] == 3
+
+
+def test_restored_caches_live_on_the_class_features_device(tiny_clip):
+    """A state saved from the CPU goes back onto the adapter's device. The meta device stands in for
+    a GPU here: it shows where each restored tensor is put without needing one."""
+    source = _adapter(tiny_clip)
+    for step, (label, entropy) in enumerate(SCRIPT):
+        source.step(_scripted(step, label, entropy))
+    state = source.state_dict()
+    target = _adapter(tiny_clip)
+    target.classes = target.classes.to("meta")
+    target.load_state_dict(state)
+    for cache in (target.positive, target.negative):
+        tensors = [t for items in cache.entries.values() for e in items for t in (e.feature, e.probs) if t is not None]
+        assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert any(e.probs is not None for items in target.negative.entries.values() for e in items)

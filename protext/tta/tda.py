@@ -100,10 +100,10 @@ class TDACache:
         return [(label, e) for label in sorted(self.entries) for e in self.entries[label]]
 
     def state(self) -> dict[str, Any]:
+        # no list is ever empty: ``update`` creates a class's list with its first entry and ``load``
+        # only restores what ``state`` saved
         out = {}
         for label, items in self.entries.items():
-            if not items:
-                continue
             out[str(label)] = {
                 "features": torch.stack([e.feature.cpu() for e in items]),
                 "entropy": torch.tensor([e.entropy for e in items], dtype=torch.float64),
