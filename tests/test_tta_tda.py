@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from protext.tta import TTAConfig, build_adapter, view_maker
+from protext.tta import TTAConfig, base, build_adapter, view_maker
 from protext.tta.tda import Observation, TDAAdapter, observe
 
 C, D = 4, 8
@@ -108,15 +109,15 @@ def test_scripted_stream_caches_and_logits(tiny_clip):
     assert 2 not in adapter.negative.entries and len(adapter.positive.entries[1]) == 3
 
 
-def reference_observe(feats: torch.Tensor, classes: torch.Tensor, scale: float):
-    """TTA.md §3.1: one view as it is; 64 views: the 6 of lowest entropy, means of f, z, softmax."""
+def reference_observe(feats: torch.Tensor, classes: torch.Tensor, scale: float, fraction: float = 0.1):
+    """TTA.md §3.1: one view as it is; 64 views: the 6 of lowest entropy (⌊n · fraction⌋), means of f, z, softmax."""
     z = scale * feats.double() @ classes.double().t()
     if feats.shape[0] == 1:
         p = z[0].softmax(-1)
         return feats[0].double(), z[0], p, float(-(p * p.log()).sum())
     p = z.softmax(-1)
     ent = -(p * p.log()).sum(-1)
-    keep = sorted(range(feats.shape[0]), key=lambda v: (float(ent[v]), v))[: int(feats.shape[0] * 0.1)]
+    keep = sorted(range(feats.shape[0]), key=lambda v: (float(ent[v]), v))[: int(feats.shape[0] * fraction)]
     pbar = p[keep].mean(0)
     return feats[keep].double().mean(0), z[keep].mean(0), pbar, float(-(pbar * pbar.log()).sum())
 
@@ -236,3 +237,30 @@ def test_restored_caches_live_on_the_class_features_device(tiny_clip):
         tensors = [t for items in cache.entries.values() for e in items for t in (e.feature, e.probs) if t is not None]
         assert tensors and all(t.device.type == "meta" for t in tensors)
     assert any(e.probs is not None for items in target.negative.entries.values() for e in items)
+
+
+def test_selection_share_is_used_on_several_views(tiny_clip):
+    """``--tta-selection 0.25`` on 8 views averages the 2 most confident (the default 0.1 would keep 1)."""
+    model = tiny_clip.model
+    classes = torch.randn(C, 32, generator=torch.Generator().manual_seed(9))
+    adapter = build_adapter(TTAConfig(method="tda", views=8, selection=0.25), model, "dtd", text_features=classes)
+    cfg = TTAConfig(method="tda").resolved("dtd")
+    ref = ReferenceTDA(cfg.tda_alpha, cfg.tda_beta)
+    for i in range(2):
+        views = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(60 + i))
+        out = adapter.adapt(views)
+        with torch.no_grad():
+            feats = F.normalize(model.encode_image(views), dim=-1)
+        f, z, p, H = reference_observe(feats, F.normalize(classes, dim=-1), float(model.logit_scale.exp()), 0.25)
+        want = ref.step(f.tolist(), z.tolist(), p.tolist(), H)
+        torch.testing.assert_close(out.logits, torch.tensor(want, dtype=torch.float32), atol=1e-4, rtol=0)
+
+
+def test_timings_per_phase(tiny_clip, monkeypatch):
+    """``images`` is the image encoding, ``cache`` the observation, cache update and final logits.
+    Every stopwatch reading of the fake clock is 8 s after the previous one: each phase lasts 8 s."""
+    readings = iter(range(0, 8000, 8))
+    monkeypatch.setattr(base, "time", SimpleNamespace(perf_counter=lambda: float(next(readings))))
+    adapter = _adapter(tiny_clip)
+    views = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    assert adapter.adapt(views).timings == {"images": 8.0, "cache": 8.0}

@@ -183,7 +183,8 @@ class TDAAdapter(Adapter):
         with watch("images"):
             features = self.image_encoder(views)
         with watch("cache"):
-            obs = observe(features, self.classes.to(features.device), self.scale, self.fraction)
+            # the image encoder returns features on the model's device, where the classes already are
+            obs = observe(features, self.classes, self.scale, self.fraction)
             final = self.step(obs)
         logits = final.detach().float().cpu()
         return AdaptResult(logits, logits, watch.timings)
