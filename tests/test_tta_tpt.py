@@ -190,3 +190,118 @@ def test_batch_options_equal_one_at_a_time(tiny_clip, views, tune, steps):
         torch.testing.assert_close(got.logits, expected, atol=1e-5, rtol=0)
     for name, value in deep_encoder(tiny_clip).prompt_state().items():  # the encoder is left at its init
         assert torch.equal(encoder.prompt_state()[name], value)
+
+
+# --------------------------------------------------------------------------------------------------
+# settings, the public contract of adapt, timings, and the text tower's work (issue 8 survivors)
+
+from protext.tta import tpt as tpt_module  # noqa: E402  (production module, patched by the spies below)
+
+
+@pytest.fixture(scope="module")
+def few_views() -> torch.Tensor:
+    """Eight views are enough where only the contract is checked, not the numbers of §5."""
+    return torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(12))
+
+
+def test_settings_edges_are_accepted_and_refusals_name_the_flag():
+    """PRESETS.md ranges: at least one view, a kept fraction in (0, 1], steps >= 0, a positive rate."""
+    tpt_module.TPTConfig(n_views=1, selection=1.0, steps=0, lr=1e-9)  # every edge that is allowed
+    refused = [
+        ({"n_views": 0}, r"^--tpt-views must be at least 1, got 0\.$"),
+        ({"selection": 1.5}, r"^--tpt-selection must be in \(0, 1\], got 1\.5\.$"),
+        ({"steps": -1}, r"^--tpt-steps must be >= 0, got -1\.$"),
+        ({"lr": 0.0}, r"^--tpt-lr must be positive, got 0\.0\.$"),
+        ({"tune": "deep"}, r"^--tpt-tune must be one of all, shallow, got 'deep'\.$"),
+    ]
+    for settings, message in refused:
+        with pytest.raises(ValueError, match=message):
+            tpt_module.TPTConfig(**settings)
+
+
+def test_amp_without_cuda_is_refused_naming_the_precision_flag(tiny_clip):
+    encoder = class_encoder(tiny_clip.model, tiny_clip.tokenizer, NAMES, "a photo of a {}.")
+    with pytest.raises(ValueError, match=r"^fp16 autocast with a gradient scaler \(--precision amp\) needs a CUDA device\.$"):
+        tpt_module.PromptTuner(tiny_clip.model, encoder, tpt_module.TPTConfig(amp=True))
+
+
+def test_adapt_contract_shapes_tuned_copies_and_untuned_selection(tiny_clip, few_views):
+    """One image's views must be a 4-D batch; tuned prompts come back only when asked for; with
+    zero steps nothing is selected (an empty index tensor, still of integer type)."""
+    encoder = deep_encoder(tiny_clip)
+    tuner = tpt_module.PromptTuner(tiny_clip.model, encoder, tpt_module.TPTConfig())
+    with pytest.raises(ValueError, match=r"views must be \(n_views, 3, H, W\), got shape \(3, 224, 224\)\."):
+        tuner.adapt(few_views[0])
+    assert tuner.adapt(few_views).tuned is None
+    untuned = tpt_module.PromptTuner(tiny_clip.model, encoder, tpt_module.TPTConfig(steps=0)).adapt(few_views)
+    assert untuned.selected.dtype == torch.long and untuned.selected.shape == (0,)
+    assert untuned.losses == []
+
+
+class TickingClock:
+    """A stand-in for ``time``: every reading of ``perf_counter`` is one second after the last."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_timings_are_per_phase_and_add_up_over_steps(tiny_clip, few_views, monkeypatch, steps):
+    """TPTOutput.timings: seconds per phase; ``text`` and ``step`` add up over the steps. With a clock
+    that advances one second per reading, each phase of each step lasts exactly one second."""
+    monkeypatch.setattr(tpt_module, "time", TickingClock())
+    tuner = tpt_module.PromptTuner(tiny_clip.model, deep_encoder(tiny_clip), tpt_module.TPTConfig(steps=steps))
+    want = {"images": 1.0, "predict": 1.0}
+    if steps:
+        want.update(text=float(steps), step=float(steps))
+    assert tuner.adapt(few_views).timings == want
+    adapter = tpt_module.TPTAdapter(tuner)
+    assert adapter.adapt(few_views).timings == want
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("steps", [0, 2])
+def test_text_tower_work_per_image(tiny_clip, few_views, monkeypatch, shared, steps):
+    """The fast path's cost contract (module docstring): every pass over the classes runs batches cut
+    at their own longest EOT (never all 77 positions), through the shared prompt prefix exactly when
+    ``shared_prefix`` is on, and the features at the initialisation are computed once per tuner, not
+    once per image. Passes per image: the initial features (first image only), then per step the
+    backward re-encode and, from the second step on, the loss's features, then (after at least one
+    step) the prediction; with zero steps the prediction is the initial features' own."""
+    encoder = deep_encoder(tiny_clip)
+    n_classes = len(NAMES)
+    rows = {"shared": 0, "direct": 0}
+    flags = []
+    real_shared = tpt_module.shared_prefix_features
+
+    def shared_prefix_features(enc, classes):
+        rows["shared"] += len(classes)
+        return real_shared(enc, classes)
+
+    real_forward = encoder.forward
+
+    def forward(class_indices=None, truncate=True, normalize=False):
+        flags.append(truncate)
+        rows["direct"] += n_classes if class_indices is None else len(class_indices)
+        return real_forward(class_indices, truncate=truncate, normalize=normalize)
+
+    monkeypatch.setattr(tpt_module, "shared_prefix_features", shared_prefix_features)
+    monkeypatch.setattr(encoder, "forward", forward)
+    config = tpt_module.TPTConfig(steps=steps, shared_prefix=shared, token_budget=24)
+    tuner = tpt_module.PromptTuner(tiny_clip.model, encoder, config)
+    assert len(tuner.chunks) > 1  # several length batches per pass
+    per_image = []
+    for _ in range(2):
+        rows.update(shared=0, direct=0)
+        tuner.adapt(few_views)
+        per_image.append(dict(rows))
+    later = steps + max(steps - 1, 0) + (1 if steps else 0)
+    for first, counts in zip([True, False], per_image):
+        passes = later + (1 if first else 0)
+        used, unused = ("shared", "direct") if shared else ("direct", "shared")
+        assert counts[used] == passes * n_classes and counts[unused] == 0
+    assert all(flag is True for flag in flags)
