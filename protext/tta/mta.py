@@ -8,6 +8,7 @@ rounds of up to five inner iterations each; the prediction is the mode's logits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -52,7 +53,7 @@ def view_bandwidths(features: torch.Tensor, share: float = 0.3) -> torch.Tensor:
     k = int(share * (n - 1))
     squared = ((features[:, None, :] - features[None, :, :]) ** 2).sum(-1)
     # a view is not its own neighbour: the diagonal goes last instead of first
-    squared = squared + torch.diag(torch.full((n,), float("inf"), device=features.device, dtype=squared.dtype))
+    squared.fill_diagonal_(math.inf)
     nearest = torch.sort(squared, dim=1).values[:, :k]
     return torch.sqrt(0.5 * nearest.mean(dim=1))
 
