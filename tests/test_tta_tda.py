@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from protext.tta import TTAConfig, base, build_adapter, view_maker
-from protext.tta.tda import Observation, TDAAdapter, observe
+from protext.tta.tda import CacheEntry, Observation, TDAAdapter, TDACache, observe
 
 C, D = 4, 8
 ALPHA, BETA = 2.0, 5.0
@@ -264,3 +264,34 @@ def test_timings_per_phase(tiny_clip, monkeypatch):
     adapter = _adapter(tiny_clip)
     views = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(6))
     assert adapter.adapt(views).timings == {"images": 8.0, "cache": 8.0}
+
+
+def test_full_cache_replaces_its_worst_entry_with_any_better_one():
+    """A full 3-shot cache takes a new entry whose entropy lies between its second and its worst,
+    dropping the worst (TTA.md §3.3); a 2-shot cache cannot tell ``worst`` from ``second``."""
+    cache, ref = TDACache(3), ReferenceTDA()
+    for i, entropy in enumerate([0.1, 0.2, 0.3, 0.25, 0.22, 0.05, 0.21]):
+        feature = torch.full((D,), float(i))
+        cache.update(0, CacheEntry(feature, entropy))
+        ReferenceTDA._update(ref.pos, 0, (feature.tolist(), entropy), 3)
+        assert [e.entropy for e in cache.entries[0]] == [it[1] for it in ref.pos[0]]
+        assert [e.feature.tolist() for e in cache.entries[0]] == [it[0] for it in ref.pos[0]]
+    assert [e.entropy for e in cache.entries[0]] == [0.05, 0.1, 0.2]
+
+
+def test_affinity_is_computed_on_the_query_feature_device():
+    """Cached keys are brought to the query feature's device (the meta device stands in for a GPU;
+    it cannot check the values' move, as a meta product accepts a CPU operand), and the affinity
+    is ``Σ_j exp(−β(1 − f·k_j))·values_j``."""
+    cache = TDACache(3)
+    for label in (0, 2):
+        cache.update(label, CacheEntry(F.normalize(torch.randn(D, generator=torch.Generator().manual_seed(label)), dim=0), 0.1))
+    values = F.one_hot(torch.tensor([0, 2]), C).float()
+    feature = F.normalize(torch.randn(D, generator=torch.Generator().manual_seed(7)), dim=0)
+    on_meta = cache.affinity_logits(feature.to("meta"), BETA, values)
+    assert on_meta.device.type == "meta" and on_meta.shape == (C,)
+    keys = [e.feature for label in (0, 2) for e in cache.entries[label]]
+    want = [0.0] * C
+    for label, key in zip((0, 2), keys):
+        want[label] += math.exp(-BETA * (1.0 - float(key @ feature)))
+    torch.testing.assert_close(cache.affinity_logits(feature, BETA, values), torch.tensor(want), atol=1e-6, rtol=0)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..zeroshot import ImageEncoder, logit_scale
 from .base import AdaptResult, Adapter, Stopwatch
 from .config import TDA_NEGATIVE
-from .selection import marginal_entropy, select_confident, view_entropy
+from .selection import marginal_entropy, select_confident
 
 __all__ = ["CacheEntry", "Observation", "TDAAdapter", "TDACache", "observe"]
 
@@ -53,17 +53,16 @@ class CacheEntry:
     probs: Optional[torch.Tensor] = None
 
 
-def observe(image_features: torch.Tensor, class_features: torch.Tensor, scale: float, fraction: float = 0.1) -> Observation:
+def observe(image_features: torch.Tensor, class_features: torch.Tensor, scale: float, fraction: float) -> Observation:
     """TDA's view of one image from its normalised view features (n_views, D) (TTA.md §3.1).
 
-    One view: ``f = f_0``, ``z = scale·f_0·tᵀ``, ``p = softmax(z)``, ``H`` its entropy. Several:
-    the ``⌊n · fraction⌋`` views of lowest entropy, ``f`` the mean of their (normalised, not
-    re-normalised) features, ``z`` and ``p`` the means of their logits and softmaxes, ``H`` TPT's
-    marginal entropy.
+    The ``⌊n · fraction⌋`` views (at least one) of lowest entropy: ``f`` the mean of their
+    (normalised, not re-normalised) features, ``z`` and ``p`` the means of their logits and
+    softmaxes, ``H`` TPT's marginal entropy. One view needs no branch of its own: the means of one
+    row are that row, bit for bit, and the marginal entropy of one row is its entropy, so this is
+    ``f = f_0``, ``z = scale·f_0·tᵀ``, ``p = softmax(z)``, ``H`` its entropy.
     """
     logits = scale * image_features.float() @ class_features.float().t()
-    if image_features.shape[0] == 1:
-        return Observation(image_features[0].float(), logits[0], logits[0].softmax(-1), float(view_entropy(logits)[0]))
     kept = select_confident(logits, fraction)
     chosen = logits[kept]
     return Observation(
