@@ -112,11 +112,13 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
     Views therefore depend neither on the order images are processed in nor on how they are
     sharded over processes; ``SeedSequence`` mixes the pair so neighbouring indices get unrelated
-    streams.
+    streams. One 32-bit word is the whole seed because torch's CPU generator seeds its Mersenne
+    Twister from the low 32 bits only (this word is also the low half of ``SeedSequence``'s first
+    64-bit word, so views recorded by runs that drew that one are the same).
     """
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+    (state,) = np.random.SeedSequence([int(seed), int(index)]).generate_state(1)
     generator = torch.Generator()
-    generator.manual_seed(int(state) & ((1 << 63) - 1))
+    generator.manual_seed(int(state))
     return generator
 
 
@@ -223,7 +225,7 @@ class PromptTuner:
         With ``text_features`` given (no gradient) the gradient goes in two passes over ``chunks``;
         with None, all classes are encoded in one autograd graph (the published way).
         """
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()  # set_to_none is the default: gradients from the last step or image are dropped
         if text_features is None:
             with _autocast(self.device, self.config.amp):
                 text = self.encoder(truncate=truncate)
@@ -302,9 +304,9 @@ class PromptTuner:
         return_tuned: bool,
         timings: dict[str, float],
     ) -> TPTOutput:
-        tuned = {k: v.to("cpu") for k, v in self.encoder.prompt_state().items()} if return_tuned else None
-        chosen = selected.to("cpu") if selected is not None else torch.empty(0, dtype=torch.long)
-        return TPTOutput(logits.detach().float().to("cpu"), chosen, losses, tuned, timings)
+        tuned = {k: v.cpu() for k, v in self.encoder.prompt_state().items()} if return_tuned else None
+        chosen = selected.cpu() if selected is not None else torch.empty(0, dtype=torch.long)
+        return TPTOutput(logits.detach().float().cpu(), chosen, losses, tuned, timings)
 
 
 
