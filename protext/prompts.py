@@ -114,8 +114,6 @@ class PromptedTextEncoder(nn.Module):
             self.deep_prompts = nn.Parameter(torch.randn(depth - 1, n_ctx, self.width, device=device) * 0.02)
         else:
             self.deep_prompts = None
-        self.register_buffer("tokens", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("eot", torch.empty(0, dtype=torch.long), persistent=False)
         self.set_classnames(classnames, template)
 
     def _phrase_ids(self, phrase: str) -> torch.Tensor:
@@ -140,7 +138,9 @@ class PromptedTextEncoder(nn.Module):
         if bool((eot == tokens.shape[1] - 1).any()):
             worst = self.prompts[int(eot.argmax())]
             raise ValueError(f"a class prompt fills the {tokens.shape[1]}-token context and was truncated: '{worst[:80]}…'")
-        self.tokens, self.eot = tokens, eot
+        # non-persistent buffers: they follow .to(device) but stay out of state_dict (they depend on the class list)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("eot", eot, persistent=False)
 
     def forward(
         self,
@@ -203,12 +203,11 @@ class PromptedTextEncoder(nn.Module):
             if self.deep_prompts is not None and require_deep:
                 raise PromptShapeError(f"saved prompts are shallow (depth 1) but this encoder has depth {self.depth}.")
         elif self.deep_prompts is None or tuple(deep.shape) != expected:
-            have = 1 if self.deep_prompts is None else self.depth
             raise PromptShapeError(
                 f"saved deep prompts have shape {tuple(deep.shape)} (depth {deep.shape[0] + 1}) but this encoder "
-                f"has depth {have} with width {self.width}."
+                f"has depth {self.depth} with width {self.width}."
             )
-        with torch.no_grad():
-            self.ctx.copy_(ctx.to(self.ctx))
+        with torch.no_grad():  # copy_ casts to the parameter's dtype and device
+            self.ctx.copy_(ctx)
             if deep is not None:
-                self.deep_prompts.copy_(deep.to(self.deep_prompts))
+                self.deep_prompts.copy_(deep)
