@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from protext.tta import TTAConfig, base, build_adapter
-from protext.tta.zero import ENSEMBLE_TEMPLATES, zero_votes
+from protext.tta.zero import ENSEMBLE_TEMPLATES, ZeroAdapter, zero_votes
 
 SCALE = 100.0
 C = 5
@@ -180,3 +181,38 @@ def test_timings_per_phase_and_batch_share_of_image_encoding(tiny_clip, monkeypa
     assert adapter.adapt(views).timings == {"images": 8.0, "vote": 8.0}
     batch = adapter.adapt_batch([views, views.flip(-1), views.flip(-2), views])
     assert [out.timings for out in batch] == [{"images": 2.0, "vote": 8.0}] * 4
+
+
+def test_adapter_and_vote_defaults_are_the_published_hard_votes_of_19_views(tiny_clip):
+    """Built without options, ZERO keeps ⌊64 · 0.3⌋ = 19 views and counts hard votes (TTA.md §1)."""
+    model = tiny_clip.model
+    views = torch.randn(64, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    classes = torch.randn(7, 32, generator=torch.Generator().manual_seed(5))
+    out = ZeroAdapter(model, classes).adapt(views)
+    with torch.no_grad():
+        cos = F.normalize(model.encode_image(views), dim=-1) @ F.normalize(classes, dim=-1).t()
+    scale = float(model.logit_scale.exp())
+    votes, winner, kept = reference_zero(cos.tolist(), scale, 19)
+    torch.testing.assert_close(out.logits, torch.tensor(votes, dtype=torch.float32))
+    got = zero_votes(cos, scale)
+    assert got.prediction == winner and got.kept.tolist() == kept
+    torch.testing.assert_close(got.votes, torch.tensor(votes, dtype=torch.float32))
+
+
+def test_image_dtype_is_used(tiny_clip):
+    """bf16 image encoding: the votes and calibration logits of a bf16 image tower's features."""
+    model = tiny_clip.model
+    views = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    classes = torch.randn(7, 32, generator=torch.Generator().manual_seed(5))
+    t = F.normalize(classes, dim=-1)
+    visual = copy.deepcopy(model.visual).to(torch.bfloat16)
+    with torch.no_grad():
+        bf16 = F.normalize(visual(views.to(torch.bfloat16)).float(), dim=-1) @ t.t()
+        fp32 = F.normalize(model.encode_image(views), dim=-1) @ t.t()
+    scale = float(model.logit_scale.exp())
+    config = TTAConfig(method="zero", views=16, image_dtype=torch.bfloat16)
+    out = build_adapter(config, model, "dtd", text_features=classes).adapt(views)
+    votes, _, _ = reference_zero(bf16.tolist(), scale, 4)
+    torch.testing.assert_close(out.logits, torch.tensor(votes, dtype=torch.float32))
+    torch.testing.assert_close(out.calibration_logits, scale * bf16[0], atol=1e-4, rtol=0)
+    assert float((scale * (bf16[0] - fp32[0])).abs().max()) > 20 * 1e-4

@@ -59,12 +59,12 @@ class ZeroVotes:
 
 
 def _vote_counts(cos: torch.Tensor, kept: torch.Tensor, votes: str) -> torch.Tensor:
-    if votes == "fp16":
-        # the limit is not reached in fp16: near-ties (top cosines within ~0.02) split the vote
-        soft = torch.softmax(FP16_VOTE_SCALE * cos[kept].half().float(), dim=-1)
-        return soft.sum(dim=0)
-    winners = cos[kept].argmax(dim=-1)
-    return torch.bincount(winners, minlength=cos.shape[1]).to(torch.float32)
+    if votes == "hard":
+        winners = cos[kept].argmax(dim=-1)
+        return torch.bincount(winners, minlength=cos.shape[1]).to(torch.float32)
+    # fp16: the limit is not reached there, near-ties (top cosines within ~0.02) split the vote
+    soft = torch.softmax(FP16_VOTE_SCALE * cos[kept].half().float(), dim=-1)
+    return soft.sum(dim=0)
 
 
 def zero_votes(cos: torch.Tensor, scale: float, fraction: float = 0.3, votes: str = "hard") -> ZeroVotes:
@@ -127,7 +127,8 @@ class ZeroAdapter(Adapter):
     def _decide(self, features: torch.Tensor, timings: dict[str, float]) -> AdaptResult:
         watch = Stopwatch()
         with watch("vote"):
-            cos = cosines(features, self.classes.to(features.device))
+            # the image encoder returns features on the model's device, where the classes already are
+            cos = cosines(features, self.classes)
             decision = zero_votes(cos, self.scale, self.fraction, self.votes)
             # the vote share is not a probability: calibration is read from view 0's logits
             calibration = self.scale * cos[0]
