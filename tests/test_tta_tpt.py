@@ -269,34 +269,37 @@ def test_timings_are_per_phase_and_add_up_over_steps(tiny_clip, few_views, monke
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("steps", [0, 2])
 def test_text_tower_work_per_image(tiny_clip, few_views, monkeypatch, shared, steps):
-    """The fast path's cost contract (module docstring): every pass over the classes runs batches cut
-    at their own longest EOT (never all 77 positions), through the shared prompt prefix exactly when
-    ``shared_prefix`` is on, and the features at the initialisation are computed once per tuner, not
-    once per image. Passes per image: the initial features (first image only), then per step the
+    """The fast path's cost contract (module docstring, TPTConfig): every pass over the classes runs
+    batches of at most ``token_budget`` padded tokens, each cut at its own longest EOT (never all 77
+    positions), through the shared prompt prefix exactly when ``shared_prefix`` is on, and the
+    features at the initialisation are computed once per tuner, not once per image. Passes per image: the initial features (first image only), then per step the
     backward re-encode and, from the second step on, the loss's features, then (after at least one
     step) the prediction; with zero steps the prediction is the initial features' own."""
     encoder = deep_encoder(tiny_clip)
     n_classes = len(NAMES)
     rows = {"shared": 0, "direct": 0}
-    flags = []
+    flags, padded = [], []  # truncate flags of direct calls; rows x (longest EOT + 1) of every batch
     real_shared = tpt_module.shared_prefix_features
 
     def shared_prefix_features(enc, classes):
         rows["shared"] += len(classes)
+        padded.append(len(classes) * (int(encoder.eot[classes].max()) + 1))
         return real_shared(enc, classes)
 
     real_forward = encoder.forward
 
     def forward(class_indices=None, truncate=True, normalize=False):
+        classes = torch.arange(n_classes) if class_indices is None else class_indices
         flags.append(truncate)
-        rows["direct"] += n_classes if class_indices is None else len(class_indices)
+        rows["direct"] += len(classes)
+        padded.append(len(classes) * (int(encoder.eot[classes].max()) + 1))
         return real_forward(class_indices, truncate=truncate, normalize=normalize)
 
     monkeypatch.setattr(tpt_module, "shared_prefix_features", shared_prefix_features)
     monkeypatch.setattr(encoder, "forward", forward)
     config = tpt_module.TPTConfig(steps=steps, shared_prefix=shared, token_budget=24)
     tuner = tpt_module.PromptTuner(tiny_clip.model, encoder, config)
-    assert len(tuner.chunks) > 1  # several length batches per pass
+    assert n_classes * (int(encoder.eot.max()) + 1) > 24  # so a pass needs several batches
     per_image = []
     for _ in range(2):
         rows.update(shared=0, direct=0)
@@ -308,3 +311,4 @@ def test_text_tower_work_per_image(tiny_clip, few_views, monkeypatch, shared, st
         used, unused = ("shared", "direct") if shared else ("direct", "shared")
         assert counts[used] == passes * n_classes and counts[unused] == 0
     assert all(flag is True for flag in flags)
+    assert padded and max(padded) <= 24
