@@ -184,10 +184,12 @@ def test_timings_per_phase_and_batch_share_of_image_encoding(tiny_clip, monkeypa
 
 
 def test_adapter_and_vote_defaults_are_the_published_hard_votes_of_19_views(tiny_clip):
-    """Built without options, ZERO keeps ⌊64 · 0.3⌋ = 19 views and counts hard votes (TTA.md §1)."""
+    """Built without options, ZERO keeps ⌊64 · 0.3⌋ = 19 views and counts hard votes (TTA.md §1).
+    The classes are close to each other, so fp16 soft votes would split visibly."""
     model = tiny_clip.model
     views = torch.randn(64, 3, 224, 224, generator=torch.Generator().manual_seed(4))
-    classes = torch.randn(7, 32, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    classes = torch.randn(1, 32, generator=g) + 0.02 * torch.randn(7, 32, generator=g)
     out = ZeroAdapter(model, classes).adapt(views)
     with torch.no_grad():
         cos = F.normalize(model.encode_image(views), dim=-1) @ F.normalize(classes, dim=-1).t()
@@ -197,6 +199,8 @@ def test_adapter_and_vote_defaults_are_the_published_hard_votes_of_19_views(tiny
     got = zero_votes(cos, scale)
     assert got.prediction == winner and got.kept.tolist() == kept
     torch.testing.assert_close(got.votes, torch.tensor(votes, dtype=torch.float32))
+    soft = zero_votes(cos, scale, votes="fp16").votes
+    assert float((soft - got.votes).abs().max()) > 0.5  # the data tells the two kinds of votes apart
 
 
 def test_image_dtype_is_used(tiny_clip):
