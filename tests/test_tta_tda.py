@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from types import SimpleNamespace
@@ -295,3 +296,23 @@ def test_affinity_is_computed_on_the_query_feature_device():
     for label, key in zip((0, 2), keys):
         want[label] += math.exp(-BETA * (1.0 - float(key @ feature)))
     torch.testing.assert_close(cache.affinity_logits(feature, BETA, values), torch.tensor(want), atol=1e-6, rtol=0)
+
+
+def test_default_selection_and_bf16_image_encoding(tiny_clip):
+    """Built without a selection share, TDA averages the ⌊64 · 0.1⌋ = 6 most confident of 64 views;
+    with ``image_dtype`` bf16 it reads a bf16 image tower's features (far from the fp32 ones)."""
+    model = tiny_clip.model
+    classes = torch.randn(C, 32, generator=torch.Generator().manual_seed(9))
+    adapter = TDAAdapter(model, classes, ALPHA, BETA, image_dtype=torch.bfloat16)
+    views = torch.randn(64, 3, 224, 224, generator=torch.Generator().manual_seed(70))
+    visual = copy.deepcopy(model.visual).to(torch.bfloat16)
+    with torch.no_grad():
+        bf16 = F.normalize(visual(views.to(torch.bfloat16)).float(), dim=-1)
+        fp32 = F.normalize(model.encode_image(views), dim=-1)
+    scale, normed = float(model.logit_scale.exp()), F.normalize(classes, dim=-1)
+    f, z, p, H = reference_observe(bf16, normed, scale)
+    want = torch.tensor(ReferenceTDA().step(f.tolist(), z.tolist(), p.tolist(), H), dtype=torch.float32)
+    torch.testing.assert_close(adapter.adapt(views).logits, want, atol=1e-4, rtol=0)
+    f, z, p, H = reference_observe(fp32, normed, scale)
+    other = torch.tensor(ReferenceTDA().step(f.tolist(), z.tolist(), p.tolist(), H), dtype=torch.float32)
+    assert float((want - other).abs().max()) > 20 * 1e-4
