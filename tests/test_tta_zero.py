@@ -220,3 +220,19 @@ def test_image_dtype_is_used(tiny_clip):
     torch.testing.assert_close(out.logits, torch.tensor(votes, dtype=torch.float32))
     torch.testing.assert_close(out.calibration_logits, scale * bf16[0], atol=1e-4, rtol=0)
     assert float((scale * (bf16[0] - fp32[0])).abs().max()) > 20 * 1e-4
+
+
+def test_adapter_fp16_votes_equal_the_reference(tiny_clip):
+    """``votes="fp16"`` reaches the vote count: on close classes the soft votes split (TTA.md §1.5)."""
+    model = tiny_clip.model
+    views = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(5)
+    classes = torch.randn(1, 32, generator=g) + 0.02 * torch.randn(7, 32, generator=g)
+    out = ZeroAdapter(model, classes, votes="fp16").adapt(views)
+    with torch.no_grad():
+        cos = (F.normalize(model.encode_image(views), dim=-1) @ F.normalize(classes, dim=-1).t()).tolist()
+    scale = float(model.logit_scale.exp())
+    soft, _, _ = reference_zero(cos, scale, 4, fp16=True)
+    hard, _, _ = reference_zero(cos, scale, 4)
+    torch.testing.assert_close(out.logits, torch.tensor(soft, dtype=torch.float32), atol=1e-5, rtol=0)
+    assert max(abs(a - b) for a, b in zip(soft, hard)) > 0.5

@@ -104,7 +104,7 @@ class ZeroAdapter(Adapter):
 
     Args:
         model: the CLIP model (its image tower encodes the views; its temperature ranks them).
-        class_features: (n_classes, embed_dim), normalised here.
+        class_features: (n_classes, embed_dim), normalised when the cosines are taken.
         fraction: share of the views that vote (0.3).
         votes: ``hard`` or ``fp16``.
         image_dtype: image-encoding precision (None: the model's; fp16: autocast; bf16: a copy).
@@ -118,7 +118,8 @@ class ZeroAdapter(Adapter):
         votes: str = "hard",
         image_dtype: torch.dtype | None = None,
     ) -> None:
-        self.classes = torch.nn.functional.normalize(class_features.detach().float(), dim=-1).to(next(model.parameters()).device)
+        # not normalised here: ``cosines`` normalises both sides
+        self.classes = class_features.detach().float().to(next(model.parameters()).device)
         self.scale = float(logit_scale(model))
         self.fraction = fraction
         self.votes = votes
