@@ -297,6 +297,9 @@ def test_shallow_prompts_round_trip_into_a_shallow_encoder(tiny_clip):
         state["ctx"] = state["ctx"] + 1
     target.load_prompt_state(state)
     assert torch.equal(target.ctx.data, state["ctx"]) and target.deep_prompts is None
+    with torch.no_grad():  # a shallow encoder runs every block untouched after the input context
+        expected = reference(tiny_clip.model, tiny_clip.tokenizer, target.prompts, state["ctx"])
+        torch.testing.assert_close(target(), expected, atol=1e-5, rtol=0)
 
 
 def test_loaded_prompts_are_cast_to_the_encoder_dtype(tiny_clip):
@@ -322,6 +325,10 @@ def test_load_prompt_state_messages_name_both_shapes(tiny_clip):
         {"ctx": torch.zeros(1, 4, 48), "deep_prompts": deep},
         r"^saved context has width 48 but this model's text tower has width 64 "
         r"\(prompts were learned for another CLIP architecture\)\.$",
+    )
+    refused(
+        {"ctx": torch.zeros(4, 48), "deep_prompts": deep},
+        r"^saved context has width 48 but this model's text tower has width 64 ",
     )
     refused(
         {"ctx": torch.zeros(2, 64), "deep_prompts": deep}, r"^saved context has n_ctx=2 but this encoder has n_ctx=4\.$"
