@@ -684,3 +684,68 @@ def test_run_flags_in_successful_runs(tmp_path, default_run, capsys, flag):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     else:
         assert hyper["device"] == "cpu" and torch.equal(got, want)
+
+
+# -------------------------------------------------------------------------------------------------- a run that stops
+
+
+def _poison_call(monkeypatch, n: int) -> None:
+    """Make the n-th batch loss of the run NaN (60 samples, batch 16: 3 steps per epoch)."""
+    import protext.training as training
+
+    real, calls = training.fast_batch_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == n else loss
+
+    monkeypatch.setattr(training, "fast_batch_loss", poisoned)
+
+
+def _job(small_jsonl: Path, out: Path, **kwargs):
+    from protext.training import TrainJob
+
+    overrides = {"epochs": 3, "warmup_epochs": 0, "batch_size": 16, "depth": 2}
+    return TrainJob(small_jsonl, model="tiny-clip", pretrained="random", out=out, cache_dir=out.parent / "cache",
+                    overrides=overrides, **kwargs)
+
+
+def test_a_stopped_run_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, small_jsonl, monkeypatch, tiny_clip):
+    from protext.training import run_training
+
+    _poison_call(monkeypatch, 5)  # epoch 2, step 2
+    out = tmp_path / "s.safetensors"
+    outcome = run_training(_job(small_jsonl, out, precision="bf16"), clip=tiny_clip, progress=False, report=lambda line: None)
+    assert outcome.status == "stopped: loss nan at epoch 2, step 2" and not outcome.complete
+    assert outcome.checkpoint == out and [r.epoch for r in outcome.history] == [0]
+    assert outcome.files == {"checkpoint": out, "history": tmp_path / "s.loss.json", "plot": tmp_path / "s.loss.png",
+                             "state": tmp_path / "s.resume.pt"}
+    history = json.loads((tmp_path / "s.loss.json").read_text())
+    assert history["status"] == outcome.status and [e["epoch"] for e in history["epochs"]] == [1]
+    assert history["checkpoint"] == str(out) and (tmp_path / "s.loss.png").read_bytes()[:4] == b"\x89PNG"
+    loss = history["epochs"][0]["loss"]
+    assert load_prompts(out).meta["epochs_done"] == 1
+    assert outcome.message == (
+        f"the loss became nan at epoch 2, step 2; training stopped. The last good checkpoint (after epoch 1, loss {loss:.6g}) "
+        f"is kept at {out}. Try a lower --lr or --precision fp32."
+    )
+
+
+def test_a_run_stopped_in_its_first_epoch_writes_nothing_and_says_so(tmp_path, small_jsonl, monkeypatch, tiny_clip):
+    from protext.training import run_training
+
+    _poison_call(monkeypatch, 2)  # epoch 1, step 2
+    out = tmp_path / "f.safetensors"
+    outcome = run_training(_job(small_jsonl, out), clip=tiny_clip, progress=False, report=lambda line: None)
+    assert outcome.status == "stopped: loss nan at epoch 1, step 2" and outcome.history == []
+    assert outcome.message == ("the loss became nan at epoch 1, step 2; training stopped. No epoch finished, so no checkpoint "
+                               "was written. Try a lower --lr.")
+    assert not out.exists() and not (tmp_path / "f.loss.json").exists() and not (tmp_path / "f.loss.png").exists()
+
+    out.write_bytes(b"an older checkpoint")
+    _poison_call(monkeypatch, 1)
+    outcome = run_training(_job(small_jsonl, out, overwrite=True), clip=tiny_clip, progress=False, report=lambda line: None)
+    assert outcome.message == (f"the loss became nan at epoch 1, step 1; training stopped. No epoch finished, so nothing was "
+                               f"saved; {out} is left as it was. Try a lower --lr.")
+    assert out.read_bytes() == b"an older checkpoint"
