@@ -187,7 +187,7 @@ class TextPairs:
             texts += list(descriptions[name])
         if not texts:
             raise ValueError("no descriptions to train on.")
-        return cls(classnames, torch.tensor(index, dtype=torch.long), texts)
+        return cls(classnames, torch.tensor(index), texts)  # a non-empty list of ints: int64 already
 
     def __len__(self) -> int:
         return len(self.texts)
