@@ -76,7 +76,7 @@ def mta_mode(features: torch.Tensor, logits: torch.Tensor, settings: MTASettings
     bandwidth = view_bandwidths(features, settings.neighbours)
     probs = logits.double().softmax(-1)
     affinity = probs @ probs.t()
-    y = torch.full((n,), 1.0 / n, device=features.device, dtype=torch.float64)
+    y = torch.full_like(bandwidth, 1.0 / n)  # fp64, one per view, on the features' device
     mode = features[0]
     rounds: list[tuple[int, int]] = []
     for _ in range(settings.outer):
