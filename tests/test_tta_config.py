@@ -74,6 +74,8 @@ def test_aliases_and_overrides():
         ({"method": "mta", "naive": True}, "--tta-naive"),
         ({"method": "tpt", "naive": True}, "--tta-naive"),
         ({"method": "mta", "selection": 0.2}, "--tta-selection"),
+        ({"method": "mta", "views": 2}, "--tta-views"),
+        ({"method": "mta", "views": 4}, "--tta-views"),
         ({"method": "tpt", "batch": 2, "fp16": True}, "--tta-batch"),
     ],
 )
@@ -81,6 +83,13 @@ def test_bad_settings_name_the_flag(kwargs, flag):
     with pytest.raises(TTAConfigError, match=flag.replace("-", r"\-")) as err:
         TTAConfig(**kwargs).validate("dtd")
     assert "\n" not in str(err.value)
+
+
+def test_mta_view_counts_with_a_bandwidth_are_accepted():
+    """floor(0.3 (n - 1)) nearest views: 1 at n = 5 (one view is its own mode, with no bandwidth)."""
+    for views in (1, 5, 64):
+        TTAConfig(method="mta", views=views).validate("dtd")
+    TTAConfig(method="zero", views=3).validate("dtd")  # the limit is MTA's own
 
 
 def test_tda_without_published_pair_asks_for_flags():

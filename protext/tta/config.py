@@ -217,6 +217,12 @@ class TTAConfig:
                 "--tta-batch is for the episodic methods; --tta tda is online (each image updates the cache "
                 "the next one reads), so it adapts one image at a time: drop --tta-batch."
             )
+        if method == "mta" and self.views is not None and 1 < self.views < 5:
+            # the bandwidth averages distances to the nearest floor(0.3 (n - 1)) other views: none below 5
+            raise TTAConfigError(
+                f"--tta mta needs --tta-views 1 or at least 5, got {self.views}: its kernel bandwidth averages "
+                "the distances to the nearest 30% of the other views, which is no view with 2 to 4 (published: 64)."
+            )
         if method == "mta" and self.selection is not None:
             raise TTAConfigError("--tta-selection does not apply to --tta mta (it weighs every view by inlierness).")
         if method in PROMPT_TUNING and self.fp16 and self.batch > 1:
