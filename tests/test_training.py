@@ -352,6 +352,13 @@ def test_config_from_a_published_preset_and_from_every_setting():
                               drop_last=False)
 
 
+def test_config_schedule_uses_every_rate_setting():
+    """ALGORITHMS.md §3: W epochs at the warm-up rate, then lr * (1 + cos(pi * (e - W) / E)) / 2; none left at a default."""
+    config = TrainConfig(lr=0.1, epochs=4, warmup_epochs=2, warmup_lr=3e-4)
+    expected = [3e-4, 3e-4] + [0.1 * 0.5 * (1 + math.cos(math.pi * (e - 2) / 4)) for e in (2, 3)]
+    assert config.schedule().rates() == pytest.approx(expected, rel=1e-12)
+
+
 def test_auto_precision_is_bf16_only_on_a_cuda_device_that_supports_it(monkeypatch):
     from protext.training import TrainJobError, resolve_precision
 
