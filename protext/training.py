@@ -303,7 +303,8 @@ def _identity_diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
         for key in sorted(set(saved) | set(current)):
             out += _identity_diff(saved.get(key), current.get(key), f"{prefix}{key}.")
         return out
-    return [] if saved == current else [f"{prefix[:-1]} (saved {saved!r}, now {current!r})"]
+    # the top level has no key: a state without any identity is named as such
+    return [] if saved == current else [f"{prefix[:-1] or 'identity'} (saved {saved!r}, now {current!r})"]
 
 
 @dataclass

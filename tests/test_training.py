@@ -655,7 +655,7 @@ def test_resume_refuses_a_state_whose_identity_lacks_a_field(tiny_clip, small_pa
     saved["identity"] = None
     torch.save(saved, tmp_path / "b.pt")
     message = _refusal(make_encoder(tiny_clip, small_pairs), small_pairs, small_targets, config, tmp_path / "b.pt")
-    assert message.startswith(f"{tmp_path / 'b.pt'}: saved by a different run; it differs in ")
+    assert message.startswith(f"{tmp_path / 'b.pt'}: saved by a different run; it differs in identity (saved None, now {{")
 
 
 def test_resume_state_file_checks(tmp_path):
