@@ -310,8 +310,13 @@ def _group_gone(pgid: int) -> bool:
 
 
 def test_sigint_during_eval_one_line_exit_130_log_kept(many, tmp_path):
+    # the last image is a named pipe nobody writes to: the run blocks there, so it is still running
+    # when the signal comes however slow or fast the machine is (no race with the end of the run)
+    root = tmp_path / "images"
+    shutil.copytree(many, root)
+    os.mkfifo(root / "doe" / "9.png")
     out = tmp_path / "r.json"
-    proc = _start(["--dataset", "folder", "--root", str(many), "--tta", "tpt", "--tta-views", "32", "--tta-steps", "3",
+    proc = _start(["--dataset", "folder", "--root", str(root), "--tta", "tpt", "--tta-views", "32", "--tta-steps", "3",
                    "--out", str(out), *TINY])
     try:
         assert _wait_for_records(proc, tmp_path, "r.json.resume-*.jsonl", 2)
