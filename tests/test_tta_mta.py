@@ -117,6 +117,15 @@ def test_bandwidth_neighbour_count_on_few_views():
         torch.testing.assert_close(view_bandwidths(x.double()), want, atol=1e-12, rtol=0)
 
 
+def test_too_few_views_for_a_bandwidth_are_refused_not_nan():
+    """2 to 4 views leave ``⌊0.3 · (n − 1)⌋ = 0`` neighbours: an error, where the mean would be NaN."""
+    for n in (2, 3, 4):
+        x = F.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(n)), dim=-1)
+        with pytest.raises(ValueError, match=f"{n} views"):
+            mta_mode(x, torch.randn(n, 3))
+    assert mta_mode(x[:1], torch.randn(1, 3)).mode.isfinite().all()
+
+
 def test_one_view_is_its_own_mode():
     """One view (``--tta-views 1``): nothing to shift towards, the mode is the view, its inlierness 1,
     no iteration; on the features' device (the meta device stands in for a GPU)."""

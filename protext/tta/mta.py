@@ -51,6 +51,8 @@ def view_bandwidths(features: torch.Tensor, share: float = 0.3) -> torch.Tensor:
     """``h_v = sqrt(0.5 · mean d²)`` over the ``⌊share · (n − 1)⌋`` nearest other views (Euclidean)."""
     n = features.shape[0]
     k = int(share * (n - 1))
+    if k < 1:  # a mean over no neighbour is NaN, and so would be every logit after it
+        raise ValueError(f"MTA's bandwidth needs at least one neighbour: {n} views with share {share} give none (use 5 or more).")
     squared = ((features[:, None, :] - features[None, :, :]) ** 2).sum(-1)
     # a view is not its own neighbour: the diagonal goes last instead of first
     squared.fill_diagonal_(math.inf)
