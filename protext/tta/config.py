@@ -217,12 +217,17 @@ class TTAConfig:
                 "--tta-batch is for the episodic methods; --tta tda is online (each image updates the cache "
                 "the next one reads), so it adapts one image at a time: drop --tta-batch."
             )
-        if method == "mta" and self.views is not None and 1 < self.views < 5:
-            # the bandwidth averages distances to the nearest floor(0.3 (n - 1)) other views: none below 5
-            raise TTAConfigError(
-                f"--tta mta needs --tta-views 1 or at least 5, got {self.views}: its kernel bandwidth averages "
-                "the distances to the nearest 30% of the other views, which is no view with 2 to 4 (published: 64)."
-            )
+        if method == "mta" and self.views is not None and self.views > 1:
+            # the rule lives with the bandwidth itself (mta.view_bandwidths refuses the same counts)
+            from .mta import fewest_views_with_a_neighbour, neighbour_count
+
+            if neighbour_count(self.views) < 1:
+                fewest = fewest_views_with_a_neighbour()
+                raise TTAConfigError(
+                    f"--tta mta needs --tta-views 1 or at least {fewest}, got {self.views}: its kernel bandwidth "
+                    f"averages the distances to the nearest 30% of the other views, which is no view with 2 to "
+                    f"{fewest - 1} (published: 64)."
+                )
         if method == "mta" and self.selection is not None:
             raise TTAConfigError("--tta-selection does not apply to --tta mta (it weighs every view by inlierness).")
         if method in PROMPT_TUNING and self.fp16 and self.batch > 1:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..zeroshot import ImageEncoder, logit_scale
 from .base import AdaptResult, Adapter, Stopwatch
 
-__all__ = ["MTAAdapter", "MTAMode", "MTA_SETTINGS", "mta_mode", "view_bandwidths"]
+__all__ = ["MTAAdapter", "MTAMode", "MTA_SETTINGS", "fewest_views_with_a_neighbour", "mta_mode", "neighbour_count", "view_bandwidths"]
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,28 @@ class MTAMode:
     iterations: list[tuple[int, int]]
 
 
+def neighbour_count(n_views: int, share: float = MTA_SETTINGS.neighbours) -> int:
+    """How many nearest other views a view's bandwidth averages over: ``⌊share · (n − 1)⌋``."""
+    return int(share * (n_views - 1))
+
+
+def fewest_views_with_a_neighbour(share: float = MTA_SETTINGS.neighbours) -> int:
+    """The smallest view count above one whose bandwidths average over at least one neighbour (5 at 0.3)."""
+    n = 2
+    while neighbour_count(n, share) < 1:
+        n += 1
+    return n
+
+
 def view_bandwidths(features: torch.Tensor, share: float = 0.3) -> torch.Tensor:
     """``h_v = sqrt(0.5 · mean d²)`` over the ``⌊share · (n − 1)⌋`` nearest other views (Euclidean)."""
     n = features.shape[0]
-    k = int(share * (n - 1))
+    k = neighbour_count(n, share)
     if k < 1:  # a mean over no neighbour is NaN, and so would be every logit after it
-        raise ValueError(f"MTA's bandwidth needs at least one neighbour: {n} views with share {share} give none (use 5 or more).")
+        raise ValueError(
+            f"MTA's bandwidth needs at least one neighbour: {n} views with share {share} give none "
+            f"(use {fewest_views_with_a_neighbour(share)} or more)."
+        )
     squared = ((features[:, None, :] - features[None, :, :]) ** 2).sum(-1)
     # a view is not its own neighbour: the diagonal goes last instead of first
     squared.fill_diagonal_(math.inf)
