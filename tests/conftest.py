@@ -29,3 +29,25 @@ def tiny_clip():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_clip("tiny-clip", "random")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch) -> Path:
+    """An empty folder where the pre-flight's probe file cannot be created, as on a read-only file
+    system: tests run as root here, for whom chmod cannot make a folder read-only."""
+    import errno
+    import tempfile
+
+    import protext.preflight as preflight
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", mkstemp)
+    return folder

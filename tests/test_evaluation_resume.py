@@ -91,30 +91,14 @@ def test_out_may_not_be_the_runs_own_input(tiny_clip, many, tmp_path, capsys, no
     assert "--descriptions" in err and desc.read_text().startswith("{")
 
 
-def test_unwritable_or_folder_outputs_refused_before_the_model(many, tmp_path, capsys, monkeypatch, no_model):
+def test_unwritable_or_folder_outputs_refused_before_the_model(many, tmp_path, capsys, no_model, read_only_dir):
     err = fail(["--dataset", "folder", "--root", str(many), "--out", str(tmp_path)], capsys)
     assert "is a directory" in err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     err = fail(["--dataset", "folder", "--root", str(many), "--out", str(blocker / "sub" / "r.json")], capsys)
     assert "is a file" in err
-    # tests run as root here, where chmod cannot make a folder read-only: the probe file the
-    # pre-flight creates fails there, as it would on a read-only file system
-    import errno
-    import tempfile
-
-    import protext.preflight as preflight
-
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    real = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == ro:
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(preflight.tempfile, "mkstemp", mkstemp)
+    ro = read_only_dir
     err = fail(["--dataset", "folder", "--root", str(many), "--out", str(ro / "r.json")], capsys)
     assert f"cannot write in {ro} (Permission denied)" in err and "--out" in err
     assert list(ro.iterdir()) == []

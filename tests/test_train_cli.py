@@ -627,23 +627,9 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, small_j
     assert _living_with(token) == []
 
 
-def test_unwritable_out_and_cache_dir_are_refused_before_the_model_loads(tmp_path, small_jsonl, capsys, no_model, monkeypatch):
+def test_unwritable_out_and_cache_dir_are_refused_before_the_model_loads(tmp_path, small_jsonl, capsys, no_model, read_only_dir):
     """Root ignores permission bits, so a read-only place is simulated where the probe file is made."""
-    import errno
-    import tempfile
-
-    import protext.preflight as preflight
-
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    real = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == readonly:
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(preflight.tempfile, "mkstemp", mkstemp)
+    readonly = read_only_dir
     code, err = run(capsys, cli(small_jsonl, readonly / "new" / "x.safetensors"))
     assert code == 2 and f"cannot write in {readonly} (Permission denied)" in err and "--out" in err
     argv = cli(small_jsonl, tmp_path / "x.safetensors")

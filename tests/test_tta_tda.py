@@ -91,6 +91,19 @@ def _adapter(tiny_clip, classes=None) -> TDAAdapter:
     return TDAAdapter(tiny_clip.model, classes, ALPHA, BETA)
 
 
+def _resumed_after(tiny_clip, stream: list[Observation]) -> TDAAdapter:
+    """A fresh adapter that loaded, through a saved file's bytes, the state of one that saw ``stream``."""
+    first = _adapter(tiny_clip)
+    for obs in stream:
+        first.step(obs)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _adapter(tiny_clip)
+    resumed.load_state_dict(torch.load(buffer))
+    return resumed
+
+
 def test_scripted_stream_caches_and_logits(tiny_clip):
     adapter, ref = _adapter(tiny_clip), ReferenceTDA()
     for step, (label, entropy) in enumerate(SCRIPT):
@@ -171,14 +184,7 @@ def test_state_dict_resumes_the_stream(tiny_clip):
     stream = [_scripted(step, label, entropy) for step, (label, entropy) in enumerate(SCRIPT)]
     whole = _adapter(tiny_clip)
     want = [whole.step(obs) for obs in stream]
-    first = _adapter(tiny_clip)
-    for obs in stream[:7]:
-        first.step(obs)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
-    resumed = _adapter(tiny_clip)
-    resumed.load_state_dict(torch.load(buffer))
+    resumed = _resumed_after(tiny_clip, stream[:7])
     for obs, expected in zip(stream[7:], want[7:]):
         assert torch.equal(resumed.step(obs), expected)
     assert resumed.state_dict()["seen"] == len(SCRIPT)
@@ -193,14 +199,7 @@ def test_resume_is_exact_for_entropies_finer_than_float32(tiny_clip):
     stream = [_scripted(step, label, entropy) for step, (label, entropy) in enumerate(script + after)]
     whole = _adapter(tiny_clip)
     want = [whole.step(obs) for obs in stream]
-    first = _adapter(tiny_clip)
-    for obs in stream[: len(script)]:
-        first.step(obs)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
-    resumed = _adapter(tiny_clip)
-    resumed.load_state_dict(torch.load(buffer))
+    resumed = _resumed_after(tiny_clip, stream[: len(script)])
     assert [e.entropy for e in resumed.positive.entries[0]] == [0.1, 0.2, 0.3]
     assert [e.entropy for e in resumed.negative.entries[1]] == [0.45, 0.6]
     for obs, expected in zip(stream[len(script):], want[len(script):]):
