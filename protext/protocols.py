@@ -46,9 +46,13 @@ CLASS_COUNTS = {
     "fgvc_aircraft": 100, "sun397": 397, "dtd": 47, "eurosat": 10, "ucf101": 101,
 }
 
-FEATURES = ("clip", "cupl", "prompts", "ensemble")
+FEATURES = ("clip", "cupl", "prompts", "ensemble", "ensemble80")
 """Class features: one template (clip), the mean of a class's CuPL descriptions (cupl), learned prompts,
-or the mean over ZERO+Ensemble's seven templates (ensemble)."""
+or the mean over ZERO+Ensemble's seven templates (ensemble) or CLIP's 80 ImageNet templates (ensemble80)."""
+
+#: ZERO's published default seed (TTA.md §1); equals ``protext.tta.zero.PUBLISHED_SEED`` (tested),
+#: repeated here because this module imports no torch
+ZERO_SEED = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class TTASpec:
     resolves it: TDA's 1 or 64 views, C-TPT's λ 50 or 20, TDA's (α⁺, β⁺), AugMix on the fine-grained
     sets), and the evaluation records the value it resolved. ``init`` is where TPT's prompts start:
     ``handcrafted`` ("a photo of a", 4 tokens), ``prompts`` (the row's ProText checkpoint) or ``coop``.
+    ``augmix_by_dataset`` overrides ``augmix`` per dataset (C-TPT's natural-shift runs: on for
+    A/V2/R/Sketch, off for ImageNet). ``seed`` is the views' seed the published runs used (ZERO: 1);
+    None: the run's ``--seed``.
     """
 
     method: str = "tpt"
@@ -68,18 +75,38 @@ class TTASpec:
     lr: Optional[float] = 5e-3
     init: Optional[str] = "handcrafted"
     augmix: Optional[bool] = None
+    augmix_by_dataset: tuple[tuple[str, bool], ...] = ()
+    seed: Optional[int] = None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
-        return asdict(self)
+        """JSON-ready fields (``augmix_by_dataset`` as a ``{dataset: bool}`` object)."""
+        out = asdict(self)
+        out["augmix_by_dataset"] = dict(self.augmix_by_dataset)
+        return out
+
+    def augmix_for(self, dataset: str) -> Optional[bool]:
+        """AugMix on ``dataset``: its entry in ``augmix_by_dataset``, else ``augmix`` (None: the method's default)."""
+        return dict(self.augmix_by_dataset).get(dataset, self.augmix)
+
+    def for_dataset(self, dataset: str) -> dict[str, Any]:
+        """The settings of one cell on ``dataset``, JSON-ready: ``augmix`` resolved per dataset, and
+        ``seed`` present only where the protocol fixes one."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("augmix_by_dataset", "seed")}
+        out["augmix"] = self.augmix_for(dataset)
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
 
 TPT = TTASpec()
-ZERO = TTASpec("zero", views=64, selection=0.3, steps=None, lr=None, init=None)
+ZERO = TTASpec("zero", views=64, selection=0.3, steps=None, lr=None, init=None, seed=ZERO_SEED)
 TDA = TTASpec("tda", views=None, selection=None, steps=None, lr=None, init=None)
 CTPT = TTASpec("ctpt")
-#: C-TPT's natural-shift runs switch AugMix on (TTA.md §2), ImageNet included ("shares the fine-grained protocol")
-CTPT_AUGMIX = TTASpec("ctpt", augmix=True)
+#: C-TPT's natural-shift runs switch AugMix on for A/V2/R/Sketch (TTA.md §2); ImageNet shares the
+#: fine-grained protocol (λ 50) and, as in TPT's code (set 'I'), has no AugMix (PUBLISHED.md)
+CTPT_SHIFTS = TTASpec(
+    "ctpt", augmix_by_dataset=(("imagenet", False),) + tuple((d, True) for d in VARIANTS),
+)
 
 
 @dataclass(frozen=True)
@@ -290,21 +317,25 @@ _CUPL = Row(
 _CLIP_TPT = Row("CLIP (`a photo of a`)", "clip", "tpt", note="TPT's baseline: `a photo of a {}.` on every dataset")
 _TPT_ROW = Row("TPT", "clip", "tpt", tta=TPT, note="64 views, 6 kept, 1 AdamW step at 5e-3, prompts reset per image")
 # TDA's published class features (TTA.md §3.7): the seven Tip-Adapter templates (ZERO's ensemble) on
-# ImageNet, A, V2, Caltech, Cars and SUN; CLIP's 80 templates on R and Sketch (not in protext: the
-# seven instead, a listed departure); one dataset template (CoOp's) on the rest
+# ImageNet, A, V2, Caltech, Cars and SUN; CLIP's 80 templates on R and Sketch (open_clip's list); on
+# the rest one dataset template, which in TDA's code is CoOp's (the row's rule)
 _TDA_FEATURES = tuple((d, "ensemble") for d in (
-    "imagenet", "imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch", "caltech101", "stanford_cars", "sun397"))
+    "imagenet", "imagenet_a", "imagenet_v2", "caltech101", "stanford_cars", "sun397")) + tuple(
+    (d, "ensemble80") for d in ("imagenet_r", "imagenet_sketch"))
 _TTA_ROWS = (
-    Row("ZERO", "clip", "tpt", tta=ZERO, note="64 views without AugMix, 19 kept, hard votes of the zero-temperature argmax"),
+    Row("ZERO", "clip", "tpt", tta=ZERO,
+        note="64 views without AugMix, 19 kept, hard votes of the zero-temperature argmax, seed 1 (published)"),
     Row("ZERO + Ensemble", "ensemble", "tpt", tta=ZERO, note="ZERO over the mean feature of its seven templates"),
     Row("TDA", "clip", "coop", features_by_dataset=_TDA_FEATURES, tta=TDA,
         note="online positive/negative caches; 1 view (64 with AugMix on A/V2/R/Sketch); the 7-template "
-             "ensemble on ImageNet, its variants, Caltech, Cars and SUN, CoOp's template elsewhere"),
+             "ensemble on ImageNet, A, V2, Caltech, Cars and SUN, CLIP's 80 templates on R and Sketch, "
+             "CoOp's template elsewhere (as TDA's code)"),
     Row("C-TPT (acc / ECE)", "clip", "tpt", tta=CTPT, note="TPT with the text-feature dispersion term, λ 50 (20 on A/V2/R/Sketch)"),
 )
 _TTA_OOD_ROWS = _TTA_ROWS[:3] + (
-    Row("C-TPT (acc / ECE)", "clip", "tpt", tta=CTPT_AUGMIX,
-        note="TPT with the text-feature dispersion term, λ 50 on ImageNet and 20 on A/V2/R/Sketch, AugMix views as published"),
+    Row("C-TPT (acc / ECE)", "clip", "tpt", tta=CTPT_SHIFTS,
+        note="TPT with the text-feature dispersion term: ImageNet λ 50 without AugMix, A/V2/R/Sketch λ 20 "
+             "with AugMix views, as published"),
 )
 _TTA_NOTES = ("ImageNet-A and -R are scored on their 200-class subsets.",)
 
@@ -323,11 +354,9 @@ _PROTEXT_DEPARTURES = (
     "they give, are one draw of the published run's randomness.",
 )
 _ZERO_TDA_DEPARTURES = (
-    "One seed per cell (--seed), where ZERO and TDA report means over 3 seeds / stream orders.",
-    "TDA on ImageNet-R and -Sketch: the published features average CLIP's 80 templates; protext has no copy of "
-    "that list and uses the 7-template ensemble there.",
-    "TDA on the other fine-grained sets: 'one dataset template' is read as CoOp's per-dataset template (TTA.md "
-    "does not name it).",
+    "One seed per cell, where ZERO and TDA report means over 3 seeds / stream orders: ZERO's cells use its "
+    "published seed 1 (whatever --seed says), the others --seed. protext's seed keys each image's own view "
+    "stream, not the published code's global torch RNG, so seed 1 does not draw the published run's views.",
     "ZERO votes are hard (the paper's rule); the published GPU runs were fp16, where near-ties give soft votes "
     "(TTA.md §1.5: the fp16-votes variant, not used here).",
     "The C-TPT numbers come from a third-party copy of the paper's tables (lower confidence).",

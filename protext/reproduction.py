@@ -49,6 +49,13 @@ CELL_FORMAT = "protext-reproduce-cell/1"
 STOP_AFTER_ENV = "PROTEXT_REPRODUCE_KILL_AFTER_CELLS"
 #: the template field of cells whose class features average ZERO's seven templates
 ENSEMBLE = "ensemble of 7 templates"
+#: the template field of cells whose class features average CLIP's 80 ImageNet templates (TDA on R, Sketch)
+ENSEMBLE80 = "ensemble of CLIP's 80 templates"
+#: class features that are template ensembles: their cells' template field, and where it comes from
+_ENSEMBLE_CELLS = {
+    "ensemble": (ENSEMBLE, "ZERO+Ensemble's seven templates (TTA.md §1.6)"),
+    "ensemble80": (ENSEMBLE80, "CLIP's 80 ImageNet templates, open_clip's OPENAI_IMAGENET_TEMPLATES (TTA.md §3.7)"),
+}
 
 
 class ReproduceError(UserError):
@@ -168,8 +175,8 @@ def _slug(text: str) -> str:
 
 def _cell_template(row: Row, dataset: str, features: str) -> tuple[str, str]:
     """(template, where it comes from) for a row's cell on ``dataset``."""
-    if features == "ensemble":
-        return ENSEMBLE, "ZERO+Ensemble's seven templates (TTA.md §1.6)"
+    if features in _ENSEMBLE_CELLS:
+        return _ENSEMBLE_CELLS[features]
     if features == "cupl":  # recorded for completeness: CuPL's class features use no template
         return template_for(dataset, row.template_rule), "not used: the class's CuPL descriptions"
     preset = row.preset_for(dataset)
@@ -189,7 +196,7 @@ def _cell_for(protocol: Protocol, row: Row, dataset: str, split: str, config: Re
     features = row.features_for(dataset, split)
     preset = row.preset_for(dataset) if features == "prompts" else None
     template, source = _cell_template(row, dataset, features)
-    tta = row.tta.as_dict() if row.tta else None
+    tta = row.tta.for_dataset(dataset) if row.tta else None
     if tta is not None and config.tta_views is not None:
         tta["views"] = config.tta_views
     handcrafted = tta is not None and (tta.get("init") or ("handcrafted" if tta["method"] in ("tpt", "ctpt") else None)) == "handcrafted"
@@ -926,18 +933,19 @@ class LibraryRunner:
             dataset=cell.dataset, root=request.root, split=cell.split, limit=request.limit,
             model=self.config.model, pretrained=self.config.pretrained, device=self.config.device,
             precision=self.config.precision, method=cell.features,
-            template=None if cell.features == "ensemble" else cell.template,
+            template=None if cell.features in _ENSEMBLE_CELLS else cell.template,
             templates=cell.template_rule, descriptions=_opt(request.descriptions), prompts=_opt(request.checkpoint),
             tta=tta.get("method"), tta_views=tta.get("views"), tta_selection=tta.get("selection"),
             tta_steps=tta.get("steps"), tta_lr=tta.get("lr"), tta_init=tta.get("init"), augmix=tta.get("augmix"),
-            batch_size=self.config.batch_size, workers=self.config.workers, seed=self.config.seed,
+            batch_size=self.config.batch_size, workers=self.config.workers,
+            seed=self.config.seed if tta.get("seed") is None else tta["seed"],  # ZERO: its published seed
             out=str(request.out / "results.json"), progress=self.config.progress,
         )
         done = request.out / "results.json"
         if done.is_file():  # evaluated before a kill that came before the cell file: not redone
-            return _cell_result(_read_json(done, f"delete {request.out} to re-evaluate the cell"))
+            return _cell_result(_read_json(done, f"delete {request.out} to re-evaluate the cell"), cell.template)
         payload = evaluate(config, clip=self._load(), progress=self.config.progress)
-        return _cell_result(payload)
+        return _cell_result(payload, cell.template)
 
 
 def _finished_checkpoint(path: Path) -> Optional[dict[str, Any]]:
@@ -964,8 +972,9 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def _cell_result(payload: dict[str, Any]) -> dict[str, Any]:
-    """The parts of an evaluation's results a table cell keeps."""
+def _cell_result(payload: dict[str, Any], ensemble: str = ENSEMBLE) -> dict[str, Any]:
+    """The parts of an evaluation's results a table cell keeps; ``ensemble`` names the template of an
+    ensemble cell (whose evaluation records a list of templates, not one)."""
     metrics = payload["metrics"]
     kept = {k: metrics[k] for k in ("top1", "top5", "mean_per_class", "ece", "acc1", "acc5", "mean_per_class_recall", "n_images")
             if k in metrics}
@@ -973,7 +982,7 @@ def _cell_result(payload: dict[str, Any]) -> dict[str, Any]:
     return {
         "metrics": kept,
         "cost": {"image_seconds": payload["timing"]["eval_seconds"], "seconds_per_image": payload["timing"]["seconds_per_image"], "peak_memory": payload["timing"]["peak_memory"]},
-        "template": payload["template"].get("template") or ENSEMBLE,
+        "template": payload["template"].get("template") or ensemble,
         "details": {
             "template": payload["template"],
             "method": payload["method"],

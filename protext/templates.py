@@ -9,10 +9,16 @@ result must say which one it used (``../shared/design/PUBLISHED.md``):
   differ from ProText's on DTD, EuroSAT, Food101 and UCF101.
 - ``tpt``: ``a photo of a {}.`` on every dataset: TPT's protocol and its CLIP baseline.
 
+Class features can also average a fixed list of templates (:data:`TEMPLATE_ENSEMBLES`, the
+``--method`` values of those ensembles): ZERO+Ensemble's seven (``ensemble``) or CLIP's 80 ImageNet
+templates (``ensemble80``, TDA's class features on ImageNet-R and -Sketch, TTA.md §3.7).
+
 Dataset keys are the canonical names of :mod:`protext.datasets` (``oxford_pets``, ``imagenet_a``, ...).
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence, Union
 
 #: the template rules, in the order the docs list them
 TEMPLATE_RULES = ("protext", "coop", "tpt")
@@ -53,3 +59,56 @@ def template_for(dataset: str, rule: str = "protext") -> str:
 
         raise UserError(f"--templates must be one of {', '.join(TEMPLATE_RULES)}, got {rule!r}")
     return _RULES[rule].get(dataset, DEFAULT_TEMPLATE)
+
+
+TEMPLATE_ENSEMBLES = ("ensemble", "ensemble80")
+"""Class features that average a fixed template list, by ``--method`` value: ``ensemble`` is
+ZERO+Ensemble's seven templates (TTA.md §1.6), ``ensemble80`` CLIP's 80 ImageNet templates."""
+
+#: how many templates CLIP's ImageNet ensemble has (the CLIP paper's prompt-engineering notebook)
+OPENAI_TEMPLATE_COUNT = 80
+
+
+def _as_template(entry: Union[str, Callable[[str], str]]) -> str:
+    """One open_clip template (a ``lambda c: f"... {c} ..."`` or a string) as a ``{}`` string."""
+    text = entry if isinstance(entry, str) else entry("{}")
+    if not isinstance(text, str) or text.count("{}") != 1:
+        raise ValueError(f"open_clip template {entry!r} does not give one '{{}}' for the class name: {text!r}")
+    return text
+
+
+def templates_from_open_clip(entries: Sequence[Union[str, Callable[[str], str]]]) -> tuple[str, ...]:
+    """open_clip's template entries (callables or strings) as ``{}`` strings, in their order."""
+    return tuple(_as_template(entry) for entry in entries)
+
+
+def openai_imagenet_templates() -> tuple[str, ...]:
+    """CLIP's 80 ImageNet templates as ``{}`` strings, in CLIP's order.
+
+    They ship with open_clip (``open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES``), the same
+    list and order as TDA's ``imagenet_templates`` (TTA.md §3.7), so protext keeps no copy.
+
+    Raises:
+        RuntimeError: the installed open_clip has no such list, or not 80 of them.
+    """
+    try:
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    except ImportError as err:  # pragma: no cover - open_clip is a dependency
+        raise RuntimeError(f"open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES is not available: {err}") from None
+    templates = templates_from_open_clip(OPENAI_IMAGENET_TEMPLATES)
+    if len(templates) != OPENAI_TEMPLATE_COUNT:
+        raise RuntimeError(
+            f"open_clip's OPENAI_IMAGENET_TEMPLATES holds {len(templates)} templates, not CLIP's {OPENAI_TEMPLATE_COUNT}."
+        )
+    return templates
+
+
+def ensemble_templates(name: str) -> tuple[str, ...]:
+    """The templates a :data:`TEMPLATE_ENSEMBLES` method averages (``ensemble`` or ``ensemble80``)."""
+    if name == "ensemble":
+        from .tta.zero import ENSEMBLE_TEMPLATES
+
+        return tuple(ENSEMBLE_TEMPLATES)
+    if name == "ensemble80":
+        return openai_imagenet_templates()
+    raise ValueError(f"unknown template ensemble {name!r}; expected one of {', '.join(TEMPLATE_ENSEMBLES)}")

@@ -1,11 +1,13 @@
 """Class text features for zero-shot classification, and the logits they give (ALGORITHMS.md §4).
 
-Three ways to describe a class to CLIP's text tower:
+Four ways to describe a class to CLIP's text tower:
 
 * ``clip``: one template, ``norm(encode_text("a photo of a {class}."))``;
 * ``cupl``: an ensemble of LLM descriptions, ``norm(mean_k norm(encode_text(description_k)))``;
 * ``prompts``: learned context (and deep prompts) from a checkpoint, through
-  :class:`~protext.prompts.PromptedTextEncoder`.
+  :class:`~protext.prompts.PromptedTextEncoder`;
+* a template ensemble (``ensemble``: ZERO's seven, ``ensemble80``: CLIP's 80 ImageNet templates),
+  ``norm(mean_k norm(encode_text(template_k(class))))``.
 
 Every function returns L2-normalised fp32 features of shape ``(n_classes, embed_dim)`` in class
 order. Text is encoded in batches sorted by length and cut at each batch's longest end-of-text
@@ -156,6 +158,46 @@ def cupl_text_features(
     sums = per_text.new_zeros(len(classnames), per_text.shape[1]).index_add_(0, owner_t, per_text)
     counts = torch.bincount(owner_t, minlength=len(classnames)).to(per_text.dtype)
     return F.normalize(sums / counts[:, None], dim=-1)
+
+
+def ensemble_text_features(
+    model: nn.Module,
+    tokenizer: Callable[[Sequence[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+) -> torch.Tensor:
+    """Template ensemble: ``norm(mean_k norm(encode_text(template_k(name))))`` per class.
+
+    Every (class, template) sentence is encoded in one length-sorted pass; names are written with
+    ``_`` as spaces. This is how CLIP, ZERO+Ensemble and TDA build ensemble class features.
+
+    Raises:
+        ZeroShotError: no templates, or a template without ``{}``.
+    """
+    if not templates:
+        raise ZeroShotError("a template ensemble needs at least one template.")
+    for template in templates:
+        if "{}" not in template:
+            raise ZeroShotError(f"ensemble template '{template}' has no '{{}}' where the class name goes.")
+    texts = [template.format(clean_classname(name)) for name in classnames for template in templates]
+    per_text = F.normalize(encode_texts(model, tokenizer, texts, token_budget), dim=-1)
+    per_class = per_text.reshape(len(classnames), len(templates), per_text.shape[1]).mean(dim=1)
+    return F.normalize(per_class, dim=-1)
+
+
+def template_ensemble_features(
+    model: nn.Module,
+    tokenizer: Callable[[Sequence[str]], torch.Tensor],
+    classnames: Sequence[str],
+    name: str,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+) -> torch.Tensor:
+    """:func:`ensemble_text_features` over a named ensemble of :data:`protext.templates.TEMPLATE_ENSEMBLES`
+    (``ensemble``: ZERO's seven templates; ``ensemble80``: CLIP's 80 ImageNet templates)."""
+    from .templates import ensemble_templates
+
+    return ensemble_text_features(model, tokenizer, classnames, ensemble_templates(name), token_budget)
 
 
 def prompt_features(

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
 from protext.protocols import PROTOCOLS, get_protocol, table_names
-from protext.reproduction import ReproduceConfig, plan_cells
+from protext.reproduction import ReproduceConfig, describe_plan, plan_cells
 
 # the doc's short column names for the ImageNet variants
 _COLUMN = {"A": "imagenet_a", "V2": "imagenet_v2", "R": "imagenet_r", "K": "imagenet_sketch"}
@@ -180,6 +181,8 @@ def test_cell_settings_follow_the_protocol_text(name, published_md, presets_md, 
         assert c.n_classes == {"all": total, "base": math.ceil(total / 2), "novel": total // 2}[c.split]
         if c.features == "ensemble":  # ZERO+Ensemble (and TDA on its datasets): the seven templates
             assert c.row in ("ZERO + Ensemble", "TDA") and c.template == "ensemble of 7 templates"
+        elif c.features == "ensemble80":  # TDA on R and Sketch: CLIP's 80 templates
+            assert c.row == "TDA" and c.template == "ensemble of CLIP's 80 templates"
         elif c.row.startswith(("CLIP (", "TPT", "CoOp", "ZERO", "C-TPT")):
             assert c.template == "a photo of a {}." and c.template_rule == "tpt"  # TPT: one template everywhere
         elif c.features == "clip" or c.row == "CuPL":
@@ -196,9 +199,11 @@ def test_cell_settings_follow_the_protocol_text(name, published_md, presets_md, 
             assert (c.tta["views"], int(c.tta["views"] * c.tta["selection"])) == (64, 19)
         if c.row == "TDA":  # TTA.md §3: per-dataset views and features, resolved by protext.tta / the row
             assert c.tta["views"] is None
-            ensemble = ("imagenet", "imagenet_a", "imagenet_v2", "caltech101", "stanford_cars", "sun397", "imagenet_r", "imagenet_sketch")
-            assert c.features == ("ensemble" if c.dataset in ensemble else "clip")
-            assert c.features == "ensemble" or c.template == coop.get(c.dataset, default)
+            seven = ("imagenet", "imagenet_a", "imagenet_v2", "caltech101", "stanford_cars", "sun397")
+            eighty = ("imagenet_r", "imagenet_sketch")
+            assert c.features == ("ensemble" if c.dataset in seven else "ensemble80" if c.dataset in eighty else "clip")
+            # the other fine-grained sets: one dataset template, in TDA's code exactly CoOp's
+            assert c.features != "clip" or c.template == coop.get(c.dataset, default)
 
 
 def test_rows_use_the_presets_the_paper_names():
@@ -221,3 +226,103 @@ def test_rows_use_the_presets_the_paper_names():
     ood = plan_cells(get_protocol("tpt-ood"), ReproduceConfig("tpt-ood", "x"))
     assert {c.tta["init"] for c in ood if c.tta} == {"handcrafted", "coop"}
     assert {c.n_ctx for c in ood if c.tta and c.tta["init"] == "handcrafted"} == {4}
+
+
+# --------------------------------------------------------------------------------------------------
+# AugMix, seeds and class features per cell, against the published codes' rules written out here
+
+_SHIFTS = ("imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch")
+
+
+def _published_augmix(table: str, method: str, dataset: str) -> bool:
+    """AugMix on the random views in the published runs. TPT's code: only the fine-grained sets (its
+    set ids longer than one letter; ImageNet 'I' and A/V/R/K have none). C-TPT's natural-shift runs
+    add it on A/V2/R/Sketch, not on ImageNet. ZERO never; TDA on A/V2/R/Sketch only."""
+    fine_grained = not dataset.startswith("imagenet")
+    if method == "tpt":
+        return fine_grained
+    if method == "ctpt":
+        return fine_grained or (table == "tta-ood" and dataset in _SHIFTS)
+    if method == "zero":
+        return False
+    assert method == "tda", method
+    return dataset in _SHIFTS
+
+
+@pytest.mark.parametrize("name", list(PROTOCOLS))
+def test_every_tta_cell_uses_the_published_augmix(name):
+    from protext.tta.config import TTAConfig
+
+    p = get_protocol(name)
+    cells = [c for c in plan_cells(p, ReproduceConfig(name, "unused")) if c.tta]
+    for c in cells:
+        # what the evaluation runs: the cell's own value, or the method's default for the dataset
+        resolved = TTAConfig(c.tta["method"], augmix=c.tta["augmix"]).resolved(c.dataset).augmix
+        assert resolved == _published_augmix(name, c.tta["method"], c.dataset), (c.key, c.tta)
+
+
+def test_ctpt_imagenet_has_no_augmix_and_its_shifts_do():
+    cells = {c.dataset: c for c in plan_cells(get_protocol("tta-ood"), ReproduceConfig("tta-ood", "x")) if c.row.startswith("C-TPT")}
+    assert cells["imagenet"].tta["augmix"] is False
+    assert all(cells[d].tta["augmix"] is True for d in _SHIFTS)
+    plan = describe_plan(ReproduceConfig("tta-ood", "x")).splitlines()
+    line = next(ln for ln in plan if ln.strip().startswith("c-tpt-acc-ece__imagenet__all"))
+    assert "augmix:False" in line
+
+
+def test_zero_cells_run_the_published_seed(shared_dir):
+    from protext.protocols import ZERO_SEED
+    from protext.tta.zero import PUBLISHED_SEED
+
+    tta_md = (shared_dir / "design" / "TTA.md").read_text(encoding="utf-8")
+    zero_section = tta_md.split("## 1. ZERO", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"Published default seed (\d+)", zero_section).group(1) == "1"
+    assert ZERO_SEED == PUBLISHED_SEED == 1
+    for name in ("tta-ood", "tta-xd"):
+        config = ReproduceConfig(name, "x", seed=7)  # --seed does not move ZERO off its published seed
+        cells = plan_cells(get_protocol(name), config)
+        zero = [c for c in cells if c.tta and c.tta["method"] == "zero"]
+        assert len(zero) == 2 * len(get_protocol(name).datasets)
+        assert all(c.tta["seed"] == 1 for c in zero)
+        assert all("seed" not in c.tta for c in cells if c.tta and c.tta["method"] != "zero")
+        plan = describe_plan(config).splitlines()
+        assert all(",seed:1" in ln for ln in plan if ln.strip().startswith(("zero__", "zero-ensemble__")))
+
+
+def test_library_runner_passes_the_cell_seed_augmix_and_ensemble(monkeypatch, tmp_path):
+    import protext.evaluation as evaluation
+    from protext.reproduction import EvalRequest, LibraryRunner
+
+    seen = []
+
+    def fake_evaluate(config, clip=None, progress=True):
+        seen.append(config)
+        template = {"templates": ["t {}."], "source": "x", "rule": "x"} if config.template is None else {"template": config.template}
+        return {"metrics": {"top1": 50.0, "n_images": 1}, "dataset": {"n_classes": 200}, "template": template,
+                "timing": {"eval_seconds": 0.0, "seconds_per_image": 0.0, "peak_memory": None}, "method": config.method,
+                "runtime": {}}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    runner = LibraryRunner(ReproduceConfig("tta-ood", str(tmp_path), seed=5))
+    runner._clip = object()  # never loaded: the fake evaluation ignores it
+    cells = {c.key: c for c in plan_cells(get_protocol("tta-ood"), runner.config)}
+    results = {}
+    for key in ("zero__imagenet_r__all", "tda__imagenet_r__all", "tda__imagenet_a__all", "c-tpt-acc-ece__imagenet__all"):
+        results[key] = runner.evaluate(EvalRequest(cells[key], str(tmp_path), tmp_path / key))
+    zero, tda_r, tda_a, ctpt = seen
+    assert zero.seed == 1 and zero.tta == "zero"
+    assert tda_r.seed == 5 and tda_r.method == "ensemble80" and tda_r.template is None
+    assert tda_a.method == "ensemble" and tda_a.template is None
+    assert ctpt.seed == 5 and ctpt.augmix is False and ctpt.tta == "ctpt"
+    assert results["tda__imagenet_r__all"]["template"] == "ensemble of CLIP's 80 templates"
+    assert results["tda__imagenet_a__all"]["template"] == "ensemble of 7 templates"
+
+
+def test_no_departure_for_what_the_published_code_does():
+    """CLIP's 80 templates ship with open_clip, and TDA's one dataset template is CoOp's: neither is a
+    departure any more, in any table's list or in the README's."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    texts = [d for p in PROTOCOLS.values() for d in p.all_departures()]
+    texts.append(readme.read_text(encoding="utf-8").split("## Semantics and deliberate departures", 1)[1].split("\n## ", 1)[0])
+    for text in texts:
+        assert "no copy" not in text and "read as CoOp" not in text, text

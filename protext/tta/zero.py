@@ -23,7 +23,7 @@ from ..zeroshot import ImageEncoder, logit_scale
 from .base import AdaptResult, Adapter, Stopwatch, cosines
 from .selection import confidence_order, n_confident
 
-__all__ = ["ENSEMBLE_TEMPLATES", "FP16_VOTE_SCALE", "ZeroAdapter", "ZeroVotes", "zero_votes"]
+__all__ = ["ENSEMBLE_TEMPLATES", "FP16_VOTE_SCALE", "PUBLISHED_SEED", "ZeroAdapter", "ZeroVotes", "zero_votes"]
 
 ENSEMBLE_TEMPLATES: tuple[str, ...] = (
     "itap of a {}.",
@@ -35,6 +35,11 @@ ENSEMBLE_TEMPLATES: tuple[str, ...] = (
     "a photo of the small {}.",
 )
 """ZERO+Ensemble's seven templates, for every dataset: class feature ``norm(mean_k norm(text_k))``."""
+
+PUBLISHED_SEED = 1
+"""ZERO's published default seed (TTA.md §1; its tables report 3 seeds). In protext it seeds the
+per-image view streams (keyed by seed and image index), not the published code's global torch RNG,
+so the same seed gives other random views than the published run."""
 
 FP16_VOTE_SCALE = 1024.0
 """``1/ε`` of the published fp16 runs (ε = 2⁻¹⁰): their votes are ``softmax(1024 · fp16(cos))``."""
