@@ -11,7 +11,7 @@ is ``python -m protext.quickstart``.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -50,6 +50,11 @@ class QuickstartConfig:
     llm_model: Optional[str] = None
     llm_base_url: Optional[str] = None
     seed: int = 0
+    fresh: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a finished stage's output depends on: a rerun with the same ones resumes."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in ("workdir", "fresh")}
 
 
 def write_example_images(root: Path) -> list[str]:
@@ -82,13 +87,15 @@ def _say(command: str, argv: Sequence[Any]) -> None:
     print(f"\n$ {command} {' '.join(shlex.quote(str(a)) for a in argv)}", flush=True)
 
 
-def describe(cfg: QuickstartConfig, classes: list[str], out: Path) -> None:
-    """Stage 1: class descriptions (offline templates unless an LLM is named)."""
+def describe(cfg: QuickstartConfig, classes: list[str], out: Path, class_file: Path) -> None:
+    """Stage 1: class descriptions (offline templates unless an LLM is named); ``class_file`` gets
+    the class list, so that the command printed runs as printed. An interrupted generation resumes."""
     from .descriptions import GenConfig, generate
 
+    class_file.write_text("".join(f"{name}\n" for name in classes))
     backend = ["--model", cfg.llm_model] if cfg.llm_model else ["--backend", "templates"]
     base_url = ["--base-url", cfg.llm_base_url] if cfg.llm_base_url else []
-    _say("python -m protext.gen_descriptions", ["--classes", "CLASSES.txt", *backend, *base_url, "--out", out])
+    _say("python -m protext.gen_descriptions", ["--classes", class_file, *backend, *base_url, "--out", out])
     gen = GenConfig(
         classes=classes,
         out=out,
@@ -104,35 +111,81 @@ def describe(cfg: QuickstartConfig, classes: list[str], out: Path) -> None:
         raise UserError(f"description generation failed for {len(report.failed)} classes; see the messages above")
 
 
-def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path) -> None:
-    """Stage 2: ProText prompts from the descriptions alone (the cross-dataset preset, shortened)."""
-    from .training import TrainJob, run_training
+def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path, resume: bool = False) -> None:
+    """Stage 2: ProText prompts from the descriptions alone (the cross-dataset preset, shortened).
+
+    ``resume``: this workdir's earlier run had the same settings, so a finished checkpoint is kept
+    and an interrupted training continues from its resume state.
+    """
+    from .training import TrainJob, run_training, side_paths
 
     depth = cfg.depth if cfg.depth is not None else (2 if cfg.model == "tiny-clip" else 9)
     overrides = {"depth": depth, "epochs": cfg.epochs, "warmup_epochs": 1, "batch_size": 32}
     _say("python -m protext.train", [
         "--descriptions", descriptions, "--preset", "cross_dataset", "--depth", depth, "--epochs", cfg.epochs,
-        "--warmup-epochs", 1, "--batch-size", 32, "--keep-last-batch", "--out", out, "--overwrite",
+        "--warmup-epochs", 1, "--batch-size", 32, "--keep-last-batch", "--model", cfg.model,
+        "--pretrained", cfg.pretrained, "--device", cfg.device, "--seed", cfg.seed, "--out", out, "--overwrite",
     ])
+    files = side_paths(out)
+    if resume and out.is_file() and files["history"].is_file():  # the history is written last
+        print(f"quickstart: kept the finished prompts {out}", flush=True)
+        return
+    resume = resume and files["state"].is_file()
     job = TrainJob(
-        descriptions=descriptions, preset="cross_dataset", overrides=overrides, out=out, overwrite=True,
-        model=cfg.model, pretrained=cfg.pretrained, device=cfg.device, seed=cfg.seed, keep_last_batch=True,
+        descriptions=descriptions, preset="cross_dataset", overrides=overrides, out=out, overwrite=not resume,
+        resume=resume, model=cfg.model, pretrained=cfg.pretrained, device=cfg.device, seed=cfg.seed,
+        keep_last_batch=True,
     )
-    run_training(job, clip=clip, progress=False)
+    outcome = run_training(job, clip=clip, progress=False, report=lambda line: None)
+    if not outcome.complete:
+        from .errors import UserError
+
+        raise UserError(f"quickstart: training stopped: {outcome.message}")
+    resumed = f", resumed after epoch {outcome.resumed_from}" if outcome.resumed_from else ""
+    print(f"quickstart: trained prompts, {len(outcome.history)} epochs, final loss {outcome.final_loss:.4g}, "
+          f"{outcome.seconds:.0f} s{resumed}", flush=True)
 
 
-def evaluate_all(cfg: QuickstartConfig, clip, images: Path, descriptions: Path, checkpoint: Path, results: Path) -> list[dict]:
-    """Stage 3: every class-feature method, then every adaptation method on the learned prompts."""
+def evaluate_all(cfg: QuickstartConfig, clip, images: Path, descriptions: Path, checkpoint: Path, results: Path,
+                 resume: bool = False) -> list[dict]:
+    """Stage 3: every class-feature method, then every adaptation method on the learned prompts.
+
+    One line per finished row, so a log shows progress without a terminal. ``resume``: rows whose
+    result is already in ``results`` (same settings and inputs) are read back, not recomputed, and an
+    interrupted row continues from its per-image log.
+    """
+    import time
+
     from .evaluation import EvalConfig, evaluate
 
-    precision = cfg.precision
-    if precision == "auto" and next(clip.model.parameters()).device.type == "cpu":
-        precision = "bf16"  # a bfloat16 image tower: ~3x faster on a CPU, so the example stays short
     base = EvalConfig(
         dataset="folder", root=str(images), model=cfg.model, pretrained=cfg.pretrained, device=cfg.device,
-        precision=precision, seed=cfg.seed, workers=0, overwrite=True, progress=False,
+        precision=cfg.precision, seed=cfg.seed, workers=0, overwrite=not resume, progress=False,
     )
-    runs: list[tuple[str, EvalConfig]] = [
+    rows = []
+    runs = example_runs(cfg, base, descriptions, checkpoint)
+    for number, (label, config) in enumerate(runs, 1):
+        config.out = str(results / f"{label}.json")
+        _say("python -m protext.eval", eval_argv(config))
+        start = time.perf_counter()
+        payload = evaluate(config, clip=clip, progress=False)
+        metrics, timing = payload["metrics"], payload["timing"]
+        rows.append({
+            "method": label,
+            "top1": metrics["top1"],
+            "top5": metrics["top5"],
+            "ece": metrics["ece"],
+            "n_images": metrics["n_images"],
+            "seconds_per_image": timing["seconds_per_image"],
+        })
+        print(f"quickstart: row {number}/{len(runs)} {label}: top-1 {metrics['top1']:.2f} %, "
+              f"{timing['seconds_per_image']:.2f} s/image, {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def example_runs(cfg: QuickstartConfig, base, descriptions: Path, checkpoint: Path) -> list[tuple[str, Any]]:
+    """The rows of the summary, each an :class:`~protext.evaluation.EvalConfig` derived from ``base``."""
+    runs = [
         ("clip", replace(base, method="clip")),
         ("cupl", replace(base, method="cupl", descriptions=str(descriptions))),
         ("prompts", replace(base, method="prompts", prompts=str(checkpoint))),
@@ -144,52 +197,103 @@ def evaluate_all(cfg: QuickstartConfig, clip, images: Path, descriptions: Path, 
         else:
             config = replace(config, tta_views=cfg.tta_views)
         runs.append((f"prompts+{method}", config))
-    rows = []
-    for label, config in runs:
-        config.out = str(results / f"{label}.json")
-        flags = ["--method", config.method] + (["--tta", config.tta] if config.tta else [])
-        _say("python -m protext.eval", ["--dataset", "folder", "--root", images, *flags, "--out", config.out])
-        payload = evaluate(config, clip=clip, progress=False)
-        metrics, timing = payload["metrics"], payload["timing"]
-        rows.append({
-            "method": label,
-            "top1": metrics["top1"],
-            "top5": metrics["top5"],
-            "ece": metrics["ece"],
-            "n_images": metrics["n_images"],
-            "seconds_per_image": timing["seconds_per_image"],
-        })
-    return rows
+    return runs
+
+
+def eval_argv(config) -> list[Any]:
+    """The ``python -m protext.eval`` flags that run ``config`` on its own (every non-default setting)."""
+    from .evaluation import EvalConfig
+
+    flags: list[Any] = ["--dataset", config.dataset, "--root", config.root, "--method", config.method]
+    optional = [
+        ("descriptions", "--descriptions"), ("prompts", "--prompts"), ("tta", "--tta"),
+        ("tta_views", "--tta-views"), ("tda_alpha", "--tda-alpha"), ("tda_beta", "--tda-beta"),
+        ("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"),
+        ("precision", "--precision"), ("seed", "--seed"), ("workers", "--workers"),
+    ]
+    default = EvalConfig(dataset=config.dataset, root=config.root)
+    for name, flag in optional:
+        value = getattr(config, name)
+        if value is not None and value != getattr(default, name):
+            flags += [flag, value]
+    return [*flags, "--out", config.out]
 
 
 def run(cfg: QuickstartConfig) -> list[dict]:
-    """Run every stage; returns one summary row per evaluated method (also in ``results/summary.json``)."""
+    """Run every stage; returns one summary row per evaluated method (also in ``results/summary.json``).
+
+    A rerun in the same workdir with the same settings resumes: finished descriptions, prompts and
+    rows are kept (an interrupted stage continues where it stopped). Other settings, or ``fresh``,
+    start afresh, and a line says why.
+    """
     import json
 
     from .atomic import atomic_write
+    from .feature_memo import remember_image_features
     from .models import load_clip
 
     work = cfg.workdir
     images = work / "images"
-    names = write_example_images(images)
     descriptions = work / "llm_data" / "example.jsonl"
     checkpoint = work / "checkpoints" / "example.safetensors"
     results = work / "results"
-    if descriptions.exists():
-        descriptions.unlink()  # the example starts from scratch each time
-    describe(cfg, names, descriptions)
+    resume = _resume_or_start_afresh(cfg, [descriptions.parent, checkpoint.parent, results])
+    names = write_example_images(images)
+    describe(cfg, names, descriptions, work / "classes.txt")
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
     print(f"\nloading {cfg.model} ({cfg.pretrained}) once for every stage", flush=True)
     clip = load_clip(cfg.model, cfg.pretrained, device=device, seed=cfg.seed)
-    train_prompts(cfg, clip, descriptions, checkpoint)
-    rows = evaluate_all(cfg, clip, images, descriptions, checkpoint, results)
+    if cfg.precision == "auto":
+        from .hardware import auto_precision
+
+        precision, why = auto_precision(device.split(":")[0])
+        print(f"quickstart: precision auto: {precision} ({why})", flush=True)
+    train_prompts(cfg, clip, descriptions, checkpoint, resume=resume)
+    # the rows share pixels (every zero-shot row encodes the same crops; TPT and C-TPT, ZERO and MTA
+    # draw the same seeded views): each distinct batch goes through the image tower once, exactly
+    with remember_image_features() as memo:
+        rows = evaluate_all(cfg, clip, images, descriptions, checkpoint, results, resume=resume)
+    if memo.images_saved:
+        print(f"quickstart: {memo.images_saved} image encodings shared between rows instead of recomputed", flush=True)
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(rows, indent=2) + "\n")
 
     atomic_write(results / "summary.json", write)
     return rows
+
+
+#: the record of the settings a workdir's run was started with (a rerun with the same ones resumes)
+SETTINGS_FILE = "quickstart.json"
+
+
+def _resume_or_start_afresh(cfg: QuickstartConfig, outputs: Sequence[Path]) -> bool:
+    """True when ``cfg.workdir`` holds a run of these very settings; otherwise clear ``outputs`` (the
+    example's own folders; the photos are kept) and record the new settings."""
+    import json
+    import shutil
+
+    from .atomic import atomic_write
+
+    record = cfg.workdir / SETTINGS_FILE
+    ours = cfg.identity()
+    try:
+        theirs = json.loads(record.read_text())
+    except (OSError, ValueError):
+        theirs = None
+    if theirs == ours and not cfg.fresh:
+        print(f"quickstart: resuming the run in {cfg.workdir} (finished stages are kept; --fresh starts over)", flush=True)
+        return True
+    if theirs is not None:
+        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)) if isinstance(theirs, dict) else []
+        why = "--fresh" if cfg.fresh or not changed else "other settings (" + ", ".join(changed) + ")"
+        print(f"quickstart: starting afresh in {cfg.workdir}: {why}", flush=True)
+    for folder in outputs:
+        shutil.rmtree(folder, ignore_errors=True)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(ours, indent=2) + "\n"))
+    return False
 
 
 def _cuda() -> bool:

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where images, descriptions, checkpoint and results go [quickstart]")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [auto]")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="image-encoding precision of evaluation: auto is fp16 on CUDA and a bfloat16 image tower on "
-                        "a CPU (fp32 for full precision) [auto]")
+                        help="image-encoding precision of evaluation: auto is fp16 on CUDA, a bfloat16 image tower on "
+                        "a CPU that computes bf16 natively (avx512_bf16, AMX), fp32 on any other CPU (where bf16 "
+                        "is emulated and far slower) [auto]")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs, 1 of them warm-up [10]")
     parser.add_argument("--depth", type=int, default=None,
                         help="prompt depth [9, or 2 for the two-block tiny-clip]")
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(key from $OPENAI_API_KEY)")
     parser.add_argument("--llm-base-url", default=None, help="OpenAI-compatible server for --llm-model")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and of the adaptation views [0]")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start afresh; by default a rerun with the same settings in the same --workdir resumes, "
+                        "keeping finished stages and rows")
     return parser
 
 
@@ -72,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("\n(random weights: accuracies are chance-level; the run shows that every stage works)")
         return 0
 
-    return run_command(body, resume_hint="rerun the same command; the example starts again from its photos")
+    return run_command(body, resume_hint="rerun the same command; finished stages and rows are kept")
 
 
 if __name__ == "__main__":

@@ -883,12 +883,14 @@ class LibraryRunner:
 
     def environment(self) -> dict[str, Any]:
         from .evaluation.runtime import device_name, versions
+        from .hardware import cpu_capability
         from .models import text_fingerprint
 
         clip = self._load()
         return {
             "device": str(self._device),
             "device_name": device_name(self._device),
+            "cpu_capability": cpu_capability(),
             "versions": versions(),
             "python": platform.python_version(),
             "model": clip.identity,

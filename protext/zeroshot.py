@@ -256,6 +256,14 @@ class ImageEncoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from .feature_memo import active_memo
+
+        memo = active_memo()
+        if memo is not None:  # inside remember_image_features(): the same bytes are encoded once
+            return memo.features(self.model, str(self.dtype), images, self._encode)
+        return self._encode(images)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.visual is None:
             return encode_images(self.model, images, autocast_dtype=self.dtype)
         device = _model_device(self.visual)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from ..distributed import DistContext
+from ..hardware import auto_precision, cpu_model_name
 from .config import EvalConfig, EvalError
 
 
@@ -28,7 +29,11 @@ class Runtime:
 
 
 def resolve_runtime(config: EvalConfig, ctx: DistContext) -> Runtime:
-    """``--device``/``--precision`` to a device and dtypes (auto: CUDA + fp16 if present, else CPU + fp32)."""
+    """``--device``/``--precision`` to a device and dtypes.
+
+    ``auto`` is decided by :func:`protext.hardware.auto_precision` (CUDA: fp16; a CPU: bf16 only where
+    it computes bf16 natively, else fp32) and said in one line on stderr by the main process.
+    """
     name = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
     name = "cpu" if name == "auto" else name
     try:
@@ -42,7 +47,9 @@ def resolve_runtime(config: EvalConfig, ctx: DistContext) -> Runtime:
             device = torch.device("cuda", ctx.local_rank if ctx.active else torch.cuda.current_device())
     precision = config.precision
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        precision, why = auto_precision(device.type)
+        if ctx.is_main and config.progress:
+            print(f"precision auto: {precision} ({why})", file=sys.stderr, flush=True)
     if precision == "fp16" and device.type != "cuda":
         raise EvalError("--precision fp16 (autocast with a gradient scaler, as published) needs CUDA; use fp32 or bf16 on the CPU.")
     image_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -53,14 +60,7 @@ def device_name(device: torch.device) -> str:
     """The accelerator's or the CPU's name, as a result should record it."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return cpu_model_name()
 
 
 def reset_peak_memory(device: torch.device) -> None:

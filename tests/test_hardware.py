@@ -1,0 +1,165 @@
+"""``--precision auto`` by the CPU's capability, the capability recorded, and the image-feature memo.
+
+The CPU's flags are replaced by hand-written ones, so each rule is tested on every kind of CPU
+whatever this machine is: an AVX2-only x86 (emulated bf16, ~70x slower than fp32), an x86 with
+``avx512_bf16`` or AMX, an Arm CPU with the ``bf16`` extension.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from protext import hardware
+
+AVX2_ONLY = frozenset({"fpu", "sse2", "avx", "avx2", "fma", "avx512f"})  # avx512f alone is not bf16
+SAPPHIRE_RAPIDS = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+COOPER_LAKE = frozenset({"avx2", "avx512f", "avx512_bf16"})
+NEOVERSE_V1 = frozenset({"fp", "asimd", "sve", "bf16", "i8mm"})
+
+
+def _cpu(monkeypatch, flags: frozenset) -> None:
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: flags)
+
+
+@pytest.mark.parametrize(
+    "flags, expected, named",
+    [
+        (AVX2_ONLY, "fp32", []),
+        (frozenset(), "fp32", []),  # flags unreadable (not Linux): never assume bf16
+        (COOPER_LAKE, "bf16", ["avx512_bf16"]),
+        (SAPPHIRE_RAPIDS, "bf16", ["avx512_bf16", "amx_bf16"]),
+        (NEOVERSE_V1, "bf16", ["bf16"]),
+    ],
+)
+def test_auto_precision_on_a_cpu_follows_its_native_bf16(monkeypatch, flags, expected, named):
+    _cpu(monkeypatch, flags)
+    precision, why = hardware.auto_precision("cpu")
+    assert precision == expected
+    assert hardware.native_bf16_flags() == named
+    assert hardware.has_native_bf16() is bool(named)
+    assert "\n" not in why
+    if named:
+        assert all(flag in why for flag in named)
+    else:
+        assert "no native bfloat16" in why
+
+
+@pytest.mark.parametrize("flags", [AVX2_ONLY, SAPPHIRE_RAPIDS])
+def test_auto_precision_on_cuda_is_fp16_whatever_the_cpu(monkeypatch, flags):
+    _cpu(monkeypatch, flags)
+    assert hardware.auto_precision("cuda")[0] == "fp16"
+
+
+def test_cpu_capability_names_the_facts_a_timing_depends_on(monkeypatch):
+    _cpu(monkeypatch, COOPER_LAKE)
+    cap = hardware.cpu_capability()
+    assert cap["native_bf16"] is True and cap["native_bf16_flags"] == ["avx512_bf16"]
+    assert cap["torch_kernels"] == torch.backends.cpu.get_cpu_capability()  # torch is imported here
+    assert isinstance(cap["cores"], int) and cap["cores"] >= 1
+    assert json.loads(json.dumps(cap)) == cap  # results are JSON
+    phrase = hardware.describe_cpu(cap)
+    assert "native bf16 (avx512_bf16)" in phrase and f"{cap['cores']} cores" in phrase
+    _cpu(monkeypatch, AVX2_ONLY)
+    assert hardware.describe_cpu().endswith("no native bf16")
+
+
+def test_capability_reads_this_machines_real_flags():
+    """The real /proc/cpuinfo parse: on Linux x86 the flags line is found (sse2 is in every x86-64)."""
+    import platform
+
+    hardware._cpu_flags.cache_clear()
+    flags = hardware._cpu_flags()
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert "sse2" in flags
+    assert hardware.has_native_bf16() == any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def test_hardware_needs_no_torch():
+    """The precision decision and the capability record run before any model loads, without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from protext import hardware; hardware.auto_precision('cpu'); "
+            "c = hardware.cpu_capability(); assert c['torch_kernels'] is None, c; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
+@pytest.mark.parametrize("flags, expected", [(AVX2_ONLY, "fp32"), (SAPPHIRE_RAPIDS, "bf16")])
+def test_eval_auto_precision_is_decided_by_the_cpu_and_said_in_one_line(monkeypatch, capsys, flags, expected):
+    from protext.distributed import DistContext
+    from protext.evaluation.config import EvalConfig
+    from protext.evaluation.runtime import resolve_runtime
+
+    _cpu(monkeypatch, flags)
+    runtime = resolve_runtime(EvalConfig(dataset="folder", root=".", device="cpu", precision="auto"), DistContext())
+    assert runtime.precision == expected
+    assert runtime.image_dtype == {"fp32": None, "bf16": torch.bfloat16}[expected]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("precision auto")]
+    assert lines == [f"precision auto: {expected} ({hardware.auto_precision('cpu')[1]})"]
+    # an explicit precision is obeyed on any CPU, and says nothing
+    runtime = resolve_runtime(EvalConfig(dataset="folder", root=".", device="cpu", precision="fp32"), DistContext())
+    assert runtime.precision == "fp32" and "precision auto" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# the image-feature memo
+
+
+def _counting(model):
+    calls = []
+    handle = model.visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+def test_memo_returns_exactly_what_the_tower_computes_and_encodes_each_batch_once(tiny_clip):
+    from protext.feature_memo import active_memo, remember_image_features
+    from protext.zeroshot import ImageEncoder
+
+    model = tiny_clip.model
+    torch.manual_seed(0)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    a = torch.randn(3, 3, size, size)
+    b = a.clone()
+    b[2, 0, 0, 0] += 1e-3  # one value differs: another batch
+    encoder = ImageEncoder(model)
+    outside_a, outside_b = encoder(a), encoder(b)
+    calls, handle = _counting(model)
+    try:
+        with remember_image_features() as memo:
+            assert active_memo() is memo
+            first = encoder(a)
+            again = ImageEncoder(model)(a.clone())  # another encoder, same model, same bytes
+            other = encoder(b)
+        assert active_memo() is None
+        after = encoder(a)  # outside the block nothing is remembered
+    finally:
+        handle.remove()
+    assert calls == [3, 3, 3]  # a, b inside; a again outside
+    assert memo.hits == 1 and memo.misses == 2 and memo.images_saved == 3
+    assert torch.equal(first, outside_a) and torch.equal(again, outside_a) and torch.equal(after, outside_a)
+    assert torch.equal(other, outside_b) and not torch.equal(other, outside_a)
+    again.zero_()  # a caller changing what it got does not change what is remembered
+    with remember_image_features() as memo2:
+        encoder(a)
+        assert torch.equal(encoder(a), outside_a) and memo2.hits == 1
+
+
+def test_memo_keeps_precisions_apart(tiny_clip):
+    from protext.feature_memo import remember_image_features
+    from protext.zeroshot import ImageEncoder
+
+    model = tiny_clip.model
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    images = torch.randn(2, 3, size, size)
+    with remember_image_features() as memo:
+        fp32 = ImageEncoder(model)(images)
+        bf16 = ImageEncoder(model, torch.bfloat16)(images)
+    assert memo.hits == 0 and memo.misses == 2
+    assert not torch.equal(fp32, bf16)  # bf16 was really computed, not the fp32 features returned
+    assert torch.equal(bf16, ImageEncoder(model, torch.bfloat16)(images))
