@@ -146,29 +146,41 @@ def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path, re
           f"{outcome.seconds:.0f} s{resumed}", flush=True)
 
 
-def evaluate_all(cfg: QuickstartConfig, clip, images: Path, descriptions: Path, checkpoint: Path, results: Path,
-                 resume: bool = False) -> list[dict]:
-    """Stage 3: every class-feature method, then every adaptation method on the learned prompts.
-
-    One line per finished row, so a log shows progress without a terminal. ``resume``: rows whose
-    result is already in ``results`` (same settings and inputs) are read back, not recomputed, and an
-    interrupted row continues from its per-image log.
-    """
-    import time
-
-    from .evaluation import EvalConfig, evaluate
+def row_configs(cfg: QuickstartConfig, images: Path, descriptions: Path, checkpoint: Path, results: Path,
+                resume: bool = False) -> list[tuple[str, Any]]:
+    """Every row's :class:`~protext.evaluation.EvalConfig`, validated: a setting no row can run with
+    (say ``--tta-views 3``, which MTA cannot use) is one error line before any work starts."""
+    from .evaluation import EvalConfig
+    from .evaluation.adapters import validate_tta
 
     base = EvalConfig(
         dataset="folder", root=str(images), model=cfg.model, pretrained=cfg.pretrained, device=cfg.device,
         precision=cfg.precision, seed=cfg.seed, workers=0, overwrite=not resume, progress=False,
     )
-    rows = []
     runs = example_runs(cfg, base, descriptions, checkpoint)
-    for number, (label, config) in enumerate(runs, 1):
+    for label, config in runs:
         config.out = str(results / f"{label}.json")
+        config.validate()
+        validate_tta(config, config.dataset)
+    return runs
+
+
+def evaluate_all(clip, runs: Sequence[tuple[str, Any]]) -> list[dict]:
+    """Stage 3: every class-feature method, then every adaptation method on the learned prompts.
+
+    One line per finished row, so a log shows progress without a terminal. Rows whose result is
+    already in place (same settings and inputs: a resumed run) are read back, not recomputed, and an
+    interrupted row continues from its per-image log.
+    """
+    import time
+
+    from . import evaluation
+
+    rows = []
+    for number, (label, config) in enumerate(runs, 1):
         _say("python -m protext.eval", eval_argv(config))
         start = time.perf_counter()
-        payload = evaluate(config, clip=clip, progress=False)
+        payload = evaluation.evaluate(config, clip=clip, progress=False)
         metrics, timing = payload["metrics"], payload["timing"]
         rows.append({
             "method": label,
@@ -237,7 +249,10 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     descriptions = work / "llm_data" / "example.jsonl"
     checkpoint = work / "checkpoints" / "example.safetensors"
     results = work / "results"
+    runs = row_configs(cfg, images, descriptions, checkpoint, results)
     resume = _resume_or_start_afresh(cfg, [descriptions.parent, checkpoint.parent, results])
+    for _, config in runs:
+        config.overwrite = not resume
     names = write_example_images(images)
     describe(cfg, names, descriptions, work / "classes.txt")
 
@@ -253,7 +268,7 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     # the rows share pixels (every zero-shot row encodes the same crops; TPT and C-TPT, ZERO and MTA
     # draw the same seeded views): each distinct batch goes through the image tower once, exactly
     with remember_image_features() as memo:
-        rows = evaluate_all(cfg, clip, images, descriptions, checkpoint, results, resume=resume)
+        rows = evaluate_all(clip, runs)
     if memo.images_saved:
         print(f"quickstart: {memo.images_saved} image encodings shared between rows instead of recomputed", flush=True)
 

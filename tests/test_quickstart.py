@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from protext.checkpoint import load_prompts
 from protext.descriptions import read_descriptions
@@ -44,3 +45,84 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| prompts+mta |" in table and "chance-level" in table
     assert "$ python -m protext.eval --dataset folder" in table
+    assert [line.split(":")[1].strip() for line in _run_lines(table)] == [f"row {i}/8 {m}" for i, m in enumerate(METHODS, 1)]
+    _printed_commands_run_as_printed(table, work, tmp_path)
+
+
+def _printed_commands_run_as_printed(out: str, work: Path, tmp_path: Path) -> None:
+    """The eval command the quickstart prints for a row, run on its own, gives that row's predictions."""
+    import shlex
+
+    from protext.eval import main as eval_main
+
+    commands = [line[2:] for line in out.splitlines() if line.startswith("$ python -m protext.eval ")]
+    assert len(commands) == 8
+    gen = next(line[2:] for line in out.splitlines() if line.startswith("$ python -m protext.gen_descriptions"))
+    assert Path(shlex.split(gen)[shlex.split(gen).index("--classes") + 1]).is_file()
+    for label in ("prompts+zero", "prompts+tda"):
+        argv = shlex.split(next(c for c in commands if f"/{label}.json" in c))[3:]
+        alone = tmp_path / f"alone-{label}.json"
+        argv[argv.index("--out") + 1] = str(alone)
+        assert eval_main(argv) == 0
+        ours = json.loads((work / "results" / f"{label}.json").read_text())
+        theirs = json.loads(alone.read_text())
+        assert theirs["settings"]["fingerprint"] == ours["settings"]["fingerprint"]
+        assert theirs["predictions"]["topk"] == ours["predictions"]["topk"]  # exact: same process, same layout
+
+
+def _run_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("quickstart: row ")]
+
+
+def test_quickstart_resumes_finished_rows_after_ctrl_c(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during row 5 exits 130; the rerun keeps the prompts and rows 1-4 (their files are not
+    rewritten) and computes only what is left; other settings start afresh."""
+    import protext.evaluation as evaluation
+
+    work = tmp_path / "qs"
+    argv = ["--model", "tiny-clip", "--pretrained", "random", "--workdir", str(work),
+            "--epochs", "2", "--tta-views", "5", "--device", "cpu"]
+    real = evaluation.evaluate
+    calls: list[str] = []
+
+    def stop_at_ctpt(config, **kwargs):
+        calls.append(Path(config.out).stem)
+        if config.tta == "ctpt":
+            raise KeyboardInterrupt
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", stop_at_ctpt)
+    assert main(argv) == 130
+    first = capsys.readouterr()
+    assert [line.split(":")[1].strip() for line in _run_lines(first.out)] == [
+        "row 1/8 clip", "row 2/8 cupl", "row 3/8 prompts", "row 4/8 prompts+tpt"]
+    assert "finished stages and rows are kept" in first.err
+    kept = {p.name: p.stat().st_mtime_ns for p in (work / "results").glob("*.json")}
+    assert sorted(kept) == ["clip.json", "cupl.json", "prompts+tpt.json", "prompts.json"]
+    checkpoint = work / "checkpoints" / "example.safetensors"
+    trained = checkpoint.stat().st_mtime_ns
+
+    monkeypatch.setattr(evaluation, "evaluate", real)
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "resuming the run" in second and "kept the finished prompts" in second
+    assert checkpoint.stat().st_mtime_ns == trained
+    assert {name: (work / "results" / name).stat().st_mtime_ns for name in kept} == kept
+    assert len(_run_lines(second)) == 8
+    rows = json.loads((work / "results" / "summary.json").read_text())
+    assert [r["method"] for r in rows] == METHODS
+
+    assert main([*argv[:-4], "--tta-views", "6", "--device", "cpu"]) == 0
+    third = capsys.readouterr().out
+    assert "starting afresh" in third and "tta_views" in third
+    assert all(json.loads((work / "results" / f"prompts+{m}.json").read_text())["tta"]["settings"]["views"] == 6
+               for m in ("tpt", "zero"))
+
+
+def test_a_view_count_no_row_can_use_is_refused_before_any_work(tmp_path, capsys):
+    work = tmp_path / "qs"
+    code = main(["--model", "tiny-clip", "--pretrained", "random", "--workdir", str(work), "--tta-views", "3"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --tta mta needs --tta-views")
+    assert not work.exists()  # nothing written: no photos, no descriptions, no settings record
