@@ -49,3 +49,37 @@ def random_vit_and_classes(device: str, threads: int, n_classes: int, shared):
         warnings.simplefilter("ignore")
         clip = load_clip("ViT-B-16", "random", device=device)
     return clip, json.loads((shared / "classnames" / CLASS_FILES[n_classes]).read_text())
+
+
+def machine_line(device: str = "cpu") -> str:
+    """The line every benchmark prints beside its figures: which CPU (name, cores, PyTorch's kernel
+    level, native bf16 or not) and, on CUDA, which GPU. The same command's seconds differ by up to
+    ~70x between a CPU with native bf16 and one without, so a figure without this line means little."""
+    import torch  # noqa: F401  (imported so that the capability names PyTorch's kernel level)
+
+    from protext.hardware import describe_cpu
+
+    line = f"machine: {describe_cpu()}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        line += f"; GPU: {torch.cuda.get_device_name(torch.device(device))}"
+    return line
+
+
+def machine_record() -> dict:
+    """:func:`protext.hardware.cpu_capability` for a benchmark's JSON output."""
+    import torch  # noqa: F401
+
+    from protext.hardware import cpu_capability
+
+    return cpu_capability()
+
+
+def warn_emulated_bf16(precision: str) -> None:
+    """One line on stderr when a bf16 figure is measured on a CPU that only emulates bf16."""
+    import sys
+
+    from protext.hardware import has_native_bf16
+
+    if precision == "bf16" and not has_native_bf16():
+        print("[bench] note: this CPU has no native bf16 (no avx512_bf16/AMX): bf16 runs emulated, "
+              "far slower than fp32; the bf16 figures here show that, not a bf16 CPU's speed", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from _common import machine_line
 from protext.models import load_clip
 from protext.prompts import PromptedTextEncoder
 
@@ -70,6 +71,7 @@ def main() -> None:
         cut = time_step(encoder, True, args.repeats, args.device, args.chunk)
         print(f"| {len(names)} ({name}) | {int(encoder.eot.max()) + 1} | {full:.3f} | {cut:.3f} | {full / cut:.1f}× |",
               flush=True)
+    print(f"\n{machine_line(args.device)}")
 
 
 if __name__ == "__main__":

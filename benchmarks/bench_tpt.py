@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import CLASS_FILES, peak_gib, random_vit_and_classes, synthetic_images
+from _common import CLASS_FILES, machine_line, machine_record, peak_gib, random_vit_and_classes, synthetic_images, warn_emulated_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -149,6 +149,7 @@ def _split(result: dict) -> dict:
 
 
 def drive(args: argparse.Namespace) -> int:
+    warn_emulated_bf16(args.precision if args.device == "cpu" else "fp32")
     results: list[dict] = []
     rows: list[dict] = []
     for n_classes in args.classes:
@@ -188,10 +189,12 @@ def drive(args: argparse.Namespace) -> int:
     device = results[0] if results else {}
     print(f"\nViT-B-16 (random weights), {args.views} views, 1 step, device {args.device}, "
           f"{device.get('threads', '?')} threads; fast over {args.images} image(s), naive over {args.naive_images}.")
+    print(machine_line(args.device))
     print("command: python benchmarks/bench_tpt.py " + " ".join(sys.argv[1:]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"rows": rows, "phases": results, "argv": sys.argv[1:]}, indent=1))
+        Path(args.out).write_text(json.dumps({"rows": rows, "phases": results, "argv": sys.argv[1:],
+                                              "machine": machine_record()}, indent=1))
     return 0
 
 

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
+from _common import machine_line  # noqa: E402
 from protext.models import load_clip  # noqa: E402
 from protext.presets import get_preset  # noqa: E402
 from protext.prompts import PromptedTextEncoder  # noqa: E402
@@ -205,6 +206,7 @@ def main() -> None:
         )
     print("\nPer-epoch seconds are steps/epoch × measured seconds per step where marked extrapolated; "
           "speed-up = naive s/step ÷ fast s/step (the same ratio per epoch).")
+    print(machine_line(args.device))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import CLASS_FILES, peak_gib, random_vit_and_classes, synthetic_images
+from _common import CLASS_FILES, machine_line, machine_record, peak_gib, random_vit_and_classes, synthetic_images
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -131,10 +131,12 @@ def drive(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     threads = results[0]["threads"] if results else "?"
     print(f"\nViT-B-16 (random weights), device {args.device} ({args.precision}), {threads} threads, {args.images} image(s) per row.")
+    print(machine_line(args.device))
     print("command: python benchmarks/bench_tta.py " + " ".join(sys.argv[1:]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"table": lines, "runs": results, "argv": sys.argv[1:]}, indent=1))
+        Path(args.out).write_text(json.dumps({"table": lines, "runs": results, "argv": sys.argv[1:],
+                                              "machine": machine_record()}, indent=1))
     return 0
 
 

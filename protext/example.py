@@ -51,10 +51,11 @@ class QuickstartConfig:
     llm_base_url: Optional[str] = None
     seed: int = 0
     fresh: bool = False
+    share_encodings: bool = True
 
     def identity(self) -> dict[str, Any]:
         """The settings a finished stage's output depends on: a rerun with the same ones resumes."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in ("workdir", "fresh")}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in ("workdir", "fresh", "share_encodings")}
 
 
 def write_example_images(root: Path) -> list[str]:
@@ -241,7 +242,9 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     import json
 
     from .atomic import atomic_write
-    from .feature_memo import remember_image_features
+    import contextlib
+
+    from .feature_memo import FeatureMemo, remember_image_features
     from .models import load_clip
 
     work = cfg.workdir
@@ -267,7 +270,7 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     train_prompts(cfg, clip, descriptions, checkpoint, resume=resume)
     # the rows share pixels (every zero-shot row encodes the same crops; TPT and C-TPT, ZERO and MTA
     # draw the same seeded views): each distinct batch goes through the image tower once, exactly
-    with remember_image_features() as memo:
+    with remember_image_features() if cfg.share_encodings else contextlib.nullcontext(FeatureMemo()) as memo:
         rows = evaluate_all(clip, runs)
     if memo.images_saved:
         print(f"quickstart: {memo.images_saved} image encodings shared between rows instead of recomputed", flush=True)

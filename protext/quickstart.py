@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fresh", action="store_true",
                         help="start afresh; by default a rerun with the same settings in the same --workdir resumes, "
                         "keeping finished stages and rows")
+    parser.add_argument("--no-shared-encodings", dest="share_encodings", action="store_false",
+                        help="encode every row's images in that row (slower, same results): by default a batch of "
+                        "pixels that an earlier row already encoded, such as the views TPT and C-TPT share, is not "
+                        "encoded again")
     return parser
 
 
