@@ -11,6 +11,8 @@ Every command that takes ``--classes`` reads it here, so a file means the same c
   whose names are taken in label order.
 
 Names come back as written in the file (``_`` kept; :func:`clean_classname` makes the prompt form).
+Names that differ only in case, ``_`` or spacing are one class (:func:`class_key`);
+:func:`check_distinct_classes` refuses a list that names one class twice.
 Base-to-novel follows CoOp: classes sorted by label, base = the first ``ceil(n/2)``, novel = the rest.
 """
 
@@ -38,6 +40,46 @@ _SPLIT_ENTRY = "[relative image path, label, classname]"
 
 class ClassListError(UserError):
     """A class list or split file that cannot be read; the message names the file."""
+
+
+#: the classes whose names coincide in CLIP's ImageNet list (labels 657 and 744 are both 'missile',
+#: 836 and 837 both 'sunglasses'): the published protocols use these names as they are
+IMAGENET_COINCIDENCES = frozenset({"missile", "sunglasses"})
+
+
+def class_key(name: str) -> str:
+    """What identifies a class name: lowercase, ``_`` as a space, single spaces (the same rule as
+    :func:`protext.descriptions.normalize_classname`, tested equal)."""
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+def duplicate_classes(names: Sequence[str]) -> dict[str, list[int]]:
+    """Every class key named more than once, with the labels (positions) naming it, in list order."""
+    labels: dict[str, list[int]] = {}
+    for label, name in enumerate(names):
+        labels.setdefault(class_key(name), []).append(label)
+    return {key: found for key, found in labels.items() if len(found) > 1}
+
+
+def check_distinct_classes(names: Sequence[str], source: str, allowed: frozenset[str] = frozenset()) -> None:
+    """Refuse a class list that names one class twice, naming ``source`` and the first such name.
+
+    Two labels with one name get the same text features and, in per-class results, one entry:
+    the classes merge without a word. ``allowed`` lists class keys that may repeat (CLIP's own
+    ImageNet names, :data:`IMAGENET_COINCIDENCES`).
+
+    Raises:
+        ClassListError: ``source: classes 3 'Cat' and 7 'cat' are one class ...``.
+    """
+    for key, labels in duplicate_classes(names).items():
+        if key in allowed:
+            continue
+        shown = " and ".join(f"{label} {names[label]!r}" for label in labels[:3])
+        more = f" (and {len(labels) - 3} more)" if len(labels) > 3 else ""
+        raise ClassListError(
+            f"{source}: classes {shown}{more} are one class name (names that differ only in case, '_' or spacing are "
+            "one class), so their results would merge; rename or remove the duplicate."
+        )
 
 
 def clean_classname(name: str) -> str:

@@ -111,8 +111,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, default=64, help="Images per batch without TTA. [64]")
     run.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images and making views. [2]")
     run.add_argument("--seed", type=int, default=0, help="Seed of the random model (--pretrained random) and of every image's views (keyed by seed and image index). [0]")
-    run.add_argument("--out", default=None, metavar="FILE", help="Results JSON (with FILE's .md and .reliability.png beside it, and the resume log while running). [results/DATASET-SPLIT-METHOD[-TTA].json]")
-    run.add_argument("--overwrite", action="store_true", help="Replace an existing results file (never needed to resume: a rerun continues from the log).")
+    run.add_argument("--out", default=None, metavar="FILE", help="Results JSON (with FILE's .md and .reliability.png beside it, and the resume log while running); none of them replaces an existing file without --overwrite. [results/DATASET-SPLIT-METHOD[-TTA]-MODEL-WEIGHTS[-CHECKPOINT]-HASH.json, HASH of every setting that changes the result]")
+    run.add_argument("--overwrite", action="store_true", help="Replace existing results files (JSON, .md, .png), and start over where the resume log was started on other images or classes (never needed to resume: a rerun of the same command on the same inputs continues from the log).")
     run.add_argument("--save-logits", action="store_true", help="Also store every image's logits in the JSON (images x classes numbers).")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show a progress bar (rank 0). [on]")
 
@@ -144,6 +144,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = parse_config(args)
 
     def body() -> int:
+        # flags and input files first, without torch: a typo costs no import of the model stack
+        from .evaluation.preflight import check_inputs
+
+        config.validate()
+        check_inputs(config)
+
         from .distributed import shutdown_all
         from .evaluation import evaluate
         from .results import markdown_table, result_files, summary_row

@@ -16,11 +16,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 from .atomic import atomic_write
+
+if TYPE_CHECKING:  # torch is imported where logits are turned into predictions: the eval command's
+    import torch  # pre-flight reads result_files() from here before anything heavy is loaded
 
 TOP_K = 5
 #: equal-width confidence bins of the expected calibration error (TTA.md §5, as C-TPT computes it)
@@ -78,7 +79,7 @@ def predictions_from_logits(
 
     ``calibration_logits`` (same shape) give the confidence; by default the logits themselves.
     """
-    logits = logits.float()
+    logits = logits.float()  # a torch.Tensor: torch is already loaded by whoever made it
     calib = logits if calibration_logits is None else calibration_logits.float()
     k = min(k, logits.shape[-1])
     top = logits.topk(k, dim=-1).indices.tolist()
@@ -158,8 +159,20 @@ class Metrics:
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def per_class_keys(classnames: Sequence[str]) -> list[str]:
+    """The key of each label in per-class results: its name, or ``name [label]`` for a name that
+    two labels share (CLIP's ImageNet list names 657 and 744 'missile'), so no class hides another."""
+    counts: dict[str, int] = {}
+    for name in classnames:
+        counts[name] = counts.get(name, 0) + 1
+    return [name if counts[name] == 1 else f"{name} [{label}]" for label, name in enumerate(classnames)]
+
+
 def compute_metrics(predictions: Sequence[Prediction], classnames: Sequence[str]) -> Metrics:
-    """Top-1, top-5, mean per-class top-1 (classes without images are left out of the mean), ECE."""
+    """Top-1, top-5, mean per-class top-1 (classes without images are left out of the mean), ECE.
+
+    Per-class accuracy is kept by label (:func:`per_class_keys`), so two labels with one name are
+    two classes in the mean and in ``per_class``."""
     n = len(predictions)
     hits1 = sum(p.pred == p.label for p in predictions)
     hits5 = sum(p.label in p.topk[:TOP_K] for p in predictions)
@@ -168,10 +181,10 @@ def compute_metrics(predictions: Sequence[Prediction], classnames: Sequence[str]
     for p in predictions:
         seen[p.label] += 1
         right[p.label] += int(p.pred == p.label)
-    per_class = {
-        name: {"accuracy": 100.0 * right[c] / seen[c], "n": seen[c]} for c, name in enumerate(classnames) if seen[c]
-    }
-    mean = sum(v["accuracy"] for v in per_class.values()) / len(per_class) if per_class else 0.0
+    accuracies = {c: 100.0 * right[c] / seen[c] for c in range(len(classnames)) if seen[c]}
+    keys = per_class_keys(classnames)
+    per_class = {keys[c]: {"accuracy": accuracy, "n": seen[c]} for c, accuracy in accuracies.items()}
+    mean = sum(accuracies.values()) / len(accuracies) if accuracies else 0.0
     ece = expected_calibration_error([p.confidence for p in predictions], [p.calibration_pred == p.label for p in predictions])
     return Metrics(
         n_images=n,

@@ -108,11 +108,16 @@ def test_existing_result_is_never_replaced_silently(tiny_clip, many, tmp_path, c
     monkeypatch.chdir(tmp_path)
     config = EvalConfig(dataset="folder", root=str(many), model="tiny-clip", pretrained="random", workers=0, progress=False, limit=2)
     first = evaluate(config, clip=tiny_clip)
-    default = tmp_path / "results" / "folder-all-clip.json"
+    default = tmp_path / config.output_path()
+    assert default.parent == tmp_path / "results" and default.name.startswith(f"folder_{many.name}-all-clip-tiny-clip-random-")
     assert json.loads(default.read_text())["metrics"] == first["metrics"]
     before = default.read_bytes()
-    err = fail(["--dataset", "folder", "--root", str(many), "--limit", "3"], capsys)
-    assert "already holds a result" in err and "--overwrite" in err
+    # other settings get another default name, so they never meet this result ...
+    other = EvalConfig(**{**config.__dict__, "limit": 3}).output_path()
+    assert other != config.output_path()
+    # ... and an explicit --out that holds it is refused without --overwrite
+    err = fail(["--dataset", "folder", "--root", str(many), "--limit", "3", "--out", str(default)], capsys)
+    assert "already holds a result of other settings" in err and "--overwrite" in err
     assert default.read_bytes() == before
     # the same command again: its result stands, nothing is recomputed or rewritten
     monkeypatch.setattr(loop, "zeroshot_shard", lambda setup: pytest.fail("a finished run was recomputed"))
@@ -121,7 +126,7 @@ def test_existing_result_is_never_replaced_silently(tiny_clip, many, tmp_path, c
     assert default.read_bytes() == before
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
-    assert main(["--dataset", "folder", "--root", str(many), "--limit", "3", "--overwrite", *TINY]) == 0
+    assert main(["--dataset", "folder", "--root", str(many), "--limit", "3", "--out", str(default), "--overwrite", *TINY]) == 0
     assert json.loads(default.read_text())["metrics"]["n_images"] == 3
 
 

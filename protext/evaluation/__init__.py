@@ -17,7 +17,9 @@ then removes the log.
 What a kill costs: finished images are appended (flushed and fsynced per batch) to
 ``OUT.resume-<fingerprint>.rank<r>.jsonl``; a SIGKILL loses at most the batch in flight, and the
 same command rerun skips every finished batch and ends with the same results (a changed command
-has another fingerprint, so it uses its own log and leaves the old one alone). Ctrl-C exits 130
+has another fingerprint, so it uses its own log and leaves the old one alone; the log also records
+the images and classes it was started on, and a rerun on changed ones is refused before any model
+loads, or starts over with ``overwrite``). Ctrl-C exits 130
 and keeps the log. Online methods (TDA) also save their caches every :data:`.loop.STATE_EVERY`
 images. Rerunning a finished command returns its result without recomputing anything.
 
@@ -52,6 +54,18 @@ def evaluate(config: EvalConfig, *, clip: Any = None, progress: bool = True, com
     import os
     import sys
     import time
+    from dataclasses import replace
+
+    from .config import WORKERS_PER_CORE, max_workers
+
+    # before any process starts: more loader processes than cores only compete for them (and each
+    # holds a copy of the dataset); the number never changes a result, so it is capped, not refused
+    cap = max_workers()
+    if config.workers > cap:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: --workers {config.workers} is more than this machine can use; using {cap} "
+                  f"({cap // WORKERS_PER_CORE} CPU cores x {WORKERS_PER_CORE}).", file=sys.stderr)
+        config = replace(config, workers=cap)
 
     from ..results import write_results
     from .loop import evaluate_shards

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..classlists import BUILTIN as BUILTIN_CLASS_LISTS
 from ..errors import UserError
 
 SPLITS = ("all", "base", "novel")
@@ -49,8 +52,42 @@ TTA_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 #: settings that do not change any image's result: left out of the resume fingerprint, so a rerun
-#: with more workers, another --out or --limit still reuses the finished images
+#: with more workers, another --out or --limit still reuses the finished images. ``limit`` is in it
+#: for the online methods all the same: their stream is a permutation of the first ``limit`` images,
+#: so another limit is another stream (see :meth:`EvalConfig.fingerprint`)
 _NOT_IN_FINGERPRINT = ("out", "overwrite", "workers", "progress", "limit")
+#: settings that cannot change a result, so they do not change the default results name either
+#: (``limit`` does: a smoke run of 10 images must not take the name of the full run)
+_NOT_IN_NAME = ("out", "overwrite", "workers", "progress")
+#: settings that name a file or folder: the default results name hashes the absolute path, so the
+#: same relative path run from two folders (two different inputs) gets two names
+_PATH_SETTINGS = ("root", "classes", "descriptions", "prompts", "pretrained")
+
+# Upper bounds of the count flags. Each value is far above any published setting, and what lies
+# beyond it cannot finish on any machine: refusing at once beats an out-of-memory error after the
+# model has loaded, or a run that never ends. ``protext.tta.config`` holds the same TTA bounds for
+# library callers (tested equal; repeated here so a bad flag is refused without importing torch).
+#: views per image (published: 64); the views of one image go through the image tower together
+MAX_TTA_VIEWS = 1024
+#: adaptation steps per image (published: 1); each is a forward and a backward over the views
+MAX_TTA_STEPS = 1000
+#: images adapted at once (default 1)
+MAX_TTA_BATCH = 1024
+#: views in flight at once, ``views x tta_batch``: 16384 images of 224x224 are 9.9 GB of fp32 pixels
+#: before the first activation
+MAX_VIEWS_IN_FLIGHT = 16384
+#: images per zero-shot batch (default 64): 8192 images of 224x224 are 4.9 GB of fp32 pixels
+MAX_BATCH_SIZE = 8192
+#: streams of an online method, each a full pass over the dataset
+MAX_STREAM_SEEDS = 100
+#: seeds key torch and numpy generators: numpy refuses negative seeds, torch those of 2**64 and more
+MAX_SEED = 2**63 - 1
+#: DataLoader processes per available CPU core: more only compete for the cores (and each holds a
+#: copy of the dataset), so more are capped with a warning rather than refused (a script written
+#: for a large machine still runs on a small one; the number of workers never changes a result)
+WORKERS_PER_CORE = 4
+#: what --device accepts (as --help says); checked here so a typo needs no torch to be refused
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class EvalError(UserError):
@@ -110,19 +147,37 @@ class EvalConfig:
         _choice("--split", self.split, SPLITS)
         _choice("--precision", self.precision, PRECISIONS)
         _choice("--templates", self.templates, TEMPLATE_RULES)
-        if self.template is not None and "{}" not in self.template:
-            raise EvalError(f"--template '{self.template}' has no '{{}}' where the class name goes.")
+        self._validate_dataset()
+        if not _DEVICE.match(self.device):
+            raise EvalError(f"--device must be auto, cpu, mps, cuda or cuda:N, got '{self.device}'.")
+        if self.template is not None:
+            _check_template(self.template)
         if self.method == "cupl" and not self.descriptions:
             raise EvalError("--method cupl needs --descriptions FILE (.jsonl description cache or CuPL .json).")
         if self.method == "prompts" and not self.prompts:
             raise EvalError("--method prompts needs --prompts CHECKPOINT (.safetensors, or a CoOp .pth).")
-        if self.batch_size < 1:
-            raise EvalError(f"--batch-size must be at least 1, got {self.batch_size}.")
-        if self.workers < 0:
-            raise EvalError(f"--workers must be >= 0, got {self.workers}.")
-        if self.limit is not None and self.limit < 1:
-            raise EvalError(f"--limit must be at least 1, got {self.limit}.")
+        _count("--batch-size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _count("--workers", self.workers, 0, None)  # too many are capped (max_workers), not refused
+        if self.limit is not None:
+            _count("--limit", self.limit, 1, None)  # more than the dataset holds means all of it
+        _count("--seed", self.seed, 0, MAX_SEED)
         self._validate_tta()
+
+    def _validate_dataset(self) -> None:
+        """An unknown --dataset name, and an empty --root, need no file system to be refused."""
+        from ..datasets.catalog import DatasetError, canonical_name  # no torch: the name table only
+
+        try:
+            canonical_name(self.dataset)
+        except DatasetError as err:
+            raise EvalError(f"--dataset: {err}.") from None
+        if not str(self.root).strip():
+            raise EvalError("--root is empty; name the folder that holds the dataset.")
+        # an empty path is falsy: it would silently mean "not given" (the default results path, no class list)
+        for flag, value in (("--out", self.out), ("--classes", self.classes), ("--prompts", self.prompts),
+                            ("--descriptions", self.descriptions)):
+            if value is not None and not str(value).strip():
+                raise EvalError(f"{flag} is empty; name a file, or leave the flag out.")
 
     def _validate_tta(self) -> None:
         if self.tta is None:
@@ -146,23 +201,41 @@ class EvalConfig:
             _choice("--zero-votes", self.zero_votes, ZERO_VOTES)
 
     def _validate_tta_ranges(self) -> None:
+        for flag, value, low, high in [
+            ("--tta-views", self.tta_views, 1, MAX_TTA_VIEWS),
+            ("--tta-steps", self.tta_steps, 0, MAX_TTA_STEPS),
+            ("--tta-batch", self.tta_batch, 1, MAX_TTA_BATCH),
+        ]:
+            if value is not None:
+                _count(flag, value, low, high)
+        # the published view count when --tta-views is unset: what one batch of images would hold
+        views, batch = self.tta_views or 64, self.tta_batch or 1
+        if views * batch > MAX_VIEWS_IN_FLIGHT:
+            raise EvalError(
+                f"--tta-batch {batch} x --tta-views {views} = {views * batch} views at once, more than {MAX_VIEWS_IN_FLIGHT} "
+                "(the image tower encodes them together); lower --tta-batch."
+            )
+        # comparisons with NaN are false, so each check below refuses NaN along with the range
         checks = [
-            ("--tta-views", self.tta_views, lambda v: v >= 1, "at least 1"),
             ("--tta-selection", self.tta_selection, lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
-            ("--tta-steps", self.tta_steps, lambda v: v >= 0, ">= 0"),
             ("--tta-lr", self.tta_lr, lambda v: v > 0 and math.isfinite(v), "a positive number"),
-            ("--tta-batch", self.tta_batch, lambda v: v >= 1, "at least 1"),
-            ("--ctpt-lambda", self.ctpt_lambda, lambda v: v >= 0 and math.isfinite(v), ">= 0"),
-            ("--tda-alpha", self.tda_alpha, lambda v: v >= 0 and math.isfinite(v), ">= 0"),
-            ("--tda-beta", self.tda_beta, lambda v: v > 0 and math.isfinite(v), "> 0"),
+            ("--ctpt-lambda", self.ctpt_lambda, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
+            ("--tda-alpha", self.tda_alpha, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
+            ("--tda-beta", self.tda_beta, lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
         ]
         for flag, value, ok, want in checks:
             if value is not None and not ok(value):
                 raise EvalError(f"{flag} must be {want}, got {value}.")
         if (self.tda_alpha is None) != (self.tda_beta is None):
             raise EvalError("--tda-alpha and --tda-beta go together (the positive cache's pair); pass both or neither.")
-        if self.stream_seeds is not None and (not self.stream_seeds or len(set(self.stream_seeds)) != len(self.stream_seeds)):
-            raise EvalError(f"--stream-seeds must be distinct integers such as 1,2,3, got {self.stream_seeds}.")
+        if self.stream_seeds is not None:
+            if not self.stream_seeds or len(set(self.stream_seeds)) != len(self.stream_seeds):
+                raise EvalError(f"--stream-seeds must be distinct integers such as 1,2,3, got {self.stream_seeds}.")
+            if len(self.stream_seeds) > MAX_STREAM_SEEDS:
+                raise EvalError(f"--stream-seeds names {len(self.stream_seeds)} streams, each a full pass over the "
+                                f"dataset; at most {MAX_STREAM_SEEDS}.")
+            for seed in self.stream_seeds:
+                _count("--stream-seeds", seed, 0, MAX_SEED)
 
     # ----------------------------------------------------------------------------------------------
     def resolved_tta_init(self) -> str:
@@ -193,11 +266,49 @@ class EvalConfig:
         return self.method + (f" + {self.tta.upper()}" if self.tta else "")
 
     def output_path(self) -> Path:
-        """``--out``, or ``results/DATASET-SPLIT-METHOD[-TTA].json``."""
+        """``--out``, or ``results/DATASET-SPLIT-METHOD[-TTA]-MODEL-WEIGHTS[-SOURCE]-HASH.json``.
+
+        The default name reads like CLIP_benchmark's (dataset, model and weights in the name) and
+        ends in a hash of everything that changes a result (:meth:`identity`), so two runs that
+        could give different results never share a name: two image folders, a checkpoint and its
+        CoOp export, another template or TTA setting. The same command gets the same name, so a
+        rerun finds its own log or finished result. SOURCE is the checkpoint's or description
+        file's name; a plain folder's name is added to ``folder``.
+        """
         if self.out:
             return Path(self.out)
-        tag = f"{self.method}-{self.tta}" if self.tta else self.method
-        return Path("results") / f"{self.dataset}-{self.split}-{tag}.json"
+        dataset = self.dataset if self.dataset != "folder" else f"folder_{Path(self.root).expanduser().resolve().name}"
+        parts = [dataset, self.split, self.method, self.tta, self.model, _weights_name(self.pretrained)]
+        source = self._source_file()
+        if source:
+            parts.append(Path(source).name)
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()
+        name = "-".join(_name_part(part) for part in parts if part)
+        return Path("results") / f"{name}-{digest[:10]}.json"
+
+    def identity(self) -> dict[str, Any]:
+        """Every setting that can change a result, with file and folder settings made absolute
+        (the default results name is a hash of this)."""
+        out = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_NAME}
+        for key in _PATH_SETTINGS:
+            value = out.get(key)
+            if key == "pretrained" and value and not Path(value).suffix and not Path(value).exists():
+                continue  # an open_clip tag ('openai'), not a file
+            if key == "classes" and value and str(value).lower() in BUILTIN_CLASS_LISTS and not Path(value).exists():
+                continue  # a built-in class list
+            if value:
+                out[key] = str(Path(value).expanduser().resolve())
+        return out
+
+    def _source_file(self) -> Optional[str]:
+        """The file the class features come from, for the default results name: the checkpoint or
+        the descriptions (None for templates, and for flags :meth:`validate` refuses)."""
+        try:
+            if self.uses_checkpoint():
+                return self.prompts
+        except EvalError:
+            return None
+        return self.descriptions if self.method == "cupl" else None
 
     def input_paths(self) -> dict[str, str]:
         """Files the run reads, by flag (an output may never be one of them)."""
@@ -207,14 +318,65 @@ class EvalConfig:
         return {flag: path for flag, path in named.items() if path}
 
     def fingerprint(self, file_digests: dict[str, str]) -> str:
-        """A hash of every setting that changes an image's result, and of the input files' contents."""
+        """A hash of every setting that changes an image's result, and of the input files' contents.
+
+        The images themselves (the folder's listing) and the class names are not in it: the
+        resume log records them and a rerun on other images is refused (:mod:`.resume`), rather
+        than silently starting a new log beside the old one.
+        """
         settings = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_FINGERPRINT}
+        if self.tta in ONLINE_METHODS:
+            settings["limit"] = self.limit  # the stream is a permutation of the first `limit` images
         blob = json.dumps({"settings": settings, "files": file_digests}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _is_set(value: Any) -> bool:
     return value is not None and value is not False
+
+
+def _count(flag: str, value: int, low: int, high: Optional[int]) -> None:
+    """Refuse an integer flag outside ``[low, high]`` (``high`` None: no upper bound)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EvalError(f"{flag} must be a whole number, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        want = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise EvalError(f"{flag} must be {want}, got {value}.")
+
+
+def _check_template(template: str) -> None:
+    """A template must take the class name in exactly one ``{}`` and nothing else: ``str.format``
+    would raise on ``{0}``/``{name}`` or a second ``{}`` only when the features are built."""
+    try:
+        filled = template.format("\x00")
+    except (IndexError, KeyError, ValueError):
+        filled = None
+    if filled is None or filled.count("\x00") != 1:
+        raise EvalError(
+            f"--template '{template}' must hold exactly one '{{}}' where the class name goes and no other braces "
+            "(write a literal brace as '{{' or '}}')."
+        )
+
+
+def _name_part(text: str) -> str:
+    """One readable part of a results file name: safe characters only, at most 40 of them (the hash
+    after the parts keeps names apart, so shortening loses nothing)."""
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("._")[:40] or "_"
+
+
+def _weights_name(pretrained: str) -> str:
+    """An open_clip tag as is; a weights file by its name."""
+    return Path(pretrained).name if Path(pretrained).suffix or os.sep in pretrained else pretrained
+
+
+def max_workers() -> int:
+    """The most DataLoader processes worth starting here: :data:`WORKERS_PER_CORE` per CPU core
+    this process may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return WORKERS_PER_CORE * max(1, cores)
 
 
 def _choice(flag: str, value: Any, allowed: tuple[str, ...]) -> None:

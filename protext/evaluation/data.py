@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -27,6 +31,44 @@ def open_dataset(config: EvalConfig):
         if isinstance(err, UserError) or type(err).__name__ == "DatasetError":
             raise
         raise EvalError(f"--dataset: {err}") from None
+
+
+def input_identity(dataset) -> dict[str, Any]:
+    """What a run's images and classes are, cheaply, for the resume log and the results.
+
+    The listing fingerprint hashes, per image in dataset order, its path (relative to the dataset
+    folder), label, size and modification time (nanoseconds), and the class names are hashed in
+    label order. A replaced, removed, added, renamed or relabelled image, or a renamed class,
+    changes it; reading no image content keeps it to one ``stat`` per file (ImageNet's 50,000
+    images: well under a second), where hashing the pixels would read gigabytes. What it misses
+    is a file rewritten in place with the same size and a restored modification time, which takes
+    intent. The folder itself is recorded absolute, so the same ``--root`` text run from another
+    working folder is another input.
+    """
+    folder = Path(dataset.root).expanduser().resolve()
+    listing = hashlib.sha256()
+    stats: dict[str, tuple[int, int]] = {}  # CIFAR: every image names its batch file; stat it once
+    for path, label in dataset.samples:
+        key = str(path)
+        if key not in stats:
+            try:
+                st = os.stat(path)
+                stats[key] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stats[key] = (-1, -1)  # gone: the reader will say so; the listing differs either way
+        try:  # relative to the folder as given (string work, no system call per image)
+            shown = os.path.relpath(path, dataset.root)
+        except ValueError:  # another drive (Windows)
+            shown = key
+        listing.update(json.dumps([shown, int(label), *stats[key]]).encode() + b"\n")
+    names = json.dumps(list(dataset.classnames)).encode()
+    return {
+        "folder": str(folder),
+        "images": len(dataset.samples),
+        "listing_sha256": listing.hexdigest(),
+        "classes": len(dataset.classnames),
+        "classes_sha256": hashlib.sha256(names).hexdigest(),
+    }
 
 
 def data_errors() -> tuple[type[BaseException], ...]:

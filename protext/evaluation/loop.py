@@ -22,9 +22,9 @@ from ..errors import UserError
 from ..results import Prediction, merge_predictions, predictions_from_logits
 from . import adapters, features
 from .config import ONLINE_METHODS, EvalConfig, EvalError
-from .data import Preprocess, SeededViews, batches, open_dataset, progress_bar
-from .preflight import check_inputs, check_outputs
-from .resume import ResumeLog
+from .data import Preprocess, SeededViews, batches, input_identity, open_dataset, progress_bar
+from .preflight import check_classes, check_inputs, check_outputs
+from .resume import ResumeLog, check_log_inputs
 from .runtime import Runtime, peak_memory, reset_peak_memory, resolve_runtime
 
 #: an online method's state is saved every this many images of its stream (resume granularity)
@@ -42,6 +42,7 @@ class Setup:
     classnames: list[str]
     n_images: int
     fingerprint: str
+    inputs: dict[str, Any] = field(default_factory=dict)  # the images and classes (data.input_identity)
     clip: Any = None
     template: Optional[features.TemplateChoice] = None
     checkpoint: Any = None
@@ -72,9 +73,13 @@ def _legacy_errors() -> tuple[type[BaseException], ...]:
     return (UserError, DatasetError, PretrainedUnavailableError, PromptShapeError, UnsupportedTextTowerError, ZeroShotError)
 
 
-def prepare(config: EvalConfig, ctx: DistContext) -> tuple[Any, Runtime, str]:
-    """Every check that needs no model: flags, input files, output paths, the dataset, the TTA
-    settings for this dataset. Returns the dataset, the runtime and the run's fingerprint.
+def prepare(config: EvalConfig, ctx: DistContext) -> tuple[Any, Runtime, str, dict[str, Any]]:
+    """Every check that needs no model: flags, input files, the dataset, output paths, the resume
+    log, the TTA settings for this dataset. Returns the dataset, the runtime, the run's fingerprint
+    and its inputs (:func:`.data.input_identity`).
+
+    The inputs come first, so the real problem is the one reported: a mistyped ``--root`` is
+    "no such folder", not a complaint about the results file its name would have.
 
     Raises :class:`~.preflight.AlreadyDone` when the results file already holds this run's result."""
     config.validate()
@@ -84,12 +89,16 @@ def prepare(config: EvalConfig, ctx: DistContext) -> tuple[Any, Runtime, str]:
             f"split over {ctx.world_size} processes without changing it. Run it in one process (without torchrun)."
         )
     check_inputs(config)
-    fingerprint = config.fingerprint(features.input_digests(config))
-    check_outputs(config, fingerprint)
     runtime = resolve_runtime(config, ctx)
     dataset = open_dataset(config)
+    source = f"--classes {config.classes}" if config.classes else f"the class names of --dataset {config.dataset} --root {config.root}"
+    check_classes(list(dataset.classnames), config, source)
     adapters.validate_tta(config, dataset.name)
-    return dataset, runtime, fingerprint
+    inputs = input_identity(dataset)
+    fingerprint = config.fingerprint(features.input_digests(config))
+    resuming = check_log_inputs(config.output_path(), fingerprint, inputs, config)
+    check_outputs(config, fingerprint, inputs, log_exists=resuming)
+    return dataset, runtime, fingerprint, inputs
 
 
 def load_model(config: EvalConfig, runtime: Runtime, ctx: DistContext):
@@ -111,10 +120,10 @@ def load_model(config: EvalConfig, runtime: Runtime, ctx: DistContext):
 
 def build_setup(config: EvalConfig, ctx: DistContext, clip, progress: bool) -> Setup:
     """Dataset, model, checkpoint (weights checked), template and the resume fingerprint."""
-    dataset, runtime, fingerprint = prepare(config, ctx)
+    dataset, runtime, fingerprint, inputs = prepare(config, ctx)
     classnames = list(dataset.classnames)
     n_images = len(dataset) if config.limit is None else min(config.limit, len(dataset))
-    setup = Setup(config, ctx, runtime, dataset, classnames, n_images, fingerprint, progress=progress)
+    setup = Setup(config, ctx, runtime, dataset, classnames, n_images, fingerprint, inputs=inputs, progress=progress)
     setup.clip = clip if clip is not None else load_model(config, runtime, ctx)
     setup.record["model"] = {"name": setup.clip.name, "pretrained": setup.clip.pretrained, "identity": setup.clip.identity}
     setup.checkpoint = features.load_checkpoint(config)
@@ -164,7 +173,7 @@ def _open_log(setup: Setup, stream: Optional[int] = None) -> tuple[ResumeLog, di
 
     log = ResumeLog(setup.config.output_path(), setup.fingerprint, setup.ctx.rank if stream is None else 0, stream)
     done = log.read_done()
-    log.open(asdict(setup.config))
+    log.open(asdict(setup.config), setup.inputs)
     return log, done
 
 

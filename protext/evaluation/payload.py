@@ -76,6 +76,7 @@ def build_payload(setup: Setup, parts: list[list[ShardResult]], command: str, wa
         "command": command,
         "dataset": {"name": setup.dataset.name, "root": config.root, "split": config.split, "n_classes": len(setup.classnames),
                     "n_images_in_split": len(setup.dataset), "classnames": setup.classnames},
+        "inputs": setup.inputs,  # the image listing and class names this result is of (a rerun compares them)
         "method": config.label(),
         "features": config.method,
         "template": setup.record["template"],

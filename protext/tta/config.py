@@ -56,6 +56,18 @@ FLAGS: dict[str, str] = {
     "fp16": "--precision fp16",
 }
 
+# Upper bounds: far above every published setting, and beyond what can finish on any machine (the
+# views of a batch go through the image tower together). ``protext.evaluation.config`` repeats them
+# so its flags are refused without importing torch; a test keeps the two equal.
+MAX_VIEWS = 1024
+"""Views per image (published: 64)."""
+MAX_STEPS = 1000
+"""Adaptation steps per image (published: 1)."""
+MAX_BATCH = 1024
+"""Images adapted at once."""
+MAX_VIEWS_IN_FLIGHT = 16384
+"""``views x batch``: 16384 images of 224x224 are 9.9 GB of fp32 pixels before the first activation."""
+
 NATURAL_SHIFTS: frozenset[str] = frozenset({"imagenet_a", "imagenet_v2", "imagenet_r", "imagenet_sketch"})
 """ImageNet-A/-V2/-R/-Sketch: C-TPT's λ = 20 there, TDA's 64 AugMix views."""
 IMAGENET_FAMILY: frozenset[str] = NATURAL_SHIFTS | {"imagenet"}
@@ -172,12 +184,13 @@ class TTAConfig:
             )
 
     def _check_ranges(self) -> None:
-        if self.views is not None and self.views < 1:
-            raise TTAConfigError(f"--tta-views must be at least 1, got {self.views}.")
+        if self.views is not None and not 1 <= self.views <= MAX_VIEWS:
+            raise TTAConfigError(f"--tta-views must be between 1 and {MAX_VIEWS}, got {self.views}.")
+        # a comparison with NaN is false, so NaN fails the range checks below
         if self.selection is not None and not 0.0 < self.selection <= 1.0:
             raise TTAConfigError(f"--tta-selection must be in (0, 1], got {self.selection}.")
-        if self.steps is not None and self.steps < 0:
-            raise TTAConfigError(f"--tta-steps must be >= 0, got {self.steps}.")
+        if self.steps is not None and not 0 <= self.steps <= MAX_STEPS:
+            raise TTAConfigError(f"--tta-steps must be between 0 and {MAX_STEPS}, got {self.steps}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TTAConfigError(f"--tta-lr must be a positive number, got {self.lr}.")
         if self.tune not in TUNE:
@@ -190,8 +203,14 @@ class TTAConfig:
             raise TTAConfigError(f"--tda-beta must be a finite number > 0, got {self.tda_beta}.")
         if self.zero_votes not in ZERO_VOTES:
             raise TTAConfigError(f"--zero-votes must be one of {', '.join(ZERO_VOTES)}, got '{self.zero_votes}'.")
-        if self.batch < 1:
-            raise TTAConfigError(f"--tta-batch must be at least 1, got {self.batch}.")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise TTAConfigError(f"--tta-batch must be between 1 and {MAX_BATCH}, got {self.batch}.")
+        views = 64 if self.views is None else self.views  # the published count when unset
+        if views * self.batch > MAX_VIEWS_IN_FLIGHT:
+            raise TTAConfigError(
+                f"--tta-batch {self.batch} x --tta-views {views} = {views * self.batch} views at once, more than "
+                f"{MAX_VIEWS_IN_FLIGHT} (the image tower encodes them together); lower --tta-batch."
+            )
 
     def _check_fit(self) -> None:
         """Options that belong to another method are refused, not silently ignored."""
