@@ -46,7 +46,7 @@ class QuickstartConfig:
     precision: str = "auto"
     epochs: int = 10
     depth: Optional[int] = None
-    tta_views: int = 16
+    tta_views: int = 8
     llm_model: Optional[str] = None
     llm_base_url: Optional[str] = None
     seed: int = 0

@@ -12,9 +12,11 @@ equivalent command line of each stage is printed before it runs::
     python -m protext.quickstart --pretrained /data/ViT-B-16.pt
 
 With random weights the accuracies are chance-level: the run shows that every stage works, not
-what the prompts are worth. The adaptation methods use 16 views per image here (published: 64) and,
-on a CPU, a bfloat16 image tower, so that the example stays quick; ``--tta-views 64 --precision fp32``
-gives the published setting.
+what the prompts are worth. The adaptation methods use 8 views per image here (published: 64), so
+that the example stays under 2 minutes on a 2-core CPU; ``--tta-views 64 --precision fp32`` gives the
+published setting. ``--precision auto`` is the machine's choice (:func:`protext.hardware.auto_precision`):
+fp16 on CUDA, a bfloat16 image tower on a CPU that computes bf16 natively, fp32 on any other CPU.
+Rows share image encodings where their pixels are the same (exact), and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs, 1 of them warm-up [10]")
     parser.add_argument("--depth", type=int, default=None,
                         help="prompt depth [9, or 2 for the two-block tiny-clip]")
-    parser.add_argument("--tta-views", type=int, default=16,
-                        help="views per image for TPT, C-TPT, ZERO and MTA (published: 64) [16]")
+    parser.add_argument("--tta-views", type=int, default=8,
+                        help="views per image for TPT, C-TPT, ZERO and MTA: 1, or 5 and more (MTA's bandwidth needs "
+                        "other views); published: 64 [8]")
     parser.add_argument("--llm-model", default=None,
                         help="describe the classes with this LLM instead of the offline templates "
                         "(key from $OPENAI_API_KEY)")

@@ -163,3 +163,22 @@ def test_memo_keeps_precisions_apart(tiny_clip):
     assert memo.hits == 0 and memo.misses == 2
     assert not torch.equal(fp32, bf16)  # bf16 was really computed, not the fp32 features returned
     assert torch.equal(bf16, ImageEncoder(model, torch.bfloat16)(images))
+
+
+def test_every_result_records_the_cpu_capability(tmp_path, monkeypatch, tiny_clip):
+    from PIL import Image
+
+    from protext.evaluation import EvalConfig, evaluate
+
+    for name, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "imgs" / name / "a.png")
+    _cpu(monkeypatch, COOPER_LAKE)
+    config = EvalConfig(dataset="folder", root=str(tmp_path / "imgs"), model="tiny-clip", pretrained="random",
+                        device="cpu", precision="fp32", method="clip", workers=0, progress=False,
+                        out=str(tmp_path / "r.json"))
+    payload = evaluate(config, clip=tiny_clip, progress=False)
+    cap = payload["runtime"]["cpu_capability"]
+    assert cap["native_bf16"] is True and cap["native_bf16_flags"] == ["avx512_bf16"]
+    assert cap["torch_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert json.loads((tmp_path / "r.json").read_text())["runtime"]["cpu_capability"] == cap

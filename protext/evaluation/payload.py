@@ -9,6 +9,7 @@ from typing import Any, Optional
 from ..results import calibration_dict, compute_metrics, metrics_dict, predictions_table
 from . import adapters
 from .loop import STATE_EVERY, Setup, ShardResult, merged
+from ..hardware import cpu_capability
 from .runtime import device_name, versions
 
 #: metrics whose mean and spread over stream seeds are reported
@@ -87,7 +88,8 @@ def build_payload(setup: Setup, parts: list[list[ShardResult]], command: str, wa
         "streams": streams,
         "settings": {**asdict(config), "fingerprint": setup.fingerprint},
         "runtime": {"device": str(setup.runtime.device), "device_name": device_name(setup.runtime.device),
-                    "precision": setup.runtime.precision, "world_size": setup.ctx.world_size, "versions": versions()},
+                    "precision": setup.runtime.precision, "world_size": setup.ctx.world_size, "versions": versions(),
+                    "cpu_capability": cpu_capability()},
         "metrics": metrics_out,
         "calibration": calibration_dict(predictions),
         "timing": {"wall_seconds": wall_seconds, "eval_seconds": seconds, "seconds_per_image": seconds / n if n else 0.0,
