@@ -102,3 +102,38 @@ def test_bad_ensembles_refused(tiny_clip):
         ensemble_text_features(model, tok, NAMES, [])
     with pytest.raises(ZeroShotError, match="no '\\{\\}'"):
         ensemble_text_features(model, tok, NAMES, ["a photo of a {}.", "a photo."])
+
+
+def test_eval_method_ensemble80_uses_clips_80_templates(tmp_path, tiny_clip):
+    """``eval --method ensemble80``: class features are the normalised mean of the 80 normalised sentence
+    features (computed here one sentence at a time), and the result records the 80 templates."""
+    from PIL import Image
+
+    from protext.evaluation import EvalConfig, evaluate
+    from protext.evaluation.config import METHODS
+    from protext.evaluation.features import class_features
+
+    assert METHODS == ("clip", "cupl", "prompts", *TEMPLATE_ENSEMBLES)
+    names = ["golden_retriever", "tabby_cat"]
+    for name, colour in zip(names, ((200, 30, 30), (30, 30, 200))):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "imgs" / name / "a.png")
+    config = EvalConfig(dataset="folder", root=str(tmp_path / "imgs"), model="tiny-clip", pretrained="random",
+                        device="cpu", precision="fp32", method="ensemble80", workers=0, progress=False,
+                        out=str(tmp_path / "r.json"))
+    payload = evaluate(config, clip=tiny_clip, progress=False)
+    assert payload["template"]["templates"][:4] == list(CLIP80_HEAD) and len(payload["template"]["templates"]) == 80
+    assert payload["template"]["source"] == "--method ensemble80"
+
+    model, tok = tiny_clip.model, tiny_clip.tokenizer
+    with torch.no_grad():
+        want = []
+        for name in names:
+            spoken = name.replace("_", " ")
+            sentences = [t.format(spoken) for t in (*CLIP80_HEAD, *openai_imagenet_templates()[4:])]
+            per = torch.stack([F.normalize(model.encode_text(tok([s])).float(), dim=-1)[0] for s in sentences])
+            want.append(F.normalize(per.mean(0), dim=0))
+        got = class_features(config, tiny_clip, names, "unused {}", None)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+    seven = class_features(EvalConfig(dataset="folder", root=".", method="ensemble"), tiny_clip, names, "unused {}", None)
+    assert not torch.allclose(got, seven, atol=1e-4)  # the 80 are not the seven

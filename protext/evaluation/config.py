@@ -22,7 +22,7 @@ SPLITS = ("all", "base", "novel")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: how the class features are built: one template, CuPL descriptions, learned prompts, or the
 #: 7-template ensemble of ZERO+Ensemble (TTA.md §1.6)
-METHODS = ("clip", "cupl", "prompts", "ensemble")
+METHODS = ("clip", "cupl", "prompts", "ensemble", "ensemble80")
 #: must equal ``protext.templates.TEMPLATE_RULES`` (tested); repeated here so --help needs no import
 TEMPLATE_RULES = ("protext", "coop", "tpt")
 TTA_METHODS = ("tpt", "ctpt", "zero", "tda", "mta")

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..checkpoint import PromptCheckpoint, check_weights, class_encoder, load_coop, load_prompts
-from ..templates import template_for
+from ..templates import TEMPLATE_ENSEMBLES, template_for
 from .config import COOP_SUFFIXES, EvalConfig
 
 
@@ -107,11 +107,12 @@ def resolve_template(config: EvalConfig, dataset_name: str, checkpoint: Optional
     return TemplateChoice(template_for(dataset_name, rule), f"--templates {rule}", rule)
 
 
-def ensemble_templates() -> tuple[str, ...]:
-    """ZERO+Ensemble's seven templates (owned by :mod:`protext.tta.zero`)."""
-    from ..tta.zero import ENSEMBLE_TEMPLATES
+def ensemble_templates(method: str = "ensemble") -> tuple[str, ...]:
+    """The templates a ``--method`` ensemble averages: ``ensemble`` ZERO+Ensemble's seven, ``ensemble80``
+    CLIP's 80 ImageNet templates (:func:`protext.templates.ensemble_templates` owns both lists)."""
+    from ..templates import ensemble_templates as named
 
-    return tuple(ENSEMBLE_TEMPLATES)
+    return named(method)
 
 
 def prompt_encoder(config: EvalConfig, clip, classnames: Sequence[str], template: str, checkpoint: Optional[PromptCheckpoint]):
@@ -134,11 +135,12 @@ def class_features(config: EvalConfig, clip, classnames: Sequence[str], template
         return clip_text_features(model, tokenizer, classnames, template)
     if config.method == "cupl":
         return cupl_text_features(model, tokenizer, classnames, descriptions, source=config.descriptions)
-    if config.method == "ensemble":
+    if config.method in TEMPLATE_ENSEMBLES:
         from ..classlists import clean_classname
 
-        texts = {name: [t.format(clean_classname(name)) for t in ensemble_templates()] for name in classnames}
-        return cupl_text_features(model, tokenizer, classnames, texts, source="the ensemble templates")
+        templates = ensemble_templates(config.method)
+        texts = {name: [t.format(clean_classname(name)) for t in templates] for name in classnames}
+        return cupl_text_features(model, tokenizer, classnames, texts, source=f"the {config.method} templates")
     return prompt_text_features(prompt_encoder(config, clip, classnames, template, checkpoint))
 
 

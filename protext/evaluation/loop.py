@@ -20,6 +20,7 @@ import torch
 from ..distributed import DistContext, gather, init_distributed, shard
 from ..errors import UserError
 from ..results import Prediction, merge_predictions, predictions_from_logits
+from ..templates import TEMPLATE_ENSEMBLES
 from . import adapters, features
 from .config import ONLINE_METHODS, EvalConfig, EvalError
 from .data import Preprocess, SeededViews, batches, input_identity, open_dataset, progress_bar
@@ -138,8 +139,10 @@ def build_setup(config: EvalConfig, ctx: DistContext, clip, progress: bool) -> S
         setup.record["model"]["text_tower_fingerprint"] = weights.model
     setup.template = features.resolve_template(config, dataset.name, setup.checkpoint)
     setup.record["template"] = setup.template.record()
-    if config.method == "ensemble":
-        setup.record["template"] = {"templates": list(features.ensemble_templates()), "source": "--method ensemble", "rule": "zero-ensemble"}
+    if config.method in TEMPLATE_ENSEMBLES:
+        rule = {"ensemble": "zero-ensemble", "ensemble80": "clip-80"}[config.method]
+        setup.record["template"] = {"templates": list(features.ensemble_templates(config.method)),
+                                    "source": f"--method {config.method}", "rule": rule}
     return setup
 
 
