@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -11,6 +12,45 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # PROTEXT_SHARED lets a copy of the tree (mutmut runs the tests from mutants/) find the same data
 SHARED = Path(os.environ.get("PROTEXT_SHARED", REPO.parent / "shared"))
+
+# Every fixed limit on a wait in the suite (a subprocess's timeout, a wait for a run to reach a state)
+# is TEST_TIMEOUT. It is a safety net against a hung run, never a measure of speed, so it is generous:
+# a whole command on a loaded 2-core machine stays far below it. A slower machine raises it with
+# PROTEXT_TEST_TIMEOUT_SCALE (e.g. 3); nothing in a test may depend on how fast anything ran.
+TIMEOUT_SCALE = float(os.environ.get("PROTEXT_TEST_TIMEOUT_SCALE", "1"))
+TEST_TIMEOUT = 600.0 * TIMEOUT_SCALE
+
+# Floats are not bitwise equal across thread counts, process layouts (torchrun ranks against one
+# process) or CPUs: a reduction split another way (OpenMP threads, another SIMD width, another
+# batch composition) sums in another order and moves the last bits (seen: 1.2e-7 relative on a
+# confidence between 2 gloo ranks x 1 thread and 1 process x 2 threads on AVX2). Results compared
+# across such runs match floats within these tolerances, and everything else exactly. Runs in the
+# same layout with the same thread count are compared bit for bit wherever the product promises it.
+FLOAT_RTOL, FLOAT_ATOL = 1e-5, 1e-6
+
+
+def assert_same_results(got, want, *, rtol: float = FLOAT_RTOL, atol: float = FLOAT_ATOL, where: str = "result") -> None:
+    """``got`` equals ``want`` (parsed JSON): keys, list lengths and order, ints (labels, predictions,
+    top-k, image indices, counts), strings and bools exactly; any number where either side is a float
+    within ``rtol``/``atol`` (NaN only matches NaN). Fails naming the first difference's place."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (got, want))
+    if numbers and (isinstance(got, float) or isinstance(want, float)):
+        if math.isnan(want) or math.isnan(got):
+            assert math.isnan(want) and math.isnan(got), f"{where}: {got!r} != {want!r}"
+        else:
+            assert math.isclose(got, want, rel_tol=rtol, abs_tol=atol), f"{where}: {got!r} != {want!r} (rtol {rtol}, atol {atol})"
+        return
+    assert type(got) is type(want), f"{where}: {type(got).__name__} {got!r} != {type(want).__name__} {want!r}"
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), f"{where}: keys {sorted(got)} != {sorted(want)}"
+        for key in want:
+            assert_same_results(got[key], want[key], rtol=rtol, atol=atol, where=f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same_results(a, b, rtol=rtol, atol=atol, where=f"{where}[{i}]")
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
 
 
 @pytest.fixture(scope="session")

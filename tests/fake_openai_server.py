@@ -21,9 +21,12 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Optional
 
+from conftest import TEST_TIMEOUT
+
 FAULTS = ("429", "500", "hang", "malformed", "empty", "ok")
-"""Scripted faults: rate limit, server error, no answer within the client timeout, a 200 whose body is
-not JSON, a 200 with an empty ``choices`` list, and an explicit healthy answer."""
+"""Scripted faults: rate limit, server error, no answer at all (``hang``: the request is held until
+the server stops, so the client's timeout always fires, however long it is), a 200 whose body is not
+JSON, a 200 with an empty ``choices`` list, and an explicit healthy answer."""
 
 
 def _trait(prompt: str, index: int) -> str:
@@ -65,7 +68,6 @@ class FakeOpenAIServer:
         api_key: if set, requests must carry ``Authorization: Bearer <api_key>``; others get a 401
             whose message echoes the key they sent (as some servers do), to test redaction.
         delay: seconds to wait before each answer.
-        hang_seconds: how long a ``hang`` fault stalls (longer than the client timeout).
         ignore_n: answer one choice whatever ``n`` is (Ollama).
         refuse_n: 400 for ``n > 1`` (llama.cpp).
         reasoning: 400 for ``max_tokens`` and for a non-default ``temperature`` (OpenAI o-series).
@@ -81,7 +83,6 @@ class FakeOpenAIServer:
         *,
         api_key: Optional[str] = None,
         delay: float = 0.0,
-        hang_seconds: float = 2.0,
         ignore_n: bool = False,
         refuse_n: bool = False,
         reasoning: bool = False,
@@ -90,7 +91,6 @@ class FakeOpenAIServer:
     ) -> None:
         self.api_key = api_key
         self.delay = delay
-        self.hang_seconds = hang_seconds
         self.ignore_n = ignore_n
         self.refuse_n = refuse_n
         self.reasoning = reasoning
@@ -105,6 +105,7 @@ class FakeOpenAIServer:
         # until release(), so a test can stop a client at an exact point without any timing.
         self._hold_from: Optional[int] = None
         self._released = threading.Event()
+        self._stopping = threading.Event()  # set by stop(): ends every ``hang``
         self._held = threading.Semaphore(0)
         self.in_flight = 0
         self.max_in_flight = 0
@@ -128,6 +129,7 @@ class FakeOpenAIServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self.release()
         if self._httpd is not None:
             self._httpd.shutdown()
@@ -164,7 +166,7 @@ class FakeOpenAIServer:
             self._hold_from = None
         self._released.set()
 
-    def wait_held(self, timeout: float = 60.0) -> bool:
+    def wait_held(self, timeout: float = TEST_TIMEOUT) -> bool:
         """Block until one more request is being held; False if none arrives within ``timeout``."""
         return self._held.acquire(timeout=timeout)
 
@@ -235,8 +237,7 @@ class FakeOpenAIServer:
         elif fault == "500":
             self._send(handler, 500, {"error": {"message": "The server had an error", "type": "server_error"}}, {"retry-after-ms": "5"})
         elif fault == "hang":
-            time.sleep(self.hang_seconds)
-            self._send(handler, 500, {"error": {"message": "too late", "type": "server_error"}})
+            self._stopping.wait()  # never answer: the client times out, whatever its --timeout
         elif fault == "malformed":
             self._send_bytes(handler, 200, b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess')
         elif fault == "empty":

@@ -34,7 +34,6 @@ CoOp's do; CIFAR's meta names all classes).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +43,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-# PROTEXT_SHARED: the same override as conftest.py (copies of the tree find the same data)
-SHARED = Path(os.environ.get("PROTEXT_SHARED", REPO.parent / "shared"))
+from conftest import SHARED  # the one definition of where the shared data is ($PROTEXT_SHARED honoured)
 
 PARTITIONS = ("train", "val", "test")
 LAYOUTS = ("coop", "tpt")

@@ -23,7 +23,6 @@ from protext.descriptions import (
     repair_torn_tail,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def unit(name: str, *texts: str, prompt: str = "q", model: str = "m") -> list[Description]:
@@ -213,23 +212,23 @@ def test_match_classnames_basic_rules() -> None:
     assert match == ClassMatch(mapping={"car side": "Car_Side", "Face": "Face"}, missing=["dog"], unused=["face", "leopard"])
 
 
-def test_match_classnames_reports_real_cars_mismatch() -> None:
-    cupl = json.loads((SHARED / "cupl/original-keys/cars_prompts_full.json").read_text())
-    cars = json.loads((SHARED / "classnames/cars.json").read_text())
+def test_match_classnames_reports_real_cars_mismatch(shared_dir: Path) -> None:
+    cupl = json.loads((shared_dir / "cupl/original-keys/cars_prompts_full.json").read_text())
+    cars = json.loads((shared_dir / "classnames/cars.json").read_text())
     match = match_classnames(cupl, cars)
     assert match.mapping == {}
     assert len(match.missing) == 196 and match.missing == cars
     assert len(match.unused) == 196 and "Dodge Dakota Crew Cab 2010" in match.unused
     assert "2010 Dodge Dakota Crew Cab" in match.missing
     # The re-keyed release matches completely.
-    rekeyed = json.loads((SHARED / "cupl/cars_prompts_full.json").read_text())
+    rekeyed = json.loads((shared_dir / "cupl/cars_prompts_full.json").read_text())
     full = match_classnames(rekeyed, cars)
     assert full.missing == [] and full.unused == [] and len(full.mapping) == 196
 
 
-def test_match_classnames_reports_real_flowers_mismatch() -> None:
-    cupl = json.loads((SHARED / "cupl/original-keys/flower_prompts_full.json").read_text())
-    flowers = json.loads((SHARED / "classnames/flower102.json").read_text())
+def test_match_classnames_reports_real_flowers_mismatch(shared_dir: Path) -> None:
+    cupl = json.loads((shared_dir / "cupl/original-keys/flower_prompts_full.json").read_text())
+    flowers = json.loads((shared_dir / "classnames/flower102.json").read_text())
     match = match_classnames(cupl, flowers)
     assert len(match.mapping) == 99
     assert sorted(match.missing) == ["ball moss", "globe-flower", "pink-yellow dahlia"]
@@ -239,8 +238,8 @@ def test_match_classnames_reports_real_flowers_mismatch() -> None:
 # -- CuPL import -------------------------------------------------------------------------------------
 
 
-def test_import_texture_file(tmp_path: Path) -> None:
-    src = SHARED / "cupl/texture_prompts_full.json"
+def test_import_texture_file(tmp_path: Path, shared_dir: Path) -> None:
+    src = shared_dir / "cupl/texture_prompts_full.json"
     raw = json.loads(src.read_text())
     every = {k: [d.strip() for d in v] for k, v in raw.items()}  # the file has no blank descriptions
     out = tmp_path / "llm_data" / "dtd_cupl.jsonl"
@@ -331,8 +330,8 @@ def test_unstamped_lines_are_each_a_sample(tmp_path: Path) -> None:
     [("texture_prompts_full.json", 2820, 75), ("imagenet_prompts_base.json", 29940, 1740),
      ("cars_prompts_full.json", 17640, 894), ("eurosat_prompts_full.json", 250, 0)],
 )
-def test_import_keeps_every_cupl_description(tmp_path: Path, name: str, samples: int, repeats: int) -> None:
-    src = SHARED / "cupl" / name
+def test_import_keeps_every_cupl_description(tmp_path: Path, shared_dir: Path, name: str, samples: int, repeats: int) -> None:
+    src = shared_dir / "cupl" / name
     out = tmp_path / "d.jsonl"
     summary = dmod_import(src, out)
     assert (summary.descriptions, summary.repeats) == (samples, repeats)

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, SHARED
 from protext.descriptions import DescriptionFileMissing, ReleaseKeyError, read_descriptions, read_release, release_descriptions
 from protext.descriptions.cupl import release_dataset
 from protext.gen_descriptions import main
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 ORIGINAL = SHARED / "cupl" / "original-keys"
 MAP = REPO / "protext" / "descriptions" / "cupl_key_map.json"
 # dataset -> (release file, class list in ../shared/classnames)

@@ -21,6 +21,7 @@ from protext.descriptions.cache import encode_unit
 from protext.gen_descriptions import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import TEST_TIMEOUT  # noqa: E402
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +33,11 @@ SEED = 20261125
 
 
 def args(server: FakeOpenAIServer, classes: Path, out: Path) -> list[str]:
-    # One request at a time, so units land in plan order and the file is comparable byte for byte.
+    # One request at a time, so units land in plan order and the file is comparable byte for byte;
+    # a client timeout no answer comes near on a loaded machine (a timeout would change nothing
+    # written, but the run must not depend on one).
     return ["--classes", str(classes), "--out", str(out), "--base-url", server.url, "--model", "fake-model",
-            "--n-per-query", "5", "--seed", "0", "--concurrency", "1", "--timeout", "60", "--no-progress"]
+            "--n-per-query", "5", "--seed", "0", "--concurrency", "1", "--timeout", str(TEST_TIMEOUT), "--no-progress"]
 
 
 def processes_in_group(pgid: int) -> list[int]:
@@ -74,10 +77,11 @@ def test_random_sigkills_then_rerun_equal_an_uninterrupted_run(tmp_path: Path, m
                                     cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     start_new_session=True)
             try:
-                if not server.wait_held(timeout=120):
-                    raise AssertionError(f"the run never reached unit {k}: {proc.communicate(timeout=10)[1]!r}")
+                if not server.wait_held(timeout=TEST_TIMEOUT):
+                    proc.kill()
+                    raise AssertionError(f"the run never reached unit {k}: {proc.communicate()[1]!r}")
                 os.kill(proc.pid, signal.SIGKILL)  # the process itself, not a wrapper
-                assert proc.wait(timeout=30) == -signal.SIGKILL
+                assert proc.wait(timeout=TEST_TIMEOUT) == -signal.SIGKILL
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -116,7 +120,7 @@ def test_import_overwrite_refuses_while_a_generation_runs(tmp_path: Path, monkey
         proc = subprocess.Popen([sys.executable, "-m", "protext.gen_descriptions", *args(server, classes, out)],
                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            assert server.wait_held(timeout=120)
+            assert server.wait_held(timeout=TEST_TIMEOUT)
             before = out.read_bytes()
             assert main(["import", str(src), "--out", str(out), "--overwrite"]) == 2
             err = capsys.readouterr().err

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import TEST_TIMEOUT, assert_same_results
 from protext.checkpoint import save_prompts
 from protext.eval import main
 from protext.models import load_clip
@@ -338,20 +339,62 @@ def test_device_precision_workers_progress_and_selection_flags(folder, tmp_path,
 
 
 def test_two_process_torchrun_equals_one_process(folder, tmp_path):
-    """Sharded over 2 gloo ranks: the same per-image predictions and totals as one process."""
-    args = ["--dataset", "folder", "--root", str(folder), "--tpt", "--tpt-views", "8", "--seed", "3", *TINY]
+    """Sharded over 2 gloo ranks: the same per-image predictions and totals as one process.
+
+    Image order, labels, predictions, top-k and counts must be equal; logits, confidences, accuracies
+    and ECE within conftest's FLOAT_RTOL/FLOAT_ATOL, since one thread per rank and two threads in one
+    process sum in another order (their last bits differ on AVX2 machines)."""
+    args = ["--dataset", "folder", "--root", str(folder), "--tpt", "--tpt-views", "8", "--seed", "3", "--save-logits", *TINY]
     single = tmp_path / "one.json"
     assert main([*args, "--out", str(single)]) == 0
     sharded = tmp_path / "two.json"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = run_group([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "protext.eval", *args, "--out", str(sharded)], env, 180)
+    proc = run_group([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "protext.eval", *args, "--out", str(sharded)], env, TEST_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = json.loads(single.read_text()), json.loads(sharded.read_text())
     assert two["runtime"]["world_size"] == 2 and one["runtime"]["world_size"] == 1
-    assert two["predictions"] == one["predictions"]
-    assert two["metrics"] == one["metrics"] and two["metrics"]["n_images"] == 9
+    assert two["predictions"]["index"] == one["predictions"]["index"] == list(range(9))
+    assert len(two["predictions"]["logits"]) == 9
+    assert_same_results(two["predictions"], one["predictions"], where="predictions")
+    assert_same_results(two["metrics"], one["metrics"], where="metrics")
+    assert two["metrics"]["n_images"] == 9
     assert proc.stdout.count("| folder |") == 1  # only rank 0 prints the table
+
+
+def test_cross_layout_comparison_is_exact_but_for_floats(folder, tmp_path):
+    """The comparison above lets floats differ in their last bits and nothing else: a changed label,
+    prediction, image order or count fails it, and so does a float off by more than the tolerance."""
+    import copy
+
+    result = run_cli(["--dataset", "folder", "--root", str(folder), "--limit", "4", "--save-logits"], tmp_path / "r.json")
+    payload = {"predictions": result["predictions"], "metrics": result["metrics"]}
+    noisy = copy.deepcopy(payload)
+    noisy["predictions"]["confidence"][0] *= 1 + 2e-7  # what another thread count does
+    noisy["predictions"]["logits"][1][2] += 1e-7
+    noisy["metrics"]["ece"] *= 1 + 1e-7
+    assert_same_results(noisy, payload)
+
+    def changed(edit) -> dict:
+        other = copy.deepcopy(noisy)
+        edit(other)
+        return other
+
+    wrong = {
+        "label": changed(lambda p: p["predictions"]["label"].__setitem__(0, p["predictions"]["label"][0] + 1)),
+        "top-k": changed(lambda p: p["predictions"]["topk"][1].reverse()),
+        "order": changed(lambda p: p["predictions"]["index"].reverse()),
+        "count": changed(lambda p: p["metrics"].__setitem__("n_images", 5)),
+        "image dropped": changed(lambda p: p["predictions"]["confidence"].pop()),
+        "confidence": changed(lambda p: p["predictions"]["confidence"].__setitem__(2, p["predictions"]["confidence"][2] * (1 + 1e-4))),
+        "logit": changed(lambda p: p["predictions"]["logits"][0].__setitem__(0, p["predictions"]["logits"][0][0] + 1e-3)),
+        "key": changed(lambda p: p["metrics"].pop("top5")),
+    }
+    for name, other in wrong.items():
+        with pytest.raises(AssertionError):
+            assert_same_results(other, payload)
+        with pytest.raises(AssertionError):
+            assert_same_results(payload, other)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,7 +433,7 @@ def test_unreadable_image_from_a_worker_process(folder, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "protext.eval", "--dataset", "folder", "--root", str(root), "--model", "tiny-clip",
          "--pretrained", "random", "--workers", "2", "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "x.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=TEST_TIMEOUT,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -433,7 +476,7 @@ def test_help_imports_no_torch():
         "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m.startswith('open_clip')))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=TEST_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     for flag in ["--tta", "--templates", "--classes", "--overwrite", "--stream-seeds", "--allow-other-weights", "--tta-batch"]:

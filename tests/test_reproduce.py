@@ -22,10 +22,11 @@ from protext.errors import UserError
 from protext.protocols import get_protocol
 from protext.reproduction import STOP_AFTER_ENV, Cell, ReproduceConfig, plan_cells, render_markdown, reproduce
 
+from conftest import SHARED, TEST_TIMEOUT
 from synthetic_datasets import make_tree
 
 REPO = Path(__file__).resolve().parents[1]
-CUPL = REPO.parent / "shared" / "cupl"
+CUPL = SHARED / "cupl"
 IMAGENET_FAMILY = ["imagenet", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch"]
 
 
@@ -409,7 +410,7 @@ def test_sigkill_mid_table_then_rerun_recomputes_nothing(e2e_roots, small_cupl, 
     command = [sys.executable, "-m", "protext.reproduce", table, "--root", str(e2e_roots[table]), "--out", str(out),
                "--descriptions", str(small_cupl), *TINY]
     env = {**os.environ, "PYTHONPATH": str(REPO), STOP_AFTER_ENV: "5"}
-    killed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     cells = sorted((out / table / "cells").iterdir())
     assert [c.name for c in cells][-1] == "protext__dtd__all.json" and len(cells) == 5 and not final.exists()
@@ -417,7 +418,7 @@ def test_sigkill_mid_table_then_rerun_recomputes_nothing(e2e_roots, small_cupl, 
     assert len(kept) == 6
 
     del env[STOP_AFTER_ENV]
-    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT)
     assert rerun.returncode == 0, rerun.stderr
     said = rerun.stdout + rerun.stderr
     assert "1 cells computed, 5 reused" in said

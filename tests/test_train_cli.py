@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import protext
+from conftest import TEST_TIMEOUT
 from protext.checkpoint import load_prompts
 from protext.descriptions import import_cupl
 from protext.export import main as export_main
@@ -316,12 +316,15 @@ def _prompts(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, dtd_jsonl):
-    """An uninterrupted run (its own process, like the killed ones)."""
-    out = tmp_path_factory.mktemp("ref") / "ref.safetensors"
+    """An uninterrupted run (its own process, like the killed ones), through FAULTS' event counter
+    (which then never fires): returns its argv, its checkpoint and how many events it passed."""
+    folder = tmp_path_factory.mktemp("ref")
+    out, count = folder / "ref.safetensors", folder / "events"
     argv = cli(dtd_jsonl, out, "--epochs", "12", "--warmup-epochs", "2", "--lr", "0.01")
-    done = subprocess.run([sys.executable, "-m", "protext.train", *argv], env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", FAULTS, *argv], env={**_env(), "PROTEXT_FAULT_AT": "0", "PROTEXT_FAULT_COUNT": str(count)},
+                          capture_output=True, text=True, timeout=TEST_TIMEOUT)
     assert done.returncode == 0, done.stderr
-    return argv, out
+    return argv, out, int(count.read_text())
 
 
 def _same_run_elsewhere(argv: list[str], out: Path) -> list[str]:
@@ -331,11 +334,12 @@ def _same_run_elsewhere(argv: list[str], out: Path) -> list[str]:
 
 
 def test_killed_after_an_epoch_and_resumed_equals_uninterrupted(tmp_path, reference_run, capsys):
-    ref_argv, ref_out = reference_run
+    ref_argv, ref_out, _ = reference_run
     out = tmp_path / "run.safetensors"
     argv = _same_run_elsewhere(ref_argv, out)
     killed = subprocess.run(
-        [sys.executable, "-c", KILLER, *argv], env={**_env(), "PROTEXT_TEST_KILL_AFTER": "3"}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", KILLER, *argv], env={**_env(), "PROTEXT_TEST_KILL_AFTER": "3"}, capture_output=True, text=True,
+        timeout=TEST_TIMEOUT,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert load_resume_state(tmp_path / "run.resume.pt")["epoch"] == 3
@@ -353,18 +357,32 @@ def test_killed_after_an_epoch_and_resumed_equals_uninterrupted(tmp_path, refere
 
 
 def test_killed_at_a_random_moment_and_resumed_equals_uninterrupted(tmp_path, reference_run, capsys):
-    ref_argv, ref_out = reference_run
+    """SIGKILL from outside at a seeded random event of the middle half of the run (a training step,
+    or just before or after an atomic rename inside a save): the run stops there by itself and says
+    so on stdout, so where the kill lands depends on the seed, never on how fast the machine is."""
+    import random
+
+    ref_argv, ref_out, total = reference_run
     out = tmp_path / "run.safetensors"
     argv = _same_run_elsewhere(ref_argv, out)
-    proc = subprocess.Popen([sys.executable, "-m", "protext.train", *argv], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "run.resume.pt"
-    deadline = time.monotonic() + 120
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    time.sleep(0.05)  # land somewhere inside a later epoch (or a save)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run finished before it could be killed"
-    done = load_resume_state(state)["epoch"]
+    pause_at = random.Random(20240612).randint(total // 4, 3 * total // 4)
+    env = {**_env(), "PROTEXT_FAULT_AT": str(pause_at), "PROTEXT_FAULT_PAUSE": "1", "PROTEXT_FAULT_COUNT": str(tmp_path / "events")}
+    proc = subprocess.Popen([sys.executable, "-c", FAULTS, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        said = []
+        line = proc.stdout.readline()
+        while line and line.rstrip("\n") != PAUSED:  # "" is the end of its stdout: the run ended
+            said.append(line)
+            line = proc.stdout.readline()
+        assert line, f"the run ended before event {pause_at} of {total}: {said}"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=TEST_TIMEOUT) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    done = load_resume_state(tmp_path / "run.resume.pt")["epoch"]
     assert 1 <= done < 12
 
     code, err = run(capsys, argv + ["--resume"])
@@ -392,7 +410,7 @@ def test_help_imports_no_torch():
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'open_clip', 'matplotlib') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=TEST_TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert "--descriptions" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
 
@@ -544,16 +562,21 @@ def test_ctrl_c_while_encoding_targets_says_how_to_resume(tmp_path, small_jsonl,
 
 # -------------------------------------------------------------------------------------------------- fault injection
 
+PAUSED = "protext-test: paused at the chosen event"
 FAULTS = """
-import atexit, os, signal, sys
+import atexit, os, signal, sys, threading
 import protext.training as training
 
 kill_at = int(os.environ["PROTEXT_FAULT_AT"])
+pause = os.environ.get("PROTEXT_FAULT_PAUSE") == "1"
 events = [0]
 
 def tick():
     events[0] += 1
     if events[0] == kill_at:
+        if pause:  # stop here, say so, and wait for the test's SIGKILL from outside
+            print(PAUSED, flush=True)
+            threading.Event().wait()
         os.kill(os.getpid(), signal.SIGKILL)
 
 # kill points: every training step, and just before and just after every atomic rename
@@ -570,7 +593,7 @@ os.replace, training.fast_batch_loss = replace, loss
 atexit.register(lambda: open(os.environ["PROTEXT_FAULT_COUNT"], "w").write(str(events[0])))
 from protext.train import main
 sys.exit(main(sys.argv[1:]))
-"""
+""".replace("PAUSED", repr(PAUSED))
 
 
 def _living_with(token: str) -> list[int]:
@@ -599,7 +622,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, small_j
         count = tmp_path / "events"
         done = subprocess.run(
             [sys.executable, "-c", FAULTS, *argv], env={**env, "PROTEXT_FAULT_AT": str(kill_at), "PROTEXT_FAULT_COUNT": str(count)},
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=TEST_TIMEOUT,
         )
         events = int(count.read_text()) if done.returncode == 0 else -1
         count.unlink(missing_ok=True)
