@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 import numpy as np
+from conftest import TEST_TIMEOUT
 import pytest
 from PIL import Image
 
@@ -398,7 +399,7 @@ def test_bad_flags_are_one_line_before_torch(images, tmp_path):
     # --dataset given twice: argparse keeps the last, so the bad-name case overrides 'folder'
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases), str(images), str(tmp_path / "r.json")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TEST_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     for (args, named), (code, err, torch_loaded) in zip(_BAD_FLAGS, json.loads(proc.stdout)):
         lines = [line for line in err.splitlines() if line.strip()]

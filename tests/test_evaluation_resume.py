@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import protext.evaluation.loop as loop
+from conftest import TEST_TIMEOUT, assert_same_results
 from protext.checkpoint import save_prompts
 from protext.eval import main
 from protext.evaluation import EvalConfig, evaluate
@@ -277,7 +278,7 @@ def _records(folder: Path, pattern: str) -> int:
     return sum(max(0, len(p.read_bytes().split(b"\n")) - 2) for p in folder.glob(pattern))
 
 
-def _wait_for_records(proc: subprocess.Popen, folder: Path, pattern: str, at_least: int, timeout: float = 120) -> bool:
+def _wait_for_records(proc: subprocess.Popen, folder: Path, pattern: str, at_least: int, timeout: float = TEST_TIMEOUT) -> bool:
     """Poll until the logs matching ``pattern`` hold ``at_least`` image records; False if the process ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -310,7 +311,7 @@ def test_sigint_during_eval_one_line_exit_130_log_kept(many, tmp_path):
     try:
         assert _wait_for_records(proc, tmp_path, "r.json.resume-*.jsonl", 2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=TEST_TIMEOUT)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -328,7 +329,7 @@ def test_sigint_during_eval_one_line_exit_130_log_kept(many, tmp_path):
 def test_sigkill_at_random_points_then_rerun_gives_identical_results(many, tmp_path):
     args = ["--dataset", "folder", "--root", str(many), "--tta", "tpt", "--tta-views", "8", "--save-logits", *TINY]
     ref_out = tmp_path / "ref" / "r.json"
-    assert _start([*args, "--out", str(ref_out)]).wait(timeout=300) == 0
+    assert _start([*args, "--out", str(ref_out)]).wait(timeout=TEST_TIMEOUT) == 0
     rng = random.Random(1234)
     out = tmp_path / "run" / "r.json"
     kills = 0
@@ -344,14 +345,14 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_results(many, tmp_p
             if reached and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 kills += 1
-            proc.wait(timeout=60)
+            proc.wait(timeout=TEST_TIMEOUT)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         assert _group_gone(proc.pid)
     assert kills >= 3, points
     final = _start([*args, "--out", str(out)])  # also when a kill came after the results were written
-    assert final.wait(timeout=300) == 0, final.stderr.read()
+    assert final.wait(timeout=TEST_TIMEOUT) == 0, final.stderr.read()
     assert _stable(json.loads(out.read_text())) == _stable(json.loads(ref_out.read_text()))
     assert leftovers(out.parent) == []
 
@@ -388,12 +389,12 @@ def test_ranks_exit_when_the_torchrun_agent_is_killed(many, tmp_path):
            "--tta", "tpt", "--tta-views", "32", "--tta-steps", "30", "--out", str(out), *TINY]
     agent = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert _wait_for_records(agent, tmp_path, "r.json.resume-*.rank*.jsonl", 2, timeout=180)
+        assert _wait_for_records(agent, tmp_path, "r.json.resume-*.rank*.jsonl", 2, timeout=TEST_TIMEOUT)
         ranks = _children(agent.pid)
         assert len(ranks) == 2
         agent.send_signal(signal.SIGKILL)  # the agent alone: it cannot tell its workers
-        agent.wait(timeout=30)
-        deadline = time.monotonic() + 60
+        agent.wait(timeout=TEST_TIMEOUT)
+        deadline = time.monotonic() + TEST_TIMEOUT  # the watchdog polls every second; load only delays it
         while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(_alive(r) for r in ranks), "ranks outlived their torchrun agent"
@@ -410,7 +411,7 @@ def test_sigkill_under_torchrun_then_rerun_gives_identical_results(many, tmp_pat
     equals one uninterrupted process's."""
     args = ["--dataset", "folder", "--root", str(many), "--tta", "tpt", "--tta-views", "8", "--tta-steps", "3", "--save-logits", *TINY]
     ref_out = tmp_path / "ref" / "r.json"
-    assert _start([*args, "--out", str(ref_out)]).wait(timeout=300) == 0
+    assert _start([*args, "--out", str(ref_out)]).wait(timeout=TEST_TIMEOUT) == 0
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = tmp_path / "run" / "r.json"
@@ -422,28 +423,31 @@ def test_sigkill_under_torchrun_then_rerun_gives_identical_results(many, tmp_pat
         k = rng.randrange(1, max(2, 24 - before - 2))
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            if _wait_for_records(proc, out.parent, "r.json.resume-*.rank*.jsonl", before + k, timeout=180) and proc.poll() is None:
+            if _wait_for_records(proc, out.parent, "r.json.resume-*.rank*.jsonl", before + k, timeout=TEST_TIMEOUT) and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 kills += 1
-            proc.wait(timeout=60)
+            proc.wait(timeout=TEST_TIMEOUT)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + TEST_TIMEOUT
         while not _group_gone(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _group_gone(proc.pid)
     assert kills == 2 and not out.exists()
     final = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _, err = final.communicate(timeout=300)
+        _, err = final.communicate(timeout=TEST_TIMEOUT)
     finally:
         if final.poll() is None:
             os.killpg(final.pid, signal.SIGKILL)
     assert final.returncode == 0, err[-2000:]
     two, one = json.loads(out.read_text()), json.loads(ref_out.read_text())
     assert two["runtime"]["world_size"] == 2
-    assert {k: v for k, v in _stable(two).items() if k != "runtime"} == {k: v for k, v in _stable(one).items() if k != "runtime"}
+    # two ranks against one process: another process layout, so floats within the suite's tolerance,
+    # everything exact (labels, order, top-k, counts) exactly
+    assert_same_results({k: v for k, v in _stable(two).items() if k != "runtime"},
+                        {k: v for k, v in _stable(one).items() if k != "runtime"})
     assert leftovers(out.parent) == []
 
 

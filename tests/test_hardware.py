@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from conftest import TEST_TIMEOUT
 from protext import hardware
 
 AVX2_ONLY = frozenset({"fpu", "sse2", "avx", "avx2", "fma", "avx512f"})  # avx512f alone is not bf16
@@ -85,7 +86,7 @@ def test_hardware_needs_no_torch():
     code = ("import sys; from protext import hardware; hardware.auto_precision('cpu'); "
             "c = hardware.cpu_capability(); assert c['torch_kernels'] is None, c; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=TEST_TIMEOUT)
 
 
 @pytest.mark.parametrize("flags, expected", [(AVX2_ONLY, "fp32"), (SAPPHIRE_RAPIDS, "bf16")])
