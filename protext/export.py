@@ -33,10 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _body(args: argparse.Namespace) -> int:
-    from .checkpoint import export_coop, load_prompts
+    from pathlib import Path
+
+    from .errors import UserError
     from .preflight import check_output_file
 
     out = check_output_file(args.output, "output", [("checkpoint", args.checkpoint)])
+    if not Path(args.checkpoint).is_file():  # found before torch is imported (the checkpoint module needs it)
+        raise UserError(f"{args.checkpoint}: no such prompt checkpoint.")
+    from .checkpoint import export_coop, load_prompts
+
     ckpt = load_prompts(args.checkpoint)
     export_coop(ckpt, out)
     if ckpt.depth > 1:

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampling seed for servers that support it (sample i of a single-choice fallback uses seed+i) "
         "[none sent]")
     add("--concurrency", type=int, default=d.concurrency, metavar="N", help="requests in flight at most [%(default)s]")
-    add("--timeout", type=float, default=d.timeout, metavar="SEC", help="per-request timeout [%(default)s]")
+    add("--timeout", type=float, default=d.timeout, metavar="SEC",
+        help="per-request timeout; a server that accepts connections but lets a few requests in a row time out "
+        "(after their retries) with no answer stops the run with an error naming the URL [%(default)s]")
     add("--max-retries", type=int, default=d.max_retries, metavar="N",
         help="client retries with backoff on 429, 5xx and timeouts (a server that cannot be "
         "connected to at all stops the run at once) [%(default)s]")
@@ -188,6 +190,9 @@ def _main_generate(argv: list[str]) -> int:
         return EXIT_USAGE
     print(report.summary())
     if report.fatal:
+        # The summary (stdout) says what was kept; the reason the run stopped is also the one
+        # error line on stderr, where scripts and people look for it.
+        print(f"error: {report.fatal}", file=sys.stderr)
         return EXIT_USAGE
     return 1 if report.failed else 0
 

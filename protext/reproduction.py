@@ -532,13 +532,30 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
     return TableRun(table, json_path, md_path, state.computed, state.reused)
 
 
+#: upper bounds only a typo exceeds: ``--workers 1000000`` would fork a million DataLoader processes
+MAX_WORKERS = 256
+MAX_BATCH_SIZE = 1_000_000
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+
+
 def _validate(config: ReproduceConfig) -> None:
+    """The flags and the output folder, before any file is read or torch imported."""
     caps = (("--limit", config.limit), ("--epochs", config.epochs), ("--tta-views", config.tta_views), ("--depth", config.depth))
     for flag, value in caps:
         if value is not None and value < 1:
             raise ReproduceError(f"{flag} must be at least 1, got {value}.")
+    if not 0 <= config.workers <= MAX_WORKERS:
+        raise ReproduceError(f"--workers must be between 0 and {MAX_WORKERS} (DataLoader processes), got {config.workers}.")
+    if not 1 <= config.batch_size <= MAX_BATCH_SIZE:
+        raise ReproduceError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {config.batch_size}.")
+    if not SEED_RANGE[0] <= config.seed <= SEED_RANGE[1]:
+        raise ReproduceError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {config.seed}.")
     if not Path(config.root).is_dir():
         raise ReproduceError(f"--root {config.root}: no such folder (the folder holding the datasets).")
+    from .preflight import check_output_dir
+
+    # --out itself, not only OUT/TABLE: a file there, or a read-only place, is named as the user gave it
+    check_output_dir(config.out or "reproduction", "--out")
 
 
 class _RunState:

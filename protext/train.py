@@ -12,12 +12,14 @@ uninterrupted run would.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import run_command
+from .errors import UserError, run_command
 from .presets import DEFAULT_PRESET, PRESETS
 
 EXIT_NAN = 3
@@ -142,7 +144,70 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     _say(f"warning: {message}")
 
 
+#: upper bounds that only a typo exceeds; each would otherwise start a run that never ends or
+#: cannot fit (CLIP's text context is 77 tokens: start, end and at least one class-name token)
+MAX_EPOCHS = 100_000
+MAX_N_CTX = 74
+MAX_BATCH = 10_000_000
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+
+
+class TrainFlagError(UserError):
+    """A flag value no training run can use; found before torch is imported."""
+
+
+def out_path(args: argparse.Namespace) -> Path:
+    """The checkpoint path the flags name (the default as :meth:`protext.training.TrainJob.out_path`)."""
+    return Path(args.out) if args.out else Path("checkpoints") / f"{Path(args.descriptions).stem}.safetensors"
+
+
+def preflight(args: argparse.Namespace) -> Path:
+    """Every check of the flags and input files that needs no model, before torch is imported.
+
+    Returns the checkpoint path. The library repeats what it needs (for callers that skip the
+    command line); what needs the model (``--depth`` against its tower, ``--device``) waits for it.
+    """
+    from .preflight import check_output_dir, check_output_file
+    from .presets import resolve
+
+    if args.resume and args.overwrite:
+        raise TrainFlagError("--resume and --overwrite contradict each other; pick one.")
+    keys = ("n_ctx", "depth", "ctx_init", "lr", "epochs", "warmup_epochs", "batch_size", "loss", "loss_weight")
+    settings = resolve(args.preset, {**{k: getattr(args, k) for k in keys if getattr(args, k) is not None},
+                                     "split": args.split})
+    for flag, value in (("--lr", settings.lr), ("--loss-weight", settings.loss_weight)):
+        if value is not None and not math.isfinite(value):
+            raise TrainFlagError(f"{flag} must be a finite number, got {value}.")
+    for flag, value, high in (("--epochs", settings.epochs, MAX_EPOCHS), ("--warmup-epochs", settings.warmup_epochs, MAX_EPOCHS),
+                              ("--n-ctx", settings.n_ctx, MAX_N_CTX), ("--batch-size", settings.batch_size, MAX_BATCH)):
+        if value > high:
+            raise TrainFlagError(f"{flag} must be at most {high}, got {value}.")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise TrainFlagError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {args.seed}.")
+    descriptions = Path(args.descriptions)
+    if not descriptions.is_file():
+        raise TrainFlagError(f"--descriptions {descriptions}: no such file.")
+    if args.classes and str(args.classes).lower() != "imagenet" and not Path(args.classes).is_file():
+        raise TrainFlagError(f"--classes {args.classes}: no such file.")
+    out = out_path(args)
+    inputs = [("--descriptions", args.descriptions), ("--classes", args.classes)]
+    check_output_file(out, "--out", inputs, suffix=".safetensors")
+    if args.cache_dir and not args.no_cache:
+        check_output_dir(args.cache_dir, "--cache-dir")
+    return out
+
+
 def _body(args: argparse.Namespace) -> int:
+    from .locks import output_lock
+
+    out = preflight(args)
+    # Held from here, before torch is imported, to the end: a second run on this --out stops at
+    # once (run_training takes the same lock again, reentrantly, for library callers).
+    with output_lock(out, flag="--out", writer="training run"):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from .training import run_training
 
     if args.naive:

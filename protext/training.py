@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from . import __version__
 from .atomic import atomic_write, clean_stale_temps
 from .checkpoint import save_prompts
 from .errors import UserError
+from .locks import OutputLockError, output_lock
 from .models import text_fingerprint
 from .presets import Settings, resolve
 from .prompts import DEFAULT_CTX_INIT, PromptedTextEncoder
@@ -73,6 +74,10 @@ class ResumeStateError(UserError, ValueError):
 
 class TrainJobError(UserError):
     """A training job that cannot run as asked (output paths, device, classes); names the flag."""
+
+
+#: another training run is writing the same ``--out`` (its lock file is held)
+TrainLockError = OutputLockError
 
 
 @dataclass
@@ -614,6 +619,19 @@ def side_paths(out: Path) -> dict[str, Path]:
     }
 
 
+def run_lock(out: str | os.PathLike) -> ContextManager[None]:
+    """Hold the exclusive writer lock of the training run writing ``out``, for the whole run.
+
+    A second run on the same ``--out`` fails at once with :class:`TrainLockError` (naming the lock
+    file, ``NAME.lock`` beside ``out``) instead of both writing the checkpoint and its resume state.
+    Not a lock on the checkpoint itself: that is replaced by a rename after every epoch. The lock is
+    ``flock`` (:func:`protext.locks.output_lock`), which the kernel releases when a run dies, even by
+    SIGKILL, so a killed run never blocks the next one. Reentrant: ``python -m protext.train`` takes
+    it before importing torch and :func:`run_training` takes it again for library callers.
+    """
+    return output_lock(out, flag="--out", writer="training run")
+
+
 @dataclass
 class ClassSelection:
     """Descriptions keyed by the class names the prompts will use, and what was left out."""
@@ -658,20 +676,30 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_outputs(job: TrainJob, paths: Mapping[str, Path]) -> bool:
-    """Pre-flight of every output; return whether the run resumes. Nothing is created."""
+def check_output_paths(job: TrainJob, paths: Mapping[str, Path]) -> None:
+    """Every output path can be written and replaces no input; nothing is created. Needs no torch."""
     from .preflight import check_output_dir, check_output_file
     from .targets import default_cache_dir
 
     if job.resume and job.overwrite:
         raise TrainJobError("--resume and --overwrite contradict each other; pick one.")
-    out, state = paths["checkpoint"], paths["state"]
     inputs = [("--descriptions", job.descriptions), ("--classes", job.classes)]
-    check_output_file(out, "--out", inputs, suffix=".safetensors")
+    check_output_file(paths["checkpoint"], "--out", inputs, suffix=".safetensors")
     for name in ("history", "plot", "state"):
         check_output_file(paths[name], f"--out (its {name} file)", inputs)
     if job.use_cache:
-        clean_stale_temps(check_output_dir(job.cache_dir or default_cache_dir(), "--cache-dir"))
+        check_output_dir(job.cache_dir or default_cache_dir(), "--cache-dir")
+
+
+def _check_outputs(job: TrainJob, paths: Mapping[str, Path]) -> bool:
+    """Pre-flight of every output; return whether the run resumes. Run under :func:`run_lock`, so
+    what it finds on disk cannot change before the run writes."""
+    from .targets import default_cache_dir
+
+    check_output_paths(job, paths)
+    out, state = paths["checkpoint"], paths["state"]
+    if job.use_cache:
+        clean_stale_temps(job.cache_dir or default_cache_dir())
     clean_stale_temps(out.parent)
     resuming = job.resume and state.is_file()
     if job.overwrite or resuming:
@@ -685,6 +713,63 @@ def _check_outputs(job: TrainJob, paths: Mapping[str, Path]) -> bool:
     if state.is_file():
         raise TrainJobError(f"--out {out}: {state} holds an interrupted run; pass --resume to continue it or --overwrite to start afresh.")
     return False
+
+
+def _checkpoint_metadata(path: Path) -> Optional[dict[str, Any]]:
+    """The JSON-decoded metadata of a safetensors checkpoint, read from its header alone (no
+    tensors, no torch); None when the file is unreadable or not safetensors (the resume state's own
+    identity check still guards the run then)."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= 100 * 1024 * 1024:  # a header, not a whole file read by mistake
+                return None
+            header = json.loads(fh.read(size).decode("utf-8"))
+        return {k: json.loads(v) for k, v in (header.get("__metadata__") or {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def check_resume_inputs(job: TrainJob, paths: Mapping[str, Path], resuming: bool) -> None:
+    """A resumed run reads the same description file and class selection as the run it continues.
+
+    Checked against the checkpoint's metadata before the model loads or any target is encoded, so a
+    changed ``--descriptions`` file or other ``--classes``/``--split`` is one line naming the flag,
+    not a mismatch found after minutes of work. (The resume state's identity, checked when training
+    starts, covers the window before the first checkpoint exists.)
+    """
+    if not resuming or not paths["checkpoint"].is_file():
+        return
+    meta = _checkpoint_metadata(paths["checkpoint"])
+    if not meta:
+        return
+    out = paths["checkpoint"]
+    way_out = "resume with the inputs it started with, or pass --overwrite to start afresh"
+    saved_hash = meta.get("descriptions_sha256")
+    if saved_hash and Path(job.descriptions).is_file() and file_sha256(job.descriptions) != saved_hash:
+        raise ResumeStateError(
+            f"--resume: --descriptions {job.descriptions} is not the file the run in {out} started with "
+            f"(that was {meta.get('descriptions')!r}, with other content); {way_out}."
+        )
+    saved_classes = meta.get("classes")
+    if isinstance(saved_classes, list) and Path(job.descriptions).is_file():
+        from .classlists import read_classes, split_classes
+        from .descriptions import read_descriptions
+
+        split = job.settings().split
+        with warnings.catch_warnings():  # the run reads the files again and warns then, once
+            warnings.simplefilter("ignore")
+            wanted = split_classes(read_classes(job.classes), split) if job.classes else None
+            selection = select_classes(read_descriptions(job.descriptions), wanted)
+        now = [name for name, texts in selection.descriptions.items() if texts]
+        if now != saved_classes:
+            gone = [c for c in saved_classes if c not in now]
+            new = [c for c in now if c not in saved_classes]
+            change = f"{len(gone)} classes gone ({_listing(gone)}), {len(new)} new ({_listing(new)})" if gone or new else "another class order"
+            raise ResumeStateError(
+                f"--resume: --classes/--split select other classes than the run in {out} started with: {change}; "
+                f"{way_out}."
+            )
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -848,10 +933,18 @@ def run_training(job: TrainJob, *, clip=None, progress: bool = True, report: Opt
     Raises:
         UserError: bad input (flags, files, a resume state of another run), before any long work.
     """
-    say = report or _stderr
     settings = job.settings()
     paths = side_paths(job.out_path())
+    check_output_paths(job, paths)  # before the lock creates the folder: a bad --out creates nothing
+    with run_lock(paths["checkpoint"]):
+        return _run_locked(job, settings, paths, clip, progress, report or _stderr)
+
+
+def _run_locked(job: TrainJob, settings: Settings, paths: dict[str, Path], clip, progress: bool,
+                say: Callable[[str], None]) -> TrainOutcome:
+    """:func:`run_training` once this run holds the lock of its ``--out``."""
     resuming = _check_outputs(job, paths)
+    check_resume_inputs(job, paths, resuming)
     device = _resolve_device(job.device)
     config = _config(job, settings, device)
     pairs, selection = _read_samples(job, settings, say)

@@ -80,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        from pathlib import Path
+
+        from ..errors import UserError
         from .status import check
 
+        # A mistyped --splits would otherwise be ignored silently, and every split file reported missing.
+        if args.splits and not Path(args.splits).is_dir():
+            raise UserError(f"--splits {args.splits}: no such folder (the folder holding the split_zhou_*.json files)")
         statuses = check(args.root, datasets=args.dataset, splits_dir=args.splits)
         print(_as_json(statuses) if args.json else _table(statuses))
         named = set(args.dataset or ())

@@ -33,12 +33,12 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, ContextManager, Iterable, Optional, Sequence, Union
 
 from ..errors import UserError
+from ..locks import exclusive_lock, open_for_lock
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -447,68 +447,32 @@ def append_descriptions(path: PathLike, records: Iterable[Description]) -> None:
 # the one lock discipline
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+# The mechanism (flock, follow a replaced file, no 0-byte leftovers) is protext.locks', shared with
+# training; this module keeps the name tests and callers patch.
+_open_for_lock = open_for_lock
 
 
-def _open_for_lock(path: Path) -> tuple[int, bool]:
-    """Open (or create) ``path``; return the descriptor and whether this call created it."""
-    while True:
-        try:
-            return os.open(path, os.O_RDWR | os.O_APPEND), False
-        except FileNotFoundError:
-            pass
-        try:
-            return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644), True
-        except FileExistsError:
-            continue  # another writer created it in between: open theirs
-
-
-@contextmanager
-def writer_lock(path: PathLike) -> Iterator[None]:
+def writer_lock(path: PathLike) -> ContextManager[None]:
     """Hold the exclusive writer lock of a description file while the block runs.
 
     Every writer (generation, ``import``, ``import --overwrite``) takes it, so a second writer fails
     at once with :class:`DescriptionLockError` naming the file instead of losing the first one's
-    work. The lock is an advisory ``flock`` on the file itself (released by the kernel when the
-    process dies, even by SIGKILL, so no stale lock file is ever left). A file that only this call
-    created and that is still empty when the block ends is removed again, so a failed run leaves no
-    0-byte file behind. On systems without ``fcntl`` there is no locking.
+    work. The lock is an advisory ``flock`` on the file itself (:func:`protext.locks.exclusive_lock`:
+    released by the kernel when the process dies, even by SIGKILL, so no stale lock file is ever
+    left). A file that only this call created and that is still empty when the block ends is removed
+    again, so a failed run leaves no 0-byte file behind. On systems without ``fcntl`` there is no
+    locking.
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: single-writer use is the user's responsibility
-        yield
-        return
     path = Path(path)
-    while True:
-        try:
-            fd, created = _open_for_lock(path)
-        except OSError as err:
-            raise DescriptionWriteError(f"--out: cannot write {path} ({err.strerror or err})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DescriptionLockError(
-                f"--out: {path} is being written by another gen_descriptions run (a generation or an import); "
-                "wait for it to finish, or write to another file"
-            ) from None
-        if _same_file(fd, path):
-            break
-        # The file was replaced (an import's rename) or removed between our open and our lock:
-        # the lock we hold guards nothing any more, so take the one of the file now at ``path``.
-        os.close(fd)
-    try:
-        yield
-    finally:
-        try:
-            if created and os.fstat(fd).st_size == 0 and _same_file(fd, path):
-                os.unlink(path)
-        finally:
-            os.close(fd)  # releases the lock
+
+    def busy() -> DescriptionLockError:
+        return DescriptionLockError(
+            f"--out: {path} is being written by another gen_descriptions run (a generation or an import); "
+            "wait for it to finish, or write to another file"
+        )
+
+    def unwritable(err: OSError) -> DescriptionWriteError:
+        return DescriptionWriteError(f"--out: cannot write {path} ({err.strerror or err})")
+
+    # ``_open_for_lock`` is looked up at call time, so a patched module attribute is used.
+    return exclusive_lock(path, busy=busy, unwritable=unwritable, opener=_open_for_lock)

@@ -18,11 +18,13 @@ Python use::
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Optional, Sequence
+from urllib.parse import urlsplit
 
 from ..errors import UserError
 from .cache import (
@@ -75,6 +77,11 @@ def unique_classes(names: Sequence[str]) -> list[str]:
     return list(kept.values())
 
 
+#: per-request timeout ceiling; the integer settings' bounds are in :meth:`GenConfig.check`, whose
+#: upper ends catch typos that would open a million connections or retry for days (OpenAI caps n at 128)
+MAX_TIMEOUT = 86400.0  # a day: a longer per-request timeout is a typo, and would hide a stuck server
+
+
 @dataclass
 class GenConfig:
     """Everything one generation run needs; built from the command line or by a caller."""
@@ -105,17 +112,32 @@ class GenConfig:
             raise GenerationError("--model is required with --backend openai (e.g. --model gpt-4o-mini)")
         if not self.classes:
             raise GenerationError("--classes: the class list is empty")
-        for name, value, low in (
-            ("--n-per-query", self.n_per_query, 1),
-            ("--concurrency", self.concurrency, 1),
-            ("--max-tokens", self.max_tokens, 1),
-            ("--max-retries", self.max_retries, 0),
-            ("--attempts", self.attempts, 1),
+        for name, value, low, high in (
+            ("--n-per-query", self.n_per_query, 1, 128),
+            ("--concurrency", self.concurrency, 1, 1024),
+            ("--max-tokens", self.max_tokens, 1, 1_000_000),
+            ("--max-retries", self.max_retries, 0, 100),
+            ("--attempts", self.attempts, 1, 100),
         ):
             if value < low:
                 raise GenerationError(f"{name} must be >= {low}, got {value}")
-        if self.timeout <= 0:
-            raise GenerationError(f"--timeout must be > 0 seconds, got {self.timeout}")
+            if value > high:
+                raise GenerationError(f"{name} must be <= {high}, got {value}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise GenerationError(f"--seed must fit in 64 bits (servers take an int64), got {self.seed}")
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and 0 < self.timeout <= MAX_TIMEOUT):
+            raise GenerationError(f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}, got {self.timeout}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+            raise GenerationError(f"--temperature must be between 0 and 2 (or 'default'), got {self.temperature}")
+        if self.backend == "openai":
+            if not self.api_key_env.strip():
+                raise GenerationError("--api-key-env must name an environment variable, got ''")
+            if self.base_url is not None:
+                parts = urlsplit(self.base_url)
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise GenerationError(
+                        f"--base-url {self.base_url!r} is not an http(s) URL (expected e.g. http://localhost:8000/v1)"
+                    )
         if self.out.is_dir():
             raise GenerationError(f"--out: {self.out} is a directory; name a .jsonl file")
 
@@ -273,6 +295,7 @@ class _Runner:
         for unit in todo:
             self.remaining[unit.classname] += 1
         self.progress = _Progress(config.progress, report.classes_total, report.classes_complete, in_flight)
+        self.tasks: list[asyncio.Task[None]] = []
 
     def finish(self, unit: Unit, error: Optional[str]) -> None:
         report = self.report
@@ -297,7 +320,14 @@ class _Runner:
             try:
                 texts = await sampler(unit)
             except FatalAPIError as err:
-                self.report.fatal = str(err)
+                if self.report.fatal is None:
+                    self.report.fatal = str(err)
+                # Every other request would fail the same way: stop the other workers now rather
+                # than let each wait out its own timeouts. A unit is written only after its sampler
+                # returns, so a cancelled one leaves nothing half-written.
+                for task in self.tasks:
+                    if task is not asyncio.current_task():
+                        task.cancel()
                 return
             except Exception as err:  # noqa: BLE001 - any unit failure is reported, not raised
                 self.finish(unit, str(err) or type(err).__name__)
@@ -311,10 +341,16 @@ class _Runner:
 
     async def run(self, sampler: Sampler) -> None:
         workers = min(self.config.concurrency, max(self.queue.qsize(), 1))
+        self.tasks = [asyncio.create_task(self.worker(sampler)) for _ in range(workers)]
         try:
-            await asyncio.gather(*(self.worker(sampler) for _ in range(workers)))
+            results = await asyncio.gather(*self.tasks, return_exceptions=True)
         finally:
+            for task in self.tasks:  # only left running when this call itself is cancelled (Ctrl-C)
+                task.cancel()
             self.progress.close()
+        for result in results:  # a worker cancelled by a fatal error is expected; anything else is a bug
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
 
 
 async def _templates_sample(unit: Unit) -> list[str]:

@@ -13,7 +13,11 @@ Transport failures (429, 5xx, timeouts, dropped connections) are retried with ba
   all (refused, unknown host) once the client's retries are spent, are :class:`FatalAPIError` naming
   the URL: every other request would fail the same way. Rate limits, 5xx and timeouts stay per-request
   failures with their retries. :func:`check_reachable` finds a closed port or unknown host before
-  the run starts, in one connection attempt.
+  the run starts, in one connection attempt;
+* a server that accepts connections but never answers (stuck, or far too slow for ``--timeout``)
+  is a :class:`ServerStalled` after a few requests in a row time out with no answer in between,
+  so the run stops in a time set by ``timeout`` and ``max_retries``, not by the number of classes.
+  Every timeout or connection message names the URL.
 
 Every message that leaves this module goes through a redactor, so the API key is never printed.
 """
@@ -42,6 +46,7 @@ __all__ = [
     "DescriptionSampler",
     "FatalAPIError",
     "SamplingSettings",
+    "ServerStalled",
     "ServerUnreachable",
     "check_reachable",
     "clean_descriptions",
@@ -56,6 +61,19 @@ class BadResponseError(RuntimeError):
 
 class FatalAPIError(RuntimeError):
     """An error that every request would hit (bad key, no permission, unknown model or URL)."""
+
+
+class ServerStalled(FatalAPIError):
+    """Requests keep timing out with no answer in between: the server is stuck (or far too slow)."""
+
+
+#: timed-out requests in a row (each after all of the client's retries) that stop a run in which the
+#: server never answered at all; small, because one wave of concurrent requests should be enough to
+#: tell a stuck server from a working one
+STALL_BEFORE_ANY_ANSWER = 3
+#: the same once the server has answered: at least two whole waves of concurrent requests, so a busy
+#: server that times out a few requests of one wave is not taken for a dead one
+STALL_AFTER_ANSWERS = 8
 
 
 class ServerUnreachable(UserError):
@@ -232,6 +250,9 @@ class DescriptionSampler:
             which is what a rate-limited server wants).
         attempts: tries for an answer that arrives unusable.
         redact: applied to every error message raised or logged.
+        stall_after: timed-out requests in a row, with no answer since the start, that raise
+            :class:`ServerStalled`; once the server has answered, ``max(STALL_AFTER_ANSWERS,
+            2 * concurrency)`` in a row do.
     """
 
     def __init__(
@@ -242,9 +263,10 @@ class DescriptionSampler:
         concurrency: int = 8,
         attempts: int = 3,
         redact: Callable[[str], str] = lambda s: s,
+        stall_after: int = STALL_BEFORE_ANY_ANSWER,
     ) -> None:
-        if concurrency < 1 or attempts < 1:
-            raise ValueError("concurrency and attempts must be >= 1")
+        if concurrency < 1 or attempts < 1 or stall_after < 1:
+            raise ValueError("concurrency, attempts and stall_after must be >= 1")
         self.client = client
         self.settings = settings
         self.attempts = attempts
@@ -256,12 +278,50 @@ class DescriptionSampler:
         self.token_param = "max_tokens"
         self.send_temperature = settings.temperature is not None
         self.send_seed = settings.seed is not None
+        # Stall detection: answers seen (any HTTP response counts, errors included) and requests
+        # that timed out in a row since the last answer.
+        self.stall_after = stall_after
+        self.stall_after_answers = max(STALL_AFTER_ANSWERS, 2 * concurrency)
+        self.answered = 0
+        self.timeouts_in_a_row = 0
 
     def _adapt(self, message: str) -> None:
         message = self.redact(message)
         if message not in self.stats.adaptations:
             self.stats.adaptations.append(message)
             log.warning("%s", message)
+
+    # -- stall detection ------------------------------------------------------------------------------
+
+    def _answered(self) -> None:
+        """The server sent an HTTP response (good or bad): it is alive, so the timeout streak ends."""
+        self.answered += 1
+        self.timeouts_in_a_row = 0
+
+    def _timed_out(self, err: openai.APITimeoutError) -> RuntimeError:
+        """Count a request that timed out after every retry; the error to raise for it.
+
+        Returns :class:`ServerStalled` once enough requests in a row timed out (a stuck server would
+        otherwise cost ``tries x timeout`` per unit, for every unit of the run), else a per-unit
+        RuntimeError. Both name the URL.
+        """
+        self.timeouts_in_a_row += 1
+        tries = self.client.max_retries + 1
+        timeout = self.client.timeout
+        limit = self.stall_after if self.answered == 0 else self.stall_after_answers
+        if self.timeouts_in_a_row >= limit:
+            if self.answered == 0:
+                what = f"accepted connections but answered none of the first {self.timeouts_in_a_row} requests"
+            else:
+                what = f"stopped answering: {self.timeouts_in_a_row} requests in a row got no answer"
+            return ServerStalled(self.redact(
+                f"{self.client.base_url} {what} within --timeout {timeout}s ({tries} tries each); check that "
+                "the server is healthy and serving this --model, or raise --timeout if it is only slow "
+                "(units already written are kept; rerun the same command to resume)"
+            ))
+        return RuntimeError(self.redact(
+            f"no answer from {self.client.base_url} within --timeout {timeout}s ({tries} tries; {_error_text(err)})"
+        ))
 
     # -- one HTTP request ----------------------------------------------------------------------------
 
@@ -319,6 +379,7 @@ class DescriptionSampler:
                     try:
                         raw = await create(**args)
                     except openai.BadRequestError as err:
+                        self._answered()
                         if self._learn_from_400(err, args):
                             continue
                         raise RuntimeError(self.redact(_error_text(err))) from None
@@ -326,7 +387,7 @@ class DescriptionSampler:
                         raise FatalAPIError(self.redact(_error_text(err))) from None
                     except openai.APITimeoutError as err:
                         self.stats.retries += self.client.max_retries  # all spent before giving up
-                        raise RuntimeError(self.redact(_error_text(err))) from None
+                        raise self._timed_out(err) from None
                     except openai.APIConnectionError as err:
                         # Not a slow answer but no connection at all, after every retry: every other
                         # request would fail the same way, so stop the run and name the URL.
@@ -335,15 +396,19 @@ class DescriptionSampler:
                             "is the server running, and is --base-url right?"
                         )) from None
                     except (openai.InternalServerError, openai.RateLimitError) as err:
+                        self._answered()
                         self.stats.retries += self.client.max_retries  # all spent before giving up
-                        raise RuntimeError(self.redact(_error_text(err))) from None
+                        raise RuntimeError(self.redact(f"{_error_text(err)} (from {self.client.base_url})")) from None
                     except openai.APIError as err:
-                        raise RuntimeError(self.redact(_error_text(err))) from None
+                        if isinstance(err, openai.APIStatusError):
+                            self._answered()
+                        raise RuntimeError(self.redact(f"{_error_text(err)} (from {self.client.base_url})")) from None
                     finally:
                         self.stats.in_flight -= 1
                 break
             else:
                 raise RuntimeError(f"server keeps rejecting the request parameters: {sorted(args)}")
+            self._answered()
             self.stats.retries += raw.retries_taken
             try:
                 completion = raw.parse()
@@ -373,6 +438,10 @@ class DescriptionSampler:
             *(self._request(prompt, 1, None if base is None else base + i) for i in indices),
             return_exceptions=True,
         )
+        # An error that stops the run outranks a per-unit failure of a sibling request.
+        fatal = [r for r in results if isinstance(r, FatalAPIError)]
+        if fatal:
+            raise fatal[0]
         texts: list[str] = []
         for result in results:
             if isinstance(result, BaseException):
@@ -400,8 +469,8 @@ class DescriptionSampler:
         """``n`` samples for ``prompt``, cleaned (so possibly fewer, never none).
 
         Raises:
-            FatalAPIError: no request can succeed (authentication, permission, model, URL, or no
-                connection to the server at all).
+            FatalAPIError: no request can succeed (authentication, permission, model, URL, no
+                connection to the server at all, or :class:`ServerStalled`: requests keep timing out).
             BadResponseError: answers kept arriving unusable.
             RuntimeError: a transport error the client's own retries did not overcome.
         """
