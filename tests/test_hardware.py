@@ -183,3 +183,63 @@ def test_every_result_records_the_cpu_capability(tmp_path, monkeypatch, tiny_cli
     assert cap["native_bf16"] is True and cap["native_bf16_flags"] == ["avx512_bf16"]
     assert cap["torch_kernels"] == torch.backends.cpu.get_cpu_capability()
     assert json.loads((tmp_path / "r.json").read_text())["runtime"]["cpu_capability"] == cap
+
+
+def test_describe_cpu_reads_the_capability_it_is_given():
+    cap = {"cpu": "Test CPU 9000", "cores": 64, "torch_kernels": "AVX512", "native_bf16": True,
+           "native_bf16_flags": ["avx512_bf16", "amx_bf16"]}
+    assert hardware.describe_cpu(cap) == "Test CPU 9000, 64 cores, AVX512, native bf16 (avx512_bf16, amx_bf16)"
+    cap = {**cap, "torch_kernels": None, "native_bf16": False, "native_bf16_flags": []}
+    assert hardware.describe_cpu(cap) == "Test CPU 9000, 64 cores, no native bf16"
+
+
+def test_auto_precision_names_every_native_flag_and_cuda(monkeypatch):
+    _cpu(monkeypatch, SAPPHIRE_RAPIDS)
+    assert "(avx512_bf16, amx_bf16)" in hardware.auto_precision("cpu")[1]
+    assert hardware.auto_precision("cuda")[1].startswith("CUDA: fp16 autocast")
+
+
+def test_cpu_model_name_is_the_model_name_line():
+    """Read independently here: the first ``model name`` line of /proc/cpuinfo (where there is one)."""
+    import platform
+
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    if not names:
+        pytest.skip("this CPU reports no model name")
+    assert hardware.cpu_model_name() == names[0]
+    assert platform.machine() in hardware.cpu_capability()["machine"]
+
+
+def test_memo_keys_by_model_dtype_and_counts_every_image_saved():
+    """FeatureMemo on its own, with a stand-in encoder: the same bytes under another model, or the same
+    bits in another dtype (fp16 vs bf16), are other entries; counts add up over several hits."""
+    from protext.feature_memo import FeatureMemo
+
+    memo = FeatureMemo()
+    calls = []
+
+    def encoder(tag):
+        def encode(x):
+            calls.append(tag)
+            return torch.full((x.shape[0], 4), float(len(calls)))
+        return encode
+
+    model_a, model_b = object(), object()
+    half = torch.arange(2 * 3 * 5, dtype=torch.int16).reshape(2, 3, 5).view(torch.float16)
+    brain = half.view(torch.bfloat16)  # the very same bits, another dtype
+    first = memo.features(model_a, "None", half, encoder("a"))
+    assert torch.equal(memo.features(model_a, "None", half.clone(), encoder("a")), first)
+    other_model = memo.features(model_b, "None", half, encoder("b"))
+    other_dtype = memo.features(model_a, "None", brain, encoder("a"))
+    other_precision = memo.features(model_a, "torch.bfloat16", half, encoder("a"))
+    assert calls == ["a", "b", "a", "a"]
+    assert len({float(t[0, 0]) for t in (first, other_model, other_dtype, other_precision)}) == 4
+    for _ in range(3):
+        memo.features(model_b, "None", half, encoder("b"))
+        memo.features(model_a, "None", brain, encoder("a"))
+    assert calls == ["a", "b", "a", "a"]
+    assert (memo.hits, memo.misses, memo.images_saved) == (7, 4, 14)  # 2 images per batch, 7 hits
