@@ -9,6 +9,10 @@ result must say which one it used (``../shared/design/PUBLISHED.md``):
   differ from ProText's on DTD, EuroSAT, Food101 and UCF101.
 - ``tpt``: ``a photo of a {}.`` on every dataset: TPT's protocol and its CLIP baseline.
 
+Over the rules sits one policy, :func:`choose_template`: prompts evaluated on the dataset they were
+trained on keep their training template. The evaluation (from a checkpoint's metadata) and the
+table planner (from a preset) both ask it, so the two can never decide differently.
+
 Class features can also average a fixed list of templates (:data:`TEMPLATE_ENSEMBLES`, the
 ``--method`` values of those ensembles): ZERO+Ensemble's seven (``ensemble``) or CLIP's 80 ImageNet
 templates (``ensemble80``, TDA's class features on ImageNet-R and -Sketch, TTA.md §3.7).
@@ -18,7 +22,8 @@ Dataset keys are the canonical names of :mod:`protext.datasets` (``oxford_pets``
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 #: the template rules, in the order the docs list them
 TEMPLATE_RULES = ("protext", "coop", "tpt")
@@ -59,6 +64,50 @@ def template_for(dataset: str, rule: str = "protext") -> str:
 
         raise UserError(f"--templates must be one of {', '.join(TEMPLATE_RULES)}, got {rule!r}")
     return _RULES[rule].get(dataset, DEFAULT_TEMPLATE)
+
+
+#: :attr:`TemplateDecision.source` when prompts on their own training dataset keep their training template
+FROM_TRAINING = "training"
+#: :attr:`TemplateDecision.source` when the template rule gives the template
+FROM_RULE = "rule"
+
+
+@dataclass(frozen=True)
+class TemplateDecision:
+    """The template a set of class features is built with, and which part of the policy chose it."""
+
+    template: str
+    source: str  # FROM_TRAINING or FROM_RULE; each caller words it for its own records
+
+
+def choose_template(
+    dataset: str,
+    rule: str = "protext",
+    *,
+    trained_on: Optional[str] = None,
+    training_template: Optional[str] = None,
+    aliases: Iterable[str] = (),
+) -> TemplateDecision:
+    """THE template policy of an evaluation and of a table cell (ProText's in-domain protocol).
+
+    Prompts evaluated on the dataset they were trained on keep their training template; everything
+    else (other datasets, no prompts at all) takes ``rule``'s template for ``dataset``.
+
+    Args:
+        dataset: the canonical name of the dataset the class features are for.
+        rule: the template rule (:data:`TEMPLATE_RULES`).
+        trained_on: the dataset the prompts were trained on; None when no learned prompts are used
+            or their training dataset is unknown.
+        training_template: the prompts' training template, written the way the caller records it
+            (a checkpoint's ``{}.``, a table's ``a photo of a {}.``); None or empty when unknown.
+        aliases: other names the evaluated dataset goes by (the name a user typed).
+
+    Raises:
+        UserError: ``rule`` is not a template rule and the rule's template is needed.
+    """
+    if trained_on and training_template and trained_on in (dataset, *aliases):
+        return TemplateDecision(str(training_template), FROM_TRAINING)
+    return TemplateDecision(template_for(dataset, rule), FROM_RULE)
 
 
 TEMPLATE_ENSEMBLES = ("ensemble", "ensemble80")

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..checkpoint import PromptCheckpoint, check_weights, class_encoder, load_coop, load_prompts
-from ..templates import TEMPLATE_ENSEMBLES, template_for
+from ..templates import FROM_TRAINING, TEMPLATE_ENSEMBLES, choose_template
 from .config import COOP_SUFFIXES, EvalConfig
 
 
@@ -100,11 +100,15 @@ def resolve_template(config: EvalConfig, dataset_name: str, checkpoint: Optional
     rule = config.templates
     if config.template:
         return TemplateChoice(config.template, "--template", rule)
-    if config.uses_checkpoint() and checkpoint is not None:
-        trained_on = training_dataset(checkpoint.meta)
-        if trained_on and trained_on in (config.dataset, dataset_name) and checkpoint.meta.get("template"):
-            return TemplateChoice(str(checkpoint.meta["template"]), "checkpoint (same dataset)", rule)
-    return TemplateChoice(template_for(dataset_name, rule), f"--templates {rule}", rule)
+    prompts = checkpoint if config.uses_checkpoint() else None
+    # the policy itself is protext.templates.choose_template's, shared with the table planner
+    decision = choose_template(
+        dataset_name, rule, aliases=(config.dataset,),
+        trained_on=training_dataset(prompts.meta) if prompts is not None else None,
+        training_template=prompts.meta.get("template") if prompts is not None else None,
+    )
+    source = "checkpoint (same dataset)" if decision.source == FROM_TRAINING else f"--templates {rule}"
+    return TemplateChoice(decision.template, source, rule)
 
 
 def ensemble_templates(method: str = "ensemble") -> tuple[str, ...]:

@@ -1,0 +1,189 @@
+"""The adapter onto protext's training and evaluation: :class:`LibraryRunner`, the real :class:`CellRunner`.
+
+The model is loaded once, on first use, and passed to every training and evaluation of the table.
+Every heavy import (torch, the model, training, evaluation) happens inside a method, so planning
+and listing tables never pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ReproduceConfig, ReproduceError
+from .plan import ENSEMBLE, Cell
+from .run_folder import read_json, write_json
+from .runner import EvalRequest, PromptJob
+
+
+def evaluation_template(cell: Cell) -> Optional[str]:
+    """The ``--template`` a cell's evaluation is given: None wherever the evaluation's own rule
+    (:func:`protext.templates.choose_template`, the planner's too) gives the cell's template.
+
+    Only prompts on their training dataset need it: the evaluation records a checkpoint's training
+    template as saved (``{}.``), the table writes it in full (``a photo of a {}.``). Both encode the
+    same prompt, since the learned context replaces "a photo of a".
+    """
+    return cell.template if cell.in_domain else None
+
+
+class LibraryRunner:
+    """Trains with :func:`protext.training.run_training`, evaluates with :func:`protext.evaluation.evaluate`.
+
+    The model is loaded once, on first use, and passed to every training and evaluation.
+    """
+
+    def __init__(self, config: ReproduceConfig) -> None:
+        self.config = config
+        self._clip = None
+        self._device = None
+
+    def _load(self):
+        if self._clip is None:
+            import torch
+
+            from ..models import load_clip
+
+            name = self.config.device
+            name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+            if name.startswith("cuda") and not torch.cuda.is_available():
+                raise ReproduceError(f"--device {self.config.device}: CUDA is not available on this machine; use --device cpu or auto.")
+            try:
+                self._device = torch.device(name)
+            except RuntimeError:
+                raise ReproduceError(f"--device must be auto, cpu, cuda or cuda:N, got {self.config.device!r}.") from None
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+                try:
+                    self._clip = load_clip(self.config.model, self.config.pretrained, device=self._device, seed=self.config.seed)
+                except (ValueError, FileNotFoundError, RuntimeError) as err:
+                    raise ReproduceError(f"--model {self.config.model} --pretrained {self.config.pretrained}: {err}") from None
+        return self._clip
+
+    def environment(self) -> dict[str, Any]:
+        """Device, versions, CPU capability and model identity, recorded with every cell."""
+        from ..evaluation.runtime import device_name, versions
+        from ..hardware import cpu_capability
+        from ..models import text_fingerprint
+
+        clip = self._load()
+        return {
+            "device": str(self._device),
+            "device_name": device_name(self._device),
+            "cpu_capability": cpu_capability(),
+            "versions": versions(),
+            "python": platform.python_version(),
+            "model": clip.identity,
+            "text_tower_fingerprint": text_fingerprint(clip.model),
+        }
+
+    def check_prompts(self, path: Path) -> None:
+        """Refuse (``UserError``) a checkpoint trained on other text-tower weights than the model's."""
+        from ..checkpoint import check_weights, load_prompts
+
+        check_weights(load_prompts(path), self._load(), path)
+
+    def train(self, job: PromptJob) -> dict[str, Any]:
+        """Train (or resume) ``job``'s preset on the loaded model; its record, wall time under ``cost``."""
+        from ..training import TrainJob, run_training
+
+        finished = _finished_checkpoint(job.checkpoint)
+        if finished is not None:  # trained before a kill that came before its record was written
+            return finished
+        classes = job.checkpoint.with_suffix(".classes.json")
+        write_json(classes, job.classes)
+        train_job = TrainJob(
+            descriptions=job.descriptions, preset=job.preset, classes=str(classes), split=job.split,
+            overrides=dict(job.overrides), out=job.checkpoint,
+            cache_dir=job.checkpoint.parent / "targets", resume=True, model=self.config.model,
+            pretrained=self.config.pretrained, device=str(self._device or self.config.device),
+        )
+        self._load()
+        outcome = run_training(train_job, clip=self._clip, progress=self.config.progress)
+        if not outcome.complete:
+            raise ReproduceError(f"training {job.preset} stopped: {outcome.message or outcome.status}")
+        last = outcome.history[-1] if outcome.history else None
+        return {
+            "cost": {"seconds": round(float(outcome.seconds), 3)}, "epochs": len(outcome.history),
+            "final_loss": getattr(last, "loss", None), "samples": outcome.samples, "classes": len(outcome.classes),
+            "settings": _jsonable(train_job.settings()),
+        }
+
+    def eval_config(self, request: EvalRequest):
+        """The :class:`protext.evaluation.EvalConfig` of a cell's evaluation (nothing is loaded or run)."""
+        from ..evaluation import EvalConfig
+
+        cell, tta = request.cell, request.cell.tta or {}
+        return EvalConfig(
+            dataset=cell.dataset, root=request.root, split=cell.split, limit=request.limit,
+            model=self.config.model, pretrained=self.config.pretrained, device=self.config.device,
+            precision=self.config.precision, method=cell.features,
+            template=evaluation_template(cell),
+            templates=cell.template_rule, descriptions=_opt(request.descriptions), prompts=_opt(request.checkpoint),
+            tta=tta.get("method"), tta_views=tta.get("views"), tta_selection=tta.get("selection"),
+            tta_steps=tta.get("steps"), tta_lr=tta.get("lr"), tta_init=tta.get("init"), augmix=tta.get("augmix"),
+            batch_size=self.config.batch_size, workers=self.config.workers,
+            seed=self.config.seed if tta.get("seed") is None else tta["seed"],  # ZERO: its published seed
+            out=str(request.out / "results.json"), progress=self.config.progress,
+        )
+
+    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
+        """Evaluate one cell (or read back its finished evaluation); the parts of the results a cell keeps."""
+        from ..evaluation import evaluate  # looked up on use: tests replace protext.evaluation.evaluate
+
+        config = self.eval_config(request)
+        cell = request.cell
+        done = request.out / "results.json"
+        if done.is_file():  # evaluated before a kill that came before the cell file: not redone
+            return _cell_result(read_json(done, f"delete {request.out} to re-evaluate the cell"), cell.template)
+        payload = evaluate(config, clip=self._load(), progress=self.config.progress)
+        return _cell_result(payload, cell.template)
+
+
+def _finished_checkpoint(path: Path) -> Optional[dict[str, Any]]:
+    """The record of a checkpoint whose training completed, or None (absent or unfinished)."""
+    if not path.is_file():
+        return None
+    from ..checkpoint import load_prompts
+
+    meta = load_prompts(path).meta
+    if not meta.get("complete"):
+        return None
+    return {"cost": {"seconds": None}, "epochs": meta.get("epochs_done"), "final_loss": meta.get("final_loss"),
+            "samples": meta.get("samples"), "classes": len(meta.get("classes") or []), "settings": meta.get("preset_values")}
+
+
+def _opt(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(asdict(value), default=str))
+    except TypeError:
+        return str(value)
+
+
+def _cell_result(payload: dict[str, Any], ensemble: str = ENSEMBLE) -> dict[str, Any]:
+    """The parts of an evaluation's results a table cell keeps; ``ensemble`` names the template of an
+    ensemble cell (whose evaluation records a list of templates, not one)."""
+    metrics = payload["metrics"]
+    kept = {k: metrics[k] for k in ("top1", "top5", "mean_per_class", "ece", "acc1", "acc5", "mean_per_class_recall", "n_images")
+            if k in metrics}
+    kept["n_classes"] = payload["dataset"]["n_classes"]
+    return {
+        "metrics": kept,
+        "cost": {"image_seconds": payload["timing"]["eval_seconds"], "seconds_per_image": payload["timing"]["seconds_per_image"], "peak_memory": payload["timing"]["peak_memory"]},
+        "template": payload["template"].get("template") or ensemble,
+        "details": {
+            "template": payload["template"],
+            "method": payload["method"],
+            "checkpoint": payload.get("checkpoint"),
+            "tta": {k: v for k, v in (payload.get("tta") or {}).items() if not k.startswith("seconds")} or None,
+            "runtime": payload["runtime"],
+        },
+    }

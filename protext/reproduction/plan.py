@@ -1,0 +1,148 @@
+"""A table as a plan of cells (row × dataset [× base/novel]), each with every setting that produced it.
+
+A cell's settings come from the protocol alone (features, class split, template rule and the exact
+template, preset and its n_ctx, test-time adaptation), so the results say precisely what ran. The
+template follows the one policy of :func:`protext.templates.choose_template`, which the evaluation
+asks too. Nothing here reads a file or imports torch: ``--plan`` prints it instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from ..protocols import CLASS_COUNTS, Protocol, Row, get_protocol
+from ..templates import CONTEXT_PHRASE, FROM_TRAINING, choose_template
+from .config import ReproduceConfig, slug
+
+#: the template field of cells whose class features average ZERO's seven templates
+ENSEMBLE = "ensemble of 7 templates"
+#: the template field of cells whose class features average CLIP's 80 ImageNet templates (TDA on R, Sketch)
+ENSEMBLE80 = "ensemble of CLIP's 80 templates"
+#: class features that are template ensembles: their cells' template field, and where it comes from
+ENSEMBLE_CELLS = {
+    "ensemble": (ENSEMBLE, "ZERO+Ensemble's seven templates (TTA.md §1.6)"),
+    "ensemble80": (ENSEMBLE80, "CLIP's 80 ImageNet templates, open_clip's OPENAI_IMAGENET_TEMPLATES (TTA.md §3.7)"),
+}
+#: the template source of prompts evaluated on the dataset they were trained on
+IN_DOMAIN = "training template (in-domain prompts)"
+
+
+def cell_key(row: str, dataset: str, split: str) -> str:
+    """A cell's name and file stem: ``<row>__<dataset>__<split>`` in safe characters."""
+    return f"{slug(row)}__{dataset}__{split}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One number of a table, with every setting that produced it (all from the protocol)."""
+
+    table: str
+    row: str
+    dataset: str
+    split: str
+    features: str
+    template_rule: str
+    template: str
+    template_source: str
+    n_classes: int
+    preset: Optional[str] = None
+    n_ctx: Optional[int] = None
+    tta: Optional[dict[str, Any]] = None
+    external: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        """The cell's file name stem: ``<row>__<dataset>__<split>`` in safe characters."""
+        return cell_key(self.row, self.dataset, self.split)
+
+    @property
+    def in_domain(self) -> bool:
+        """Whether the cell's prompts are evaluated on their training dataset (and keep its template)."""
+        return self.template_source == IN_DOMAIN
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting, JSON-ready."""
+        return asdict(self)
+
+    def computation(self) -> tuple:
+        """What the number depends on; cells equal here share one evaluation (CuPL novel = CLIP)."""
+        tta = json.dumps(self.tta, sort_keys=True)
+        return (self.dataset, self.split, self.features, self.template, self.preset, tta, self.external)
+
+
+def preset_info(name: str):
+    """The named training preset (:func:`protext.presets.get_preset`)."""
+    from ..presets import get_preset  # imported on use: listing and planning tables stay instant
+
+    return get_preset(name)
+
+
+def cell_template(row: Row, dataset: str, features: str) -> tuple[str, str]:
+    """(template, where it comes from) for a row's cell on ``dataset``.
+
+    Template ensembles name their list; every other cell asks the one template policy,
+    :func:`protext.templates.choose_template`, as the evaluation does.
+    """
+    if features in ENSEMBLE_CELLS:
+        return ENSEMBLE_CELLS[features]
+    preset = row.preset_for(dataset) if features == "prompts" else None
+    trained = preset_info(preset) if preset is not None else None
+    decision = choose_template(
+        dataset, row.template_rule,
+        trained_on=trained.dataset if trained else None,
+        # written in full so the context replaces its phrase, the way the table records it
+        training_template=f"{CONTEXT_PHRASE} {trained.template}" if trained else None,
+    )
+    if features == "cupl":  # recorded for completeness: CuPL's class features use no template
+        return decision.template, "not used: the class's CuPL descriptions"
+    if decision.source == FROM_TRAINING:
+        return decision.template, IN_DOMAIN
+    return decision.template, f"{row.template_rule} rule"
+
+
+def _cell_for(protocol: Protocol, row: Row, dataset: str, split: str, config: ReproduceConfig) -> Cell:
+    features = row.features_for(dataset, split)
+    preset = row.preset_for(dataset) if features == "prompts" else None
+    template, source = cell_template(row, dataset, features)
+    tta = row.tta.for_dataset(dataset) if row.tta else None
+    if tta is not None and config.tta_views is not None:
+        tta["views"] = config.tta_views
+    # TPT and C-TPT start from the hand-crafted "a photo of a" unless the row names another init
+    handcrafted = tta is not None and (tta.get("init") or ("handcrafted" if tta["method"] in ("tpt", "ctpt") else None)) == "handcrafted"
+    n_ctx = preset_info(preset).n_ctx if preset else (4 if handcrafted else None)
+    total = CLASS_COUNTS[dataset]
+    n_classes = {"all": total, "base": math.ceil(total / 2), "novel": total - math.ceil(total / 2)}[split]
+    return Cell(
+        protocol.name, row.name, dataset, split, features, row.template_rule, template, source, n_classes,
+        preset, n_ctx, tta, row.external,
+    )
+
+
+def plan_cells(protocol: Protocol, config: ReproduceConfig) -> list[Cell]:
+    """Every cell of a table, row by row, in the paper's column order."""
+    return [
+        _cell_for(protocol, row, dataset, split, config)
+        for row in protocol.rows
+        for dataset in protocol.datasets
+        for split in protocol.splits
+    ]
+
+
+def describe_plan(config: ReproduceConfig) -> str:
+    """The cells a table would run, one line each with every setting (nothing is read or run)."""
+    protocol = get_protocol(config.table)
+    lines = [f"{protocol.name}: {protocol.title}"]
+    for cell in plan_cells(protocol, config):
+        tta = "" if not cell.tta else " tta=" + ",".join(f"{k}:{v}" for k, v in cell.tta.items() if v is not None)
+        preset = f" preset={cell.preset} n_ctx={cell.n_ctx}" if cell.preset else (f" n_ctx={cell.n_ctx}" if cell.n_ctx else "")
+        external = f" needs --{cell.external}" if cell.external else ""
+        lines.append(
+            f"  {cell.key}: {cell.features}, {cell.n_classes} classes, template '{cell.template}' "
+            f"({cell.template_source}){preset}{tta}{external}"
+        )
+    lines += [f"  departs: {d}" for d in config.departures(trains=any(r.preset for r in protocol.rows))]
+    lines += [f"  known departure: {d}" for d in protocol.all_departures()]
+    return "\n".join(lines)
