@@ -428,6 +428,28 @@ def test_sigkill_mid_table_then_rerun_recomputes_nothing(e2e_roots, small_cupl, 
     assert _md_without_cost(final.with_suffix(".md").read_text().replace(str(out), "OUT")) == uninterrupted_md
 
 
+@pytest.mark.filterwarnings("ignore:--epochs 1 is not more than")
+def test_killed_between_checkpoint_and_record_rerun_equals_uninterrupted(e2e_roots, small_cupl, library_runner, tmp_path):
+    """A kill after a preset's last checkpoint but before its record and loss plot (found by
+    tools/kill_campaign.py): the rerun writes both, and the table equals an uninterrupted run's."""
+    table, out = "protext-text-only", tmp_path / "out"
+    library_runner.config = _tiny_config(table, e2e_roots[table], out, small_cupl)
+    reproduce(library_runner.config, library_runner, say=lambda m: None)
+    final = out / table / f"{table}.json"
+    uninterrupted = without_cost(final, out)
+    (prompts,) = (out / "prompts").iterdir()
+    record = prompts / "text-only-eurosat.json"
+    uninterrupted_record = {k: v for k, v in json.loads(record.read_text()).items() if k != "cost"}
+    # the state a kill during the loss plot leaves: checkpoint and state complete, no record, no plot
+    for path in (record, prompts / "text-only-eurosat.loss.png", out / table / "cells" / "protext__eurosat__all.json", final):
+        path.unlink()
+    shutil.rmtree(out / table / "eval" / "protext__eurosat__all")
+    reproduce(library_runner.config, library_runner, say=lambda m: None)
+    assert (prompts / "text-only-eurosat.loss.png").is_file()
+    assert {k: v for k, v in json.loads(record.read_text()).items() if k != "cost"} == uninterrupted_record
+    assert without_cost(final, out) == uninterrupted
+
+
 # --------------------------------------------------------------------------------------------------
 # the command line
 

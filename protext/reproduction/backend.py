@@ -91,9 +91,9 @@ class LibraryRunner:
         """Train (or resume) ``job``'s preset on the loaded model; its record, wall time under ``cost``."""
         from ..training import TrainJob, run_training
 
-        finished = _finished_checkpoint(job.checkpoint)
-        if finished is not None:  # trained before a kill that came before its record was written
-            return finished
+        # a run killed after its last checkpoint but before its record (or its loss plot) was written
+        # resumes like any other: the saved state says every epoch is done, so nothing is retrained,
+        # and run_training writes the history, the plot and the same record as an uninterrupted run
         classes = job.checkpoint.with_suffix(".classes.json")
         write_json(classes, job.classes)
         train_job = TrainJob(
@@ -142,19 +142,6 @@ class LibraryRunner:
             return _cell_result(read_json(done, f"delete {request.out} to re-evaluate the cell"), cell.template)
         payload = evaluate(config, clip=self._load(), progress=self.config.progress)
         return _cell_result(payload, cell.template)
-
-
-def _finished_checkpoint(path: Path) -> Optional[dict[str, Any]]:
-    """The record of a checkpoint whose training completed, or None (absent or unfinished)."""
-    if not path.is_file():
-        return None
-    from ..checkpoint import load_prompts
-
-    meta = load_prompts(path).meta
-    if not meta.get("complete"):
-        return None
-    return {"cost": {"seconds": None}, "epochs": meta.get("epochs_done"), "final_loss": meta.get("final_loss"),
-            "samples": meta.get("samples"), "classes": len(meta.get("classes") or []), "settings": meta.get("preset_values")}
 
 
 def _opt(path: Optional[Path]) -> Optional[str]:
