@@ -121,10 +121,13 @@ def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path, re
     from .training import TrainJob, run_training, side_paths
 
     depth = cfg.depth if cfg.depth is not None else (2 if cfg.model == "tiny-clip" else 9)
-    overrides = {"depth": depth, "epochs": cfg.epochs, "warmup_epochs": 1, "batch_size": 32}
+    # the preset's batch of 256 holds every description of the example (84 with the offline templates),
+    # kept as one step per epoch (--keep-last-batch): each step encodes each class prompt once
+    # whatever the batch size, so this is a third of the steps that batches of 32 took
+    overrides = {"depth": depth, "epochs": cfg.epochs, "warmup_epochs": 1}
     _say("python -m protext.train", [
         "--descriptions", descriptions, "--preset", "cross_dataset", "--depth", depth, "--epochs", cfg.epochs,
-        "--warmup-epochs", 1, "--batch-size", 32, "--keep-last-batch", "--model", cfg.model,
+        "--warmup-epochs", 1, "--keep-last-batch", "--model", cfg.model,
         "--pretrained", cfg.pretrained, "--device", cfg.device, "--seed", cfg.seed, "--out", out, "--overwrite",
     ])
     files = side_paths(out)
