@@ -17,10 +17,10 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import UserError, run_command
-from .presets import DEFAULT_PRESET, PRESETS
+from .presets import DEFAULT_PRESET, OVERRIDABLE, PRESETS, Settings
 
 EXIT_NAN = 3
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -126,14 +126,17 @@ def job_from_args(args: argparse.Namespace):
     """The :class:`protext.training.TrainJob` the flags describe."""
     from .training import TrainJob
 
-    keys = ("n_ctx", "depth", "ctx_init", "lr", "epochs", "warmup_epochs", "batch_size", "loss", "loss_weight")
     return TrainJob(
-        descriptions=args.descriptions, preset=args.preset, classes=args.classes, split=args.split,
-        overrides={k: getattr(args, k) for k in keys if getattr(args, k) is not None}, out=args.out,
+        descriptions=args.descriptions, preset=args.preset, classes=args.classes, out=args.out,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, resume=args.resume, overwrite=args.overwrite,
         model=args.model, pretrained=args.pretrained, device=args.device, precision=args.precision, seed=args.seed,
-        shared_prefix=not args.no_shared_prefix, keep_last_batch=args.keep_last_batch,
+        shared_prefix=not args.no_shared_prefix, keep_last_batch=args.keep_last_batch, **_hyperparameters(args),
     )
+
+
+def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyper-parameter flags (and ``--split``) by their :class:`TrainJob` field names; None: the preset's."""
+    return {key: getattr(args, key) for key in OVERRIDABLE}
 
 
 def _say(message: str) -> None:
@@ -165,16 +168,15 @@ def preflight(args: argparse.Namespace) -> Path:
     """Every check of the flags and input files that needs no model, before torch is imported.
 
     Returns the checkpoint path. The library repeats what it needs (for callers that skip the
-    command line); what needs the model (``--depth`` against its tower, ``--device``) waits for it.
+    command line); ``--depth`` and ``--n-ctx`` are checked against the model's config file here and
+    against the loaded tower later; ``--device`` waits for torch.
     """
     from .preflight import check_output_dir, check_output_file
     from .presets import resolve
 
     if args.resume and args.overwrite:
         raise TrainFlagError("--resume and --overwrite contradict each other; pick one.")
-    keys = ("n_ctx", "depth", "ctx_init", "lr", "epochs", "warmup_epochs", "batch_size", "loss", "loss_weight")
-    settings = resolve(args.preset, {**{k: getattr(args, k) for k in keys if getattr(args, k) is not None},
-                                     "split": args.split})
+    settings = resolve(args.preset, _hyperparameters(args))
     for flag, value in (("--lr", settings.lr), ("--loss-weight", settings.loss_weight)):
         if value is not None and not math.isfinite(value):
             raise TrainFlagError(f"{flag} must be a finite number, got {value}.")
@@ -194,7 +196,18 @@ def preflight(args: argparse.Namespace) -> Path:
     check_output_file(out, "--out", inputs, suffix=".safetensors")
     if args.cache_dir and not args.no_cache:
         check_output_dir(args.cache_dir, "--cache-dir")
+    _check_tower(args, settings)
     return out
+
+
+def _check_tower(args: argparse.Namespace, settings: Settings) -> None:
+    """``--depth``/``--n-ctx`` against the text tower of ``--model``, read from its config file: a preset's
+    depth 9 on a two-block model is refused here, not after the weights load."""
+    from .architectures import check_prompt_fits, text_tower_shape
+
+    shape = text_tower_shape(args.model)
+    if shape is not None:  # an architecture without a config file here is checked once loaded
+        check_prompt_fits(shape, settings.n_ctx, settings.depth, depth_given=args.depth is not None)
 
 
 def _body(args: argparse.Namespace) -> int:

@@ -16,14 +16,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..checkpoint import PromptCheckpoint, check_weights, class_encoder, load_coop, load_prompts
+from ..digests import file_sha256
 from ..templates import FROM_TRAINING, TEMPLATE_ENSEMBLES, choose_template
 from .config import COOP_SUFFIXES, EvalConfig
 
 
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a file: the identity of a checkpoint or description file in the results."""
-    from ..training import file_sha256
-
     return file_sha256(path)
 
 def input_digests(config: EvalConfig) -> dict[str, str]:
