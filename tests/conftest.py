@@ -91,3 +91,14 @@ def read_only_dir(tmp_path, monkeypatch) -> Path:
 
     monkeypatch.setattr(preflight.tempfile, "mkstemp", mkstemp)
     return folder
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model is loaded: the checks must come first."""
+    import protext.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(protext.models, "load_clip", refuse)

@@ -43,17 +43,6 @@ def images(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if a model is loaded: the checks must come first."""
-    import protext.models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(protext.models, "load_clip", refuse)
-
-
 def fail(args: list[str], capsys) -> str:
     """Run the command expecting one ``error:`` line and exit 2; returns that line."""
     code = main([*args, *TINY])

@@ -52,17 +52,6 @@ def many(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if a model is loaded: the checks must come first."""
-    import protext.models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(protext.models, "load_clip", refuse)
-
-
 def fail(args: list[str], capsys) -> str:
     code = main([*args, *TINY])
     err = capsys.readouterr().err

@@ -190,8 +190,8 @@ def reproduce_progress(table: str) -> Callable[[Path], int]:
 # processes
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
+def _live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live (non-zombie) process, read from /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -199,25 +199,20 @@ def group_members(pgid: int) -> list[int]:
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry.name))
+            continue  # the process ended while we looked
+        if fields[0] != "Z":
+            found.append((int(entry.name), int(fields[1]), int(fields[2])))
     return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    return [pid for pid, _, group in _live_processes() if group == pgid]
 
 
 def children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (torchrun's ranks)."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(entry.name))
-    return sorted(kids)
+    return sorted(child for child, parent, _ in _live_processes() if parent == pid)
 
 
 def child_env(run_dir: Path) -> dict[str, str]:
