@@ -118,13 +118,15 @@ def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path, re
     ``resume``: this workdir's earlier run had the same settings, so a finished checkpoint is kept
     and an interrupted training continues from its resume state.
     """
+    from .architectures import text_tower_shape
     from .training import TrainJob, run_training, side_paths
 
-    depth = cfg.depth if cfg.depth is not None else (2 if cfg.model == "tiny-clip" else 9)
+    # the published depth 9, or every block of a shallower tower (tiny-clip has 2)
+    shape = text_tower_shape(cfg.model)
+    depth = cfg.depth if cfg.depth is not None else min(9, shape.blocks if shape else 9)
     # the preset's batch of 256 holds every description of the example (84 with the offline templates),
     # kept as one step per epoch (--keep-last-batch): each step encodes each class prompt once
     # whatever the batch size, so this is a third of the steps that batches of 32 took
-    overrides = {"depth": depth, "epochs": cfg.epochs, "warmup_epochs": 1}
     _say("python -m protext.train", [
         "--descriptions", descriptions, "--preset", "cross_dataset", "--depth", depth, "--epochs", cfg.epochs,
         "--warmup-epochs", 1, "--keep-last-batch", "--model", cfg.model,
@@ -136,9 +138,9 @@ def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path, re
         return
     resume = resume and files["state"].is_file()
     job = TrainJob(
-        descriptions=descriptions, preset="cross_dataset", overrides=overrides, out=out, overwrite=not resume,
-        resume=resume, model=cfg.model, pretrained=cfg.pretrained, device=cfg.device, seed=cfg.seed,
-        keep_last_batch=True,
+        descriptions=descriptions, preset="cross_dataset", depth=depth, epochs=cfg.epochs, warmup_epochs=1, out=out,
+        overwrite=not resume, resume=resume, model=cfg.model, pretrained=cfg.pretrained, device=cfg.device,
+        seed=cfg.seed, keep_last_batch=True,
     )
     outcome = run_training(job, clip=clip, progress=False, report=lambda line: None)
     if not outcome.complete:

@@ -98,7 +98,7 @@ class LibraryRunner:
         write_json(classes, job.classes)
         train_job = TrainJob(
             descriptions=job.descriptions, preset=job.preset, classes=str(classes), split=job.split,
-            overrides=dict(job.overrides), out=job.checkpoint,
+            **dict(job.overrides), out=job.checkpoint,  # epochs, depth: TrainJob fields
             cache_dir=job.checkpoint.parent / "targets", resume=True, model=self.config.model,
             pretrained=self.config.pretrained, device=str(self._device or self.config.device),
         )
