@@ -17,13 +17,13 @@ token, which the causal mask makes exact (ALGORITHMS.md §3).
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from typing import Callable, ContextManager, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .amp import autocast
 from .descriptions import match_classnames
 from .errors import UserError
 from .prompts import PromptedTextEncoder, clean_classname
@@ -69,9 +69,7 @@ def length_chunks(eot: torch.Tensor, token_budget: int = DEFAULT_TOKEN_BUDGET) -
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
-    if dtype is None or dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return autocast(device, dtype)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -455,8 +455,9 @@ def test_flag_and_checkpoint_errors(dtd, folder, tmp_path, capsys):
     torch.save({"state_dict": {"ctx": torch.zeros(4, 512)}}, wide)
     err = fail_cli(["--dataset", "folder", "--root", str(folder), "--method", "prompts", "--prompts", str(wide)], capsys)
     assert "width 512" in err and "width 64" in err
-    err = fail_cli(["--dataset", "folder", "--root", str(folder), "--precision", "amp", "--device", "cpu"], capsys)
-    assert "CUDA" in err and "--precision amp is deprecated" in err
+    # amp is fp16, which runs on a CPU (emulated) but not batched for TPT: the refusal names fp16
+    err = fail_cli(["--dataset", "folder", "--root", str(folder), "--precision", "amp", "--device", "cpu", "--tta", "tpt", "--tta-batch", "2"], capsys)
+    assert "--tta-batch with --precision fp16" in err and "--precision amp is deprecated" in err
 
 
 def test_every_flag_has_help_text():

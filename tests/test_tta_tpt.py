@@ -220,12 +220,6 @@ def test_settings_edges_are_accepted_and_refusals_name_the_flag():
             tpt_module.TPTConfig(**settings)
 
 
-def test_amp_without_cuda_is_refused_naming_the_precision_flag(tiny_clip):
-    encoder = class_encoder(tiny_clip.model, tiny_clip.tokenizer, NAMES, "a photo of a {}.")
-    with pytest.raises(ValueError, match=r"^fp16 autocast with a gradient scaler \(--precision amp\) needs a CUDA device\.$"):
-        tpt_module.PromptTuner(tiny_clip.model, encoder, tpt_module.TPTConfig(amp=True))
-
-
 def test_adapt_contract_shapes_tuned_copies_and_untuned_selection(tiny_clip, few_views):
     """One image's views must be a 4-D batch; tuned prompts come back only when asked for, and
     quietly; with zero steps nothing is selected (an empty index tensor, still of integer type)."""

@@ -6,7 +6,7 @@ onto :class:`protext.tta.TTAConfig` and records what was used.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Optional
 
 from .config import EvalConfig
@@ -44,8 +44,12 @@ def tta_config(config: EvalConfig, runtime: Optional[Runtime] = None):
     return TTAConfig(**values)
 
 
-def validate_tta(config: EvalConfig, dataset_name: str) -> None:
-    """The method's own checks (per-dataset defaults that exist, ...), before any model loads."""
+def validate_tta(config: EvalConfig, dataset_name: str, runtime: Optional[Runtime] = None) -> None:
+    """The method's own checks (per-dataset defaults that exist, ...), before any model loads.
+
+    With ``runtime`` its precision is checked too (``auto`` may have become fp16); without, an
+    explicit ``--precision fp16`` is.
+    """
     if not config.tta:
         return
     if config.tta == "tda" and config.tda_alpha is None:
@@ -58,7 +62,9 @@ def validate_tta(config: EvalConfig, dataset_name: str) -> None:
                 f"--tta tda has no published (alpha, beta) for dataset '{dataset_name}'; pass --tda-alpha and "
                 "--tda-beta (ImageNet's: --tda-alpha 2 --tda-beta 5)."
             )
-    tta_config(config).validate(dataset_name)
+    # fp16's refusal (--tta-batch for TPT/C-TPT) must come before any model loads, not at build_adapter
+    fp16 = runtime.fp16 if runtime is not None else config.precision == "fp16"
+    replace(tta_config(config), fp16=fp16).validate(dataset_name)
 
 
 def resolved_settings(tta_cfg, dataset_name: str) -> dict[str, Any]:

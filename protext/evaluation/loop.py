@@ -94,7 +94,7 @@ def prepare(config: EvalConfig, ctx: DistContext) -> tuple[Any, Runtime, str, di
     dataset = open_dataset(config)
     source = f"--classes {config.classes}" if config.classes else f"the class names of --dataset {config.dataset} --root {config.root}"
     check_classes(list(dataset.classnames), config, source)
-    adapters.validate_tta(config, dataset.name)
+    adapters.validate_tta(config, dataset.name, runtime)
     inputs = input_identity(dataset)
     fingerprint = config.fingerprint(features.input_digests(config))
     resuming = check_log_inputs(config.output_path(), fingerprint, inputs, config)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..amp import fp16_note
 from ..distributed import DistContext
 from ..hardware import auto_precision, cpu_model_name
 from .config import EvalConfig, EvalError
@@ -50,8 +51,9 @@ def resolve_runtime(config: EvalConfig, ctx: DistContext) -> Runtime:
         precision, why = auto_precision(device.type)
         if ctx.is_main and config.progress:
             print(f"precision auto: {precision} ({why})", file=sys.stderr, flush=True)
-    if precision == "fp16" and device.type != "cuda":
-        raise EvalError("--precision fp16 (autocast with a gradient scaler, as published) needs CUDA; use fp32 or bf16 on the CPU.")
+    note = fp16_note(device) if precision == "fp16" else None
+    if note and ctx.is_main:  # allowed, never silently fp32; said even without progress, as a warning
+        print(note, file=sys.stderr, flush=True)
     image_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return Runtime(device, precision, image_dtype)
 

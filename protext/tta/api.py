@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..prompts import PromptedTextEncoder
 from ..zeroshot import prompt_text_features
 from .base import Adapter
-from .config import TTAConfig, TTAConfigError
+from .config import TTAConfig
 from .views import TPTViews, preprocess_settings
 
 __all__ = ["build_adapter", "view_maker"]
@@ -45,14 +45,12 @@ def build_adapter(
     class features: ``text_features`` (C, D), or the features of ``encoder`` when only that is given.
 
     Raises:
-        TTAConfigError: a bad setting (see :meth:`TTAConfig.validate`), or fp16 without CUDA.
+        protext.tta.TTAConfigError: a bad setting (see :meth:`TTAConfig.validate`).
         ValueError: the class features the method needs were not passed (a programming error).
     """
     model = getattr(model, "model", model)  # a LoadedClip works too
     resolved = config.resolved(dataset_name)
-    device = next(model.parameters()).device
-    if resolved.fp16 and device.type != "cuda":
-        raise TTAConfigError("--precision fp16 (autocast, and for TPT a gradient scaler) needs a CUDA device; use fp32 or bf16 here.")
+    # fp16 runs on any device through protext.amp (on a CPU emulated, for checking the GPU arithmetic)
     method = resolved.method
     if method in ("tpt", "ctpt"):
         if encoder is None:

@@ -20,7 +20,6 @@ The implementation (the naive, published-style path it is tested against lives i
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import ContextManager, Optional, Sequence
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..amp import autocast, make_scaler
 from ..prompts import PromptedTextEncoder
 from ..shared_prefix import shared_prefix_features, supports_shared_prefix
 from ..zeroshot import DEFAULT_TOKEN_BUDGET, ImageEncoder, length_chunks, logit_scale
@@ -59,7 +59,8 @@ class TPTConfig:
         token_budget: tokens per text batch on the fast path (bounds memory).
         shared_prefix: on the fast path, run the prompt prefix once for all classes
             (:func:`shared_prefix_features`); off only to measure what it saves.
-        amp: fp16 autocast with a gradient scaler (CUDA only), as published on GPU.
+        amp: fp16 autocast with a gradient scaler, as published on GPU (on a CPU the same
+            path, emulated: for checking that arithmetic, see :mod:`protext.amp`).
         image_dtype: precision of image encoding only (``torch.bfloat16`` on CPUs that have it,
             or on CUDA: a bf16 copy of the image tower, see :class:`ImageEncoder`); ``None`` for
             the model's own precision.
@@ -98,6 +99,8 @@ class TPTOutput:
         losses: the marginal entropy before each step.
         tuned: the prompt vectors after the last step (only when asked for).
         timings: seconds spent per phase (``images``, ``text``, ``step``, ``predict``).
+        scales: with ``amp``, the gradient scaler's scale (before, after) each step: ``(1000.0,
+            500.0)`` is a step skipped because a gradient overflowed fp16; empty without ``amp``.
     """
 
     logits: torch.Tensor
@@ -105,6 +108,7 @@ class TPTOutput:
     losses: list[float]
     tuned: Optional[dict[str, torch.Tensor]] = None
     timings: dict[str, float] = field(default_factory=dict)
+    scales: list[tuple[float, float]] = field(default_factory=list)
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
@@ -127,7 +131,7 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
 
 def _autocast(device: torch.device, enabled: bool) -> ContextManager:
-    return torch.autocast(device_type=device.type, dtype=torch.float16) if enabled else nullcontext()
+    return autocast(device, torch.float16 if enabled else None)
 
 
 class PromptTuner:
@@ -146,8 +150,6 @@ class PromptTuner:
         self.encoder = encoder
         self.config = config
         self.device = encoder.ctx.device
-        if config.amp and self.device.type != "cuda":
-            raise ValueError("fp16 autocast with a gradient scaler (--precision amp) needs a CUDA device.")
         self.scale = logit_scale(model).to(self.device)
         self.initial = {k: v.clone() for k, v in encoder.prompt_state().items()}
         encoder.ctx.requires_grad_(True)
@@ -201,7 +203,7 @@ class PromptTuner:
         # fresh state for every image: the published code reloads the optimiser's initial state dict
         optimiser = torch.optim.AdamW(self.params, lr=self.config.lr)
         # a fresh scaler too, so that a skipped step on one image cannot change the next image's run
-        scaler = torch.amp.GradScaler("cuda", init_scale=AMP_INIT_SCALE) if self.config.amp else None
+        scaler = make_scaler(self.device, AMP_INIT_SCALE) if self.config.amp else None
         return optimiser, scaler
 
     def _backward_through_chunks(self, grad: torch.Tensor, chunks: Sequence[torch.Tensor], truncate: bool) -> None:
@@ -219,8 +221,12 @@ class PromptTuner:
         scaler: Optional[torch.amp.GradScaler],
         chunks: Sequence[torch.Tensor],
         truncate: bool,
+        scales: Optional[list[tuple[float, float]]] = None,
     ) -> tuple[torch.Tensor, float]:
         """One tuning step; returns (selected view indices, loss before the step).
+
+        With a ``scaler``, (its scale before, after) the step is appended to ``scales``: the scale
+        halves exactly when the step was skipped for an inf/NaN gradient.
 
         With ``text_features`` given (no gradient) the gradient goes in two passes over ``chunks``;
         with None, all classes are encoded in one autograd graph (the published way).
@@ -244,8 +250,11 @@ class PromptTuner:
             (grad,) = torch.autograd.grad(scaled, leaf)
             self._backward_through_chunks(grad, chunks, truncate)
         if scaler is not None:
-            scaler.step(optimiser)
+            before = scaler.get_scale()
+            scaler.step(optimiser)  # unscales, and skips the step when a gradient is not finite
             scaler.update()
+            if scales is not None:
+                scales.append((before, scaler.get_scale()))
         else:
             optimiser.step()
         return selected, float(loss.detach())
@@ -279,14 +288,14 @@ class PromptTuner:
         timings["images"] = time.perf_counter() - start
 
         optimiser, scaler = self._optimiser()
-        selected, losses = None, []
+        selected, losses, scales = None, [], []
         for step in range(self.config.steps):
             start = time.perf_counter()
             # the prompts were reset before this image, so step 0 sees the cached initial features
             text = self.initial_text_features() if step == 0 else self._text_fast()
             timings["text"] = timings.get("text", 0.0) + time.perf_counter() - start
             start = time.perf_counter()
-            selected, loss = self._step(image_features, text, selected, optimiser, scaler, self.chunks, True)
+            selected, loss = self._step(image_features, text, selected, optimiser, scaler, self.chunks, True, scales)
             timings["step"] = timings.get("step", 0.0) + time.perf_counter() - start
             losses.append(loss)
 
@@ -294,7 +303,7 @@ class PromptTuner:
         text = self.initial_text_features() if self.config.steps == 0 else self._text_fast()
         logits = self._logits(image_features[:1], text)[0]  # view 0's feature, reused
         timings["predict"] = time.perf_counter() - start
-        return self._output(logits, selected, losses, return_tuned, timings)
+        return self._output(logits, selected, losses, return_tuned, timings, scales)
 
     def _output(
         self,
@@ -303,10 +312,11 @@ class PromptTuner:
         losses: list[float],
         return_tuned: bool,
         timings: dict[str, float],
+        scales: Optional[list[tuple[float, float]]] = None,
     ) -> TPTOutput:
         tuned = {k: v.cpu() for k, v in self.encoder.prompt_state().items()} if return_tuned else None
         chosen = selected.cpu() if selected is not None else torch.empty(0, dtype=torch.long)
-        return TPTOutput(logits.detach().float().cpu(), chosen, losses, tuned, timings)
+        return TPTOutput(logits.detach().float().cpu(), chosen, losses, tuned, timings, list(scales or []))
 
 
 
