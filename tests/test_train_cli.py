@@ -715,9 +715,8 @@ def _poison_call(monkeypatch, n: int) -> None:
 def _job(small_jsonl: Path, out: Path, **kwargs):
     from protext.training import TrainJob
 
-    overrides = {"epochs": 3, "warmup_epochs": 0, "batch_size": 16, "depth": 2}
     return TrainJob(small_jsonl, model="tiny-clip", pretrained="random", out=out, cache_dir=out.parent / "cache",
-                    overrides=overrides, **kwargs)
+                    epochs=3, warmup_epochs=0, batch_size=16, depth=2, **kwargs)
 
 
 def test_a_stopped_run_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, small_jsonl, monkeypatch, tiny_clip):

@@ -97,7 +97,7 @@ def test_library_run_is_refused_too(desc: Path, holder) -> None:
 
     proc, out = holder
     job = TrainJob(descriptions=desc, out=out, model="tiny-clip", pretrained="random", device="cpu",
-                   overrides={"depth": 2, "n_ctx": 2, "epochs": 1, "warmup_epochs": 0}, cache_dir=out.parent / "cache")
+                   depth=2, n_ctx=2, epochs=1, warmup_epochs=0, cache_dir=out.parent / "cache")
     with pytest.raises(TrainLockError, match="another training run"):
         run_training(job, progress=False, report=lambda _: None)
     assert not out.exists()
