@@ -2,7 +2,10 @@
 
 Every command that takes ``--classes`` reads it here, so a file means the same classes everywhere:
 
-- ``imagenet``: the 1,000 ImageNet class names in label order (open_clip's list, CLIP's names);
+- a built-in name (:data:`BUILTIN`): one of the eleven datasets of the published protocols, whose
+  class names in label order ship with the package (``protext/data/classnames/``): ``imagenet``
+  (CLIP's 1,000 names), ``dtd``, ``eurosat``, ``oxford_pets``, ... A file of that name, if one
+  exists, is read instead;
 - a ``.txt`` file, one name per line; a line that starts with a WordNet id (CoOp's ImageNet
   ``classnames.txt``: ``n01440764 tench``) loses the id, line by line; blank lines and ``#`` comments
   are skipped;
@@ -31,8 +34,23 @@ from .errors import UserError
 SPLITS = ("all", "base", "novel")
 #: the image parts of a CoOp split file
 PARTITIONS = ("train", "val", "test")
+#: the class lists that ship with the package, by dataset name: the file in ``protext/data/classnames/``
+#: (each the dataset's class names in label order, as the published protocols number them)
+BUILTIN_FILES = {
+    "imagenet": "imagenet.json",
+    "caltech101": "caltech101.json",
+    "dtd": "dtd.json",
+    "eurosat": "eurosat.json",
+    "fgvc_aircraft": "aircraft.json",
+    "food101": "food101.json",
+    "oxford_flowers": "flower102.json",
+    "oxford_pets": "pets.json",
+    "stanford_cars": "cars.json",
+    "sun397": "sun397.json",
+    "ucf101": "ucf101.json",
+}
 #: class lists known by name
-BUILTIN = ("imagenet",)
+BUILTIN = tuple(BUILTIN_FILES)
 
 _WNID = re.compile(r"^n\d{8}\s+")
 _SPLIT_ENTRY = "[relative image path, label, classname]"
@@ -158,10 +176,8 @@ def read_classes(spec: str | os.PathLike) -> list[str]:
     Raises :class:`ClassListError` naming the file for anything unreadable, empty or malformed.
     """
     path = Path(spec)
-    if str(spec).lower() in BUILTIN and not path.exists():
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # heavy import: only when asked
-
-        return list(IMAGENET_CLASSNAMES)
+    if is_builtin(spec):
+        return builtin_classes(str(spec))
     if not path.is_file():
         raise ClassListError(
             f"{spec}: no such file, and not a built-in class list ({', '.join(BUILTIN)}); "
@@ -177,6 +193,22 @@ def read_classes(spec: str | os.PathLike) -> list[str]:
         if not name.strip():
             raise ClassListError(f"{path}: class {i} has an empty name")
     return names
+
+
+def is_builtin(spec: str | os.PathLike | None) -> bool:
+    """Whether ``spec`` names a built-in class list (and no file of that name exists)."""
+    return spec is not None and str(spec).lower() in BUILTIN_FILES and not Path(spec).exists()
+
+
+def builtin_classes(name: str) -> list[str]:
+    """The shipped class list of dataset ``name`` (:data:`BUILTIN`), names in label order."""
+    from importlib import resources
+
+    key = name.lower()
+    if key not in BUILTIN_FILES:
+        raise ClassListError(f"{name}: not a built-in class list; built-in: {', '.join(BUILTIN)}")
+    text = resources.files("protext").joinpath("data", "classnames", BUILTIN_FILES[key]).read_text(encoding="utf-8")
+    return [str(n) for n in json.loads(text)]
 
 
 def _load_json(path: Path):

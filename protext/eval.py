@@ -56,7 +56,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", required=True, help="Dataset name (see python -m protext.datasets), or 'folder' for a plain image folder with one sub-folder per class.")
     data.add_argument("--root", required=True, help="Folder holding the dataset (CoOp or TPT layout), or the image folder itself for --dataset folder.")
     data.add_argument("--split", default="all", choices=SPLITS, help="Class half: all, base (first ceil(n/2) labels) or novel (the rest); always the test images. [all]")
-    data.add_argument("--classes", default=None, metavar="FILE", help="Class list overriding the dataset's names (txt with or without CoOp ids, JSON list, CoOp split file).")
+    data.add_argument("--classes", default=None, metavar="FILE", help="Class list overriding the dataset's names (txt with or without CoOp ids, JSON list, CoOp split file, or a built-in list by dataset name such as dtd).")
     _old(data, "--classnames", "classes", "--classes", metavar="FILE")
     data.add_argument("--limit", type=int, default=None, metavar="N", help="Evaluate only the first N images (dataset order), for smoke runs.")
 

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = p.add_argument
     add("--classes", required=True, metavar="SPEC",
-        help="'imagenet', a .txt file (one name per line, CoOp 'n01440764 tench' ids dropped), a .json list, or a "
+        help="a built-in list by dataset name (imagenet, dtd, eurosat, oxford_pets, ...; the eleven datasets of the "
+        "published protocols), a .txt file (one name per line, CoOp 'n01440764 tench' ids dropped), a .json list, or a "
         "CoOp split_zhou_*.json file; names differing only in case, '_' or spacing are one class")
     add("--out", required=True, type=Path, metavar="FILE.jsonl",
         help="description cache to create or resume, e.g. llm_data/imagenet_gpt-4o-mini.jsonl")
@@ -113,7 +114,7 @@ def build_import_parser() -> argparse.ArgumentParser:
         "description is kept, repeats included (they are training samples).",
     )
     p.add_argument("source", type=Path, metavar="FILE.json|FOLDER",
-                   help="a CuPL-format JSON file (e.g. ../shared/cupl/texture_prompts_full.json), or CuPL's own "
+                   help="a CuPL-format JSON file (e.g. CuPL's texture_prompts_full.json), or CuPL's own "
                    "release folder with --dataset")
     p.add_argument("--out", required=True, type=Path, metavar="FILE.jsonl", help="JSONL file to write, e.g. llm_data/dtd_cupl.jsonl")
     p.add_argument("--dataset", metavar="NAME",

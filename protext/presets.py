@@ -1,4 +1,4 @@
-"""The published ProText hyper-parameters (../shared/design/PRESETS.md) as data.
+"""The published ProText hyper-parameters (PRESETS.md) as data.
 
 A preset is named ``cross_dataset``, ``text_only/<dataset>`` or ``base2novel/<dataset>``. Only
 ``n_ctx``, ``lr``, ``epochs`` and the CuPL description file differ between presets; everything else
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
+from .classlists import BUILTIN_FILES
 from .errors import UserError
 from .templates import DEFAULT_TEMPLATE, PROTEXT_TEMPLATES, template_for  # noqa: F401  (DEFAULT_TEMPLATE re-exported)
 
@@ -40,22 +41,11 @@ CUPL_FILES = {
     "sun397": "sun_prompts_full.json",
     "ucf101": "ucf_prompts_full.json",
 }
-"""The CuPL description file of each dataset, as named in ``../shared/cupl/``."""
+"""The CuPL description file of each dataset, as named in CuPL's release folder."""
 
-CLASSNAME_FILES = {
-    "imagenet": "imagenet.json",
-    "caltech101": "caltech101.json",
-    "dtd": "dtd.json",
-    "eurosat": "eurosat.json",
-    "fgvc_aircraft": "aircraft.json",
-    "food101": "food101.json",
-    "oxford_flowers": "flower102.json",
-    "oxford_pets": "pets.json",
-    "stanford_cars": "cars.json",
-    "sun397": "sun397.json",
-    "ucf101": "ucf101.json",
-}
-"""The class-name list (label order) of each dataset, as named in ``../shared/classnames/``."""
+CLASSNAME_FILES = BUILTIN_FILES
+"""The class-name list (label order) of each dataset, as shipped in ``protext/data/classnames/``
+(read by its dataset name: ``read_classes("dtd")``)."""
 
 CROSS_DATASET_TEMPLATES = PROTEXT_TEMPLATES
 """Class prompts for ImageNet-trained prompts evaluated elsewhere (one copy: :mod:`protext.templates`)."""
@@ -77,9 +67,10 @@ class Preset:
         n_ctx: number of context vectors.
         lr: base learning rate of the cosine schedule.
         epochs: number of epochs, warm-up included.
-        cupl_file: the CuPL description file (in ``../shared/cupl/``).
-        classnames_file: the label-ordered class list (in ``../shared/classnames/``).
-        split: ``base`` for base-to-novel (train on the first ceil(n/2) labels), else ``all``.
+        cupl_file: the CuPL description file (in CuPL's release folder).
+        classnames_file: the label-ordered class list (shipped in ``protext/data/classnames/``).
+        split: ``base`` for base-to-novel (train on the first ceil(n/2) labels of ``dataset``'s shipped
+            class list unless ``--classes`` names another), else ``all``.
     """
 
     name: str

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="Print every cell of TABLE with its settings (features, classes, template, preset, n_ctx, TTA) and the known departures, then exit; reads and runs nothing.")
     data = parser.add_argument_group("inputs")
     data.add_argument("--root", help="Folder holding the datasets (CoOp or TPT layout); missing ones are listed and skipped.")
-    data.add_argument("--descriptions", metavar="DIR", help="CuPL's release folder (its own file names and keys), e.g. ../shared/cupl; needed by CuPL rows and by every table that trains prompts.")
+    data.add_argument("--descriptions", metavar="DIR", help="CuPL's release folder (its own file names and keys), as released with CuPL (github.com/sarahpratt/CuPL); needed by CuPL rows and by every table that trains prompts.")
     data.add_argument("--coop", metavar="FILE", help="CoOp's 16-shot ImageNet prompts (.pth) for tpt-ood's CoOp rows; without it those rows are listed as not run.")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="ViT-B-16", help="open_clip architecture; the papers use ViT-B-16. [ViT-B-16]")

@@ -42,7 +42,8 @@ EPILOG = (
     "(matched case-insensitively, '_' as space), which the prompts then use; descriptions of other classes are "
     "dropped (listed), selected classes without descriptions are listed in a warning. --split base|novel takes the "
     "first ceil(n/2) / the remaining --classes names (CoOp's base-to-novel convention), so --classes must be in label "
-    "order, e.g. ../shared/classnames/dtd.json or a CoOp split_zhou_*.json.\n\n"
+    "order: a dataset's built-in list by name (dtd, eurosat, imagenet, ...) or a CoOp split_zhou_*.json. A "
+    "base2novel/<dataset> preset without --classes takes that dataset's built-in list.\n\n"
     "--epochs counts the warm-up epochs too: a run of no more epochs than --warmup-epochs never leaves the warm-up "
     "rate 1e-5 (a warning says so).\n\n"
     f"Presets: {', '.join(PRESETS)}."
@@ -55,7 +56,8 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
                       help="description file written by 'python -m protext.gen_descriptions' (or its 'import' of a CuPL JSON)")
     data.add_argument("--classes", metavar="FILE",
                       help="train on these classes only: a .txt (one name per line, CoOp ids allowed), a .json list, a "
-                      "CoOp split_zhou_*.json (names in label order), or 'imagenet' [every class of the description file]")
+                      "CoOp split_zhou_*.json (names in label order), or a built-in list by dataset name (imagenet, dtd, eurosat, "
+                      "oxford_pets, ...) [a base2novel/* preset's dataset, else every class of the description file]")
     data.add_argument("--split", choices=("all", "base", "novel"),
                       help="base = first ceil(n/2) classes of --classes, novel = the rest (needs --classes in label order) "
                       "[base for base2novel/* presets, else all]")
@@ -172,6 +174,7 @@ def preflight(args: argparse.Namespace) -> Path:
     against the loaded tower later; ``--device`` waits for torch.
     """
     from .preflight import check_output_dir, check_output_file
+    from .classlists import BUILTIN, is_builtin
     from .presets import resolve
 
     if args.resume and args.overwrite:
@@ -189,8 +192,8 @@ def preflight(args: argparse.Namespace) -> Path:
     descriptions = Path(args.descriptions)
     if not descriptions.is_file():
         raise TrainFlagError(f"--descriptions {descriptions}: no such file.")
-    if args.classes and str(args.classes).lower() != "imagenet" and not Path(args.classes).is_file():
-        raise TrainFlagError(f"--classes {args.classes}: no such file.")
+    if args.classes and not is_builtin(args.classes) and not Path(args.classes).is_file():
+        raise TrainFlagError(f"--classes {args.classes}: no such file, and not a built-in class list ({', '.join(BUILTIN)}).")
     out = out_path(args)
     inputs = [("--descriptions", args.descriptions), ("--classes", args.classes)]
     check_output_file(out, "--out", inputs, suffix=".safetensors")

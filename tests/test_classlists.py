@@ -131,3 +131,65 @@ def test_template_rules(dataset, protext, coop):
     assert template_for(dataset, "tpt") == "a photo of a {}."
     with pytest.raises(UserError, match="--templates"):
         template_for(dataset, "clip")
+
+
+# -- the eleven datasets' class lists, shipped with the package ----------------------------------------
+
+
+def test_shipped_class_lists_equal_the_published_lists(shared_dir):
+    from importlib import resources
+
+    from protext.classlists import BUILTIN, BUILTIN_FILES
+
+    assert len(BUILTIN) == 11
+    for name, file_name in BUILTIN_FILES.items():
+        shipped = resources.files("protext").joinpath("data", "classnames", file_name).read_bytes()
+        published = (shared_dir / "classnames" / file_name).read_bytes()
+        assert shipped == published, file_name
+        assert read_classes(name) == json.loads(published), name
+        assert read_classes(name.upper()) == read_classes(name)  # names are case-insensitive, like 'imagenet'
+
+
+def test_builtin_lists_need_neither_torch_nor_open_clip():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from protext.classlists import read_classes; "
+        "assert len(read_classes('dtd')) == 47 and len(read_classes('imagenet')) == 1000; "
+        "assert 'torch' not in sys.modules and 'open_clip' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_file_named_like_a_builtin_list_is_read_as_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dtd").write_text("only\nthese\n")
+    assert read_classes("dtd") == ["only", "these"]
+
+
+def test_unknown_name_lists_the_builtin_names():
+    with pytest.raises(ClassListError, match="not a built-in class list .*dtd.*oxford_pets"):
+        read_classes("no_such_dataset")
+
+
+def test_presets_take_their_class_list_from_the_package():
+    from protext.classlists import BUILTIN_FILES
+    from protext.presets import PRESETS
+
+    for preset in PRESETS.values():
+        assert preset.dataset in BUILTIN_FILES and preset.classnames_file == BUILTIN_FILES[preset.dataset]
+    base = split_classes(read_classes("dtd"), "base")
+    assert len(base) == 24 and base == read_classes("dtd")[:24]  # ceil(47/2)
+
+
+def test_help_texts_and_errors_do_not_send_users_to_shared():
+    from protext.eval import build_parser as eval_parser
+    from protext.gen_descriptions import build_import_parser
+    from protext.gen_descriptions import build_parser as gen_parser
+    from protext.reproduce import build_parser as reproduce_parser
+    from protext.train import build_parser as train_parser
+
+    for parser in (eval_parser(), gen_parser(), build_import_parser(), reproduce_parser(), train_parser()):
+        text = parser.format_help()
+        assert "../shared" not in text and "shared/" not in text

@@ -642,3 +642,14 @@ def test_generation_is_a_library_call(tmp_path: Path, monkeypatch: pytest.Monkey
     report = generate(GenConfig(classes=["beagle", "tabby cat"], out=out, backend="templates", progress=False))
     assert (report.classes_complete, report.units_written, report.descriptions_written) == (2, 14, 14)
     assert read_descriptions(out)["beagle"][0] == "A photo of a beagle, recognisable by its overall shape."
+
+
+def test_builtin_class_list_by_dataset_name_needs_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from protext.classlists import read_classes
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing named 'dtd' here: the list comes from the package
+    out = tmp_path / "dtd_templates.jsonl"
+    assert main(["--classes", "dtd", "--out", str(out), "--backend", "templates", "--no-progress"]) == 0
+    got = read_descriptions(out)
+    assert len(got) == 47 and list(got) == read_classes("dtd")

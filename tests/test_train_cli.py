@@ -213,8 +213,6 @@ def test_coop_split_file_and_base_novel(tmp_path, small_jsonl, capsys):
         code, err = run(capsys, cli(small_jsonl, out, "--classes", str(split_file), "--split", which, "--epochs", "1", "--warmup-epochs", "0"))
         assert code == 0, err
         assert load_prompts(out).meta["classes"] == expected and load_prompts(out).meta["split"] == which
-    code, err = run(capsys, cli(small_jsonl, tmp_path / "b2n.safetensors", "--preset", "base2novel/dtd"))
-    assert code == 2 and "--split base needs --classes" in err  # base2novel presets imply --split base
 
 
 def test_overlong_descriptions_one_summary_warning(tmp_path, dtd_data, capsys):
@@ -757,3 +755,34 @@ def test_a_run_stopped_in_its_first_epoch_writes_nothing_and_says_so(tmp_path, s
     assert outcome.message == (f"the loss became nan at epoch 1, step 1; training stopped. No epoch finished, so nothing was "
                                f"saved; {out} is left as it was. Try a lower --lr.")
     assert out.read_bytes() == b"an older checkpoint"
+
+
+def test_base2novel_preset_without_classes_takes_the_shipped_list(tmp_path, dtd_jsonl, capsys):
+    from protext.classlists import read_classes
+    from protext.training import TrainJob
+
+    dtd = read_classes("dtd")
+    job = TrainJob(str(dtd_jsonl), preset="base2novel/dtd")
+    assert job.class_list() == "dtd" and TrainJob(str(dtd_jsonl), preset="text_only/dtd").class_list() is None
+    out = tmp_path / "b2n.safetensors"
+    code, err = run(capsys, cli(dtd_jsonl, out, "--preset", "base2novel/dtd", "--epochs", "1", "--warmup-epochs", "0"))
+    assert code == 0, err
+    meta = load_prompts(out).meta
+    assert meta["classes"] == dtd[:24] and meta["split"] == "base" and meta["classes_file"] == "dtd"
+    novel = tmp_path / "novel.safetensors"
+    code, err = run(capsys, cli(dtd_jsonl, novel, "--preset", "base2novel/dtd", "--split", "novel", "--epochs", "1",
+                                "--warmup-epochs", "0"))
+    assert code == 0, err
+    assert load_prompts(novel).meta["classes"] == dtd[24:]
+
+
+def test_classes_by_dataset_name_and_split_without_any_list(tmp_path, small_jsonl, capsys):
+    code, err = run(capsys, cli(small_jsonl, tmp_path / "s.safetensors", "--split", "base"))
+    assert code == 2 and "--split base needs --classes" in err and "../shared" not in err
+    code, err = run(capsys, cli(small_jsonl, tmp_path / "n.safetensors", "--classes", "no_such_list"))
+    assert code == 2 and "not a built-in class list" in err and "dtd" in err
+    out = tmp_path / "named.safetensors"
+    code, err = run(capsys, cli(small_jsonl, out, "--classes", "DTD", "--epochs", "1", "--warmup-epochs", "0"))
+    assert code == 0, err
+    present = {json.loads(line)["classname"] for line in small_jsonl.read_text().splitlines()}
+    assert load_prompts(out).meta["classes"] == [c for c in protext.read_classes("dtd") if c in present]

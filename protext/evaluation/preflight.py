@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from ..classlists import BUILTIN, IMAGENET_COINCIDENCES, check_distinct_classes, read_classes
+from ..classlists import IMAGENET_COINCIDENCES, check_distinct_classes, is_builtin, read_classes
 from ..errors import UserError
 from ..preflight import OutputPathError, check_output_file, same_file
 from ..results import result_files
@@ -131,7 +131,7 @@ def check_inputs(config: EvalConfig) -> None:
             raise UserError(f"{flag} {p}: no such file.")
         if p.is_dir():
             raise UserError(f"{flag} {p} is a folder; name a file.")
-    if config.classes and str(config.classes).lower() not in BUILTIN:
+    if config.classes and not is_builtin(config.classes):
         check_classes(read_classes(config.classes), config, f"--classes {config.classes}")
 
 

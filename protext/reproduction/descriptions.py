@@ -67,7 +67,7 @@ def gather_descriptions(config: ReproduceConfig, cells: list[Cell], found: Avail
     if not config.descriptions:
         raise ReproduceError(
             f"{config.table} needs CuPL descriptions for {', '.join(needed)}: pass --descriptions DIR "
-            "(CuPL's release folder, e.g. ../shared/cupl)."
+            "(CuPL's release folder, as published at github.com/sarahpratt/CuPL)."
         )
     return {ds: _release_descriptions(config.descriptions, ds, names) for ds, names in needed.items()}
 

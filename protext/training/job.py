@@ -15,7 +15,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..presets import OVERRIDABLE, PresetError, Settings, resolve
+from ..presets import OVERRIDABLE, PresetError, Settings, get_preset, resolve
 from .history import EpochRecord
 
 
@@ -115,6 +115,16 @@ class TrainJob:
     def settings(self) -> Settings:
         """The preset with this job's hyper-parameters (and ``split``) applied."""
         return resolve(self.preset, self.hyperparameters())
+
+    def class_list(self) -> Optional[str | os.PathLike]:
+        """The class list the run reads: ``classes``; without it, for a ``base``/``novel`` split under a
+        preset, the preset's dataset by name (its label-ordered list ships with the package); else
+        None (every class of the description file)."""
+        if self.classes:
+            return self.classes
+        if self.preset and self.settings().split != "all":
+            return get_preset(self.preset).dataset
+        return None
 
     def out_path(self) -> Path:
         """The checkpoint path (``out``, or the default named after the description file)."""

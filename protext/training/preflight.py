@@ -123,7 +123,8 @@ def check_resume_inputs(job: TrainJob, paths: Mapping[str, Path], resuming: bool
         split = job.settings().split
         with warnings.catch_warnings():  # the run reads the files again and warns then, once
             warnings.simplefilter("ignore")
-            wanted = split_classes(read_classes(job.classes), split) if job.classes else None
+            classes = job.class_list()
+            wanted = split_classes(read_classes(classes), split) if classes else None
             selection = select_classes(read_descriptions(job.descriptions), wanted)
         now = [name for name, texts in selection.descriptions.items() if texts]
         if now != saved_classes:

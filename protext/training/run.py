@@ -169,7 +169,7 @@ def _metadata(job: TrainJob, settings: Settings, config: TrainConfig, clip, enco
         "classes": pairs.classnames,
         "classes_without_descriptions": selection.missing,
         "split": settings.split,
-        "classes_file": str(job.classes) if job.classes else None,
+        "classes_file": str(job.class_list()) if job.class_list() else None,
         "preset": settings.preset,
         "preset_values": settings.preset_values,
         "hyperparameters": {

@@ -67,7 +67,7 @@ def read_samples(job: TrainJob, settings: Settings, say: Callable[[str], None]) 
         TrainJobError: a missing or empty description file, a split without a class list, a
             missing class-list file, or no selected class with descriptions.
     """
-    from ..classlists import read_classes, split_classes
+    from ..classlists import BUILTIN, is_builtin, read_classes, split_classes
     from ..descriptions import read_descriptions
 
     path = Path(job.descriptions)
@@ -79,15 +79,18 @@ def read_samples(job: TrainJob, settings: Settings, say: Callable[[str], None]) 
             f"--descriptions {path}: the file holds no descriptions. Generate some with 'python -m protext.gen_descriptions' "
             "or import a CuPL JSON with 'python -m protext.gen_descriptions import FILE.json --out FILE.jsonl'."
         )
-    if settings.split != "all" and not job.classes:
+    classes = job.class_list()
+    if settings.split != "all" and not classes:
         raise TrainJobError(
-            f"--split {settings.split} needs --classes with the dataset's class names in label order (e.g. "
-            "../shared/classnames/dtd.json or a CoOp split_zhou_*.json); the description file's own class order is not "
-            "the label order."
+            f"--split {settings.split} needs --classes with the dataset's class names in label order (a built-in "
+            f"list by dataset name: {', '.join(BUILTIN)}; or a CoOp split_zhou_*.json), or a --preset that names "
+            "the dataset; the description file's own class order is not the label order."
         )
-    if job.classes and not Path(job.classes).exists() and str(job.classes).lower() != "imagenet":
-        raise TrainJobError(f"--classes {job.classes}: no such file.")
-    wanted = split_classes(read_classes(job.classes), settings.split) if job.classes else None
+    if classes and not Path(classes).exists() and not is_builtin(classes):
+        raise TrainJobError(f"--classes {classes}: no such file, and not a built-in class list ({', '.join(BUILTIN)}).")
+    if classes and not job.classes:
+        say(f"classes: {classes}'s built-in list in label order ({settings.split} half, from --preset {job.preset})")
+    wanted = split_classes(read_classes(classes), settings.split) if classes else None
     selection = select_classes(descriptions, wanted)
     _report_selection(selection, descriptions, path, settings.split, say)
     if not selection.descriptions:
