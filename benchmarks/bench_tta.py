@@ -40,7 +40,7 @@ def _adapter(args, clip, classnames):
     from protext.zeroshot import clip_text_features
 
     method = "tda" if args.method == "tda-64" else args.method
-    fp16 = args.device.startswith("cuda") and args.precision == "fp16"
+    fp16 = args.precision == "fp16"  # on a CPU the same (emulated) path as on CUDA, said once by drive()
     config = TTAConfig(method=method, views=64 if args.method == "tda-64" else None, batch=args.batch, fp16=fp16)
     dataset = DATASET[args.n_classes]
     start = time.perf_counter()
@@ -112,6 +112,12 @@ def _row(r: dict, reference: dict) -> str:
 
 
 def drive(args: argparse.Namespace) -> int:
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        import torch
+
+        from protext.amp import fp16_note
+
+        print(f"[bench] note: {fp16_note(torch.device(args.device))}", file=sys.stderr, flush=True)
     head = ["classes", "method", "views", "s / image", "image encoding s", "rest s", "setup s", "peak GiB", "× TPT"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     results = []
@@ -122,7 +128,7 @@ def drive(args: argparse.Namespace) -> int:
         results += list(rows.values())
         if args.batch > 1:
             for m in (m for m in args.methods if m in EPISODIC):
-                if m in ("tpt", "ctpt") and args.precision == "fp16" and args.device.startswith("cuda"):
+                if m in ("tpt", "ctpt") and args.precision == "fp16":
                     continue  # --tta-batch with fp16 is refused for TPT/C-TPT
                 batched = _child(args, m, n_classes, args.batch)
                 same = sum(a == b for a, b in zip(batched["top1"], rows[m]["top1"]))
@@ -146,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="Methods to time (TPT is always run as the reference).")
     parser.add_argument("--images", type=int, default=3, help="Test images timed per row.")
     parser.add_argument("--batch", type=int, default=4, help="--tta-batch size for the throughput rows of the episodic methods (1: skip them).")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="fp16: autocast (and TPT's gradient scaler) on CUDA, as published.")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="fp16: autocast (and TPT's gradient scaler), as published on CUDA; on a CPU the same path runs emulated (slow: it checks the arithmetic, not speed).")
     parser.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu", help="cpu or cuda.")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     parser.add_argument("--out", default=None, help="Also write every run's figures to this JSON file.")
