@@ -21,29 +21,33 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 @lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    """The first processor's ``flags`` (x86) or ``Features`` (Arm) in ``/proc/cpuinfo``; empty elsewhere."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (read once per process); empty elsewhere."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
+                if not line.strip():
+                    if fields:  # a blank line ends the first processor's block
+                        break
+                    continue
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The first processor's ``flags`` (x86) or ``Features`` (Arm); empty where unknown."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
 def cpu_model_name() -> str:
     """The CPU's marketing name (``model name`` in ``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "cpu"
 
 
 def native_bf16_flags() -> list[str]:

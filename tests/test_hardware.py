@@ -71,6 +71,7 @@ def test_capability_reads_this_machines_real_flags():
     """The real /proc/cpuinfo parse: on Linux x86 the flags line is found (sse2 is in every x86-64)."""
     import platform
 
+    hardware._cpuinfo.cache_clear()
     hardware._cpu_flags.cache_clear()
     flags = hardware._cpu_flags()
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
