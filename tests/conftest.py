@@ -102,3 +102,18 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the bad input was refused")
 
     monkeypatch.setattr(protext.models, "load_clip", refuse)
+
+
+def sigkill(proc) -> None:
+    """SIGKILL the process itself (not a shell around it) and check that this, not anything else, ended it."""
+    import signal
+
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=TEST_TIMEOUT) == -signal.SIGKILL
+
+
+def reap(proc) -> None:
+    """Kill a process a failed test left running, and wait for it (no zombie, no stray writer)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import warnings
@@ -21,7 +20,7 @@ from protext.descriptions.cache import encode_unit
 from protext.gen_descriptions import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TEST_TIMEOUT  # noqa: E402
+from conftest import TEST_TIMEOUT, reap, sigkill  # noqa: E402
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,12 +79,9 @@ def test_random_sigkills_then_rerun_equal_an_uninterrupted_run(tmp_path: Path, m
                 if not server.wait_held(timeout=TEST_TIMEOUT):
                     proc.kill()
                     raise AssertionError(f"the run never reached unit {k}: {proc.communicate()[1]!r}")
-                os.kill(proc.pid, signal.SIGKILL)  # the process itself, not a wrapper
-                assert proc.wait(timeout=TEST_TIMEOUT) == -signal.SIGKILL
+                sigkill(proc)
             finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                reap(proc)
                 proc.stderr.close()
             assert processes_in_group(proc.pid) == []
             # Nothing lost, nothing duplicated: exactly the first k units of the uninterrupted run.

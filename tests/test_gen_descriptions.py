@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ def load_classnames(spec: str) -> list[str]:
     return unique_classes(gen._classes(spec))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import SHARED, TEST_TIMEOUT  # noqa: E402
+from conftest import SHARED, TEST_TIMEOUT, reap, sigkill  # noqa: E402
 from fake_openai_server import FakeOpenAIServer, expected_descriptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,12 +208,9 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path, cla
         try:
             if not server.wait_held(timeout=TEST_TIMEOUT):
                 raise AssertionError(f"the run never reached request 21: {stderr.read_text()}")
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(timeout=TEST_TIMEOUT) == -signal.SIGKILL
+            sigkill(proc)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            reap(proc)
         server.release()
         partial = triples(killed)
         assert 0 < len(partial) < len(triples(whole)), "killed mid-way"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import protext
-from conftest import TEST_TIMEOUT
+from conftest import TEST_TIMEOUT, reap, sigkill
 from protext.checkpoint import load_prompts
 from protext.descriptions import import_cupl
 from protext.export import main as export_main
@@ -373,12 +373,9 @@ def test_killed_at_a_random_moment_and_resumed_equals_uninterrupted(tmp_path, re
             said.append(line)
             line = proc.stdout.readline()
         assert line, f"the run ended before event {pause_at} of {total}: {said}"
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=TEST_TIMEOUT) == -signal.SIGKILL
+        sigkill(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
         proc.stdout.close()
     done = load_resume_state(tmp_path / "run.resume.pt")["epoch"]
     assert 1 <= done < 12
