@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AdaptResult", "Adapter", "Stopwatch", "cosines"]
+__all__ = ["AdaptResult", "Adapter", "FeatureAdapter", "Stopwatch", "cosines"]
 
 
 @dataclass
@@ -22,11 +22,14 @@ class AdaptResult:
         calibration_logits: the logits whose softmax is the reported confidence (TTA.md §5): the
             same as ``logits`` except for ZERO, whose votes are not a probability (view 0's logits).
         timings: seconds per phase; ``images`` is image encoding, every other key the rest.
+        extras: per-image tensors a method keeps for a decision taken after the stream (DMN-ZS's
+            text and memory probabilities, from which its oracle variant picks β₂); empty otherwise.
     """
 
     logits: torch.Tensor
     calibration_logits: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Adapter:
@@ -54,6 +57,42 @@ class Adapter:
         """Restore :meth:`state_dict`'s output (a no-op for the episodic methods)."""
         if state:
             raise ValueError(f"{type(self).__name__} carries no state across images, got keys {sorted(state)}")
+
+
+class FeatureAdapter(Adapter):
+    """A method that reads only its views' image features: no backward through the image tower.
+
+    Subclasses set ``image_encoder`` (a :class:`protext.zeroshot.ImageEncoder`) and implement
+    :meth:`adapt_features`. Because the features are all such a method sees, several of them can
+    share one encoding of each image's views (``eval --tta zero,tda,mta``), each fed the same
+    normalised fp32 features it would have computed itself.
+    """
+
+    image_encoder: Any
+
+    def adapt_features(self, features: torch.Tensor) -> AdaptResult:
+        """Adapt to one image from its normalised view features (n_views, D), view 0 first."""
+        raise NotImplementedError
+
+    def adapt(self, views: torch.Tensor) -> AdaptResult:
+        watch = Stopwatch()
+        with watch("images"):
+            features = self.image_encoder(views)
+        result = self.adapt_features(features)
+        result.timings = {**watch.timings, **result.timings}
+        return result
+
+    def adapt_batch(self, batch: Sequence[torch.Tensor]) -> list[AdaptResult]:
+        """Every image's views through the image tower in one forward, then each image on its own
+        (online methods too: the images are still taken in order)."""
+        watch = Stopwatch()
+        with watch("images"):
+            features = self.image_encoder(torch.cat(list(batch)))
+        share = {k: v / len(batch) for k, v in watch.timings.items()}
+        results = [self.adapt_features(part) for part in features.split([v.shape[0] for v in batch])]
+        for result in results:
+            result.timings = {**share, **result.timings}
+        return results
 
 
 class Stopwatch:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..zeroshot import ImageEncoder, logit_scale
-from .base import AdaptResult, Adapter, Stopwatch
+from .base import AdaptResult, FeatureAdapter, Stopwatch
 
 __all__ = ["MTAAdapter", "MTAMode", "MTA_SETTINGS", "fewest_views_with_a_neighbour", "mta_mode", "neighbour_count", "view_bandwidths"]
 
@@ -114,7 +113,7 @@ def mta_mode(features: torch.Tensor, logits: torch.Tensor, settings: MTASettings
     return MTAMode(mode.float(), y.float(), rounds)
 
 
-class MTAAdapter(Adapter):
+class MTAAdapter(FeatureAdapter):
     """MTA on fixed class features (C, D); episodic, no backward, no selection."""
 
     def __init__(self, model: nn.Module, class_features: torch.Tensor, image_dtype: torch.dtype | None = None) -> None:
@@ -123,24 +122,10 @@ class MTAAdapter(Adapter):
         self.scale = float(logit_scale(model))
         self.image_encoder = ImageEncoder(model, image_dtype)
 
-    def _solve(self, features: torch.Tensor, timings: dict[str, float]) -> AdaptResult:
+    def adapt_features(self, features: torch.Tensor) -> AdaptResult:
         watch = Stopwatch()
         with watch("meanshift"):
             logits = self.scale * features.float() @ self.classes.t()
             found = mta_mode(features, logits)
             final = (self.scale * found.mode @ self.classes.t()).cpu()
-        return AdaptResult(final, final, {**timings, **watch.timings})
-
-    def adapt(self, views: torch.Tensor) -> AdaptResult:
-        watch = Stopwatch()
-        with watch("images"):
-            features = self.image_encoder(views)
-        return self._solve(features, watch.timings)
-
-    def adapt_batch(self, batch: Sequence[torch.Tensor]) -> list[AdaptResult]:
-        """All images' views through the image tower in one forward, then each image's mode."""
-        watch = Stopwatch()
-        with watch("images"):
-            features = self.image_encoder(torch.cat(list(batch)))
-        share = {k: v / len(batch) for k, v in watch.timings.items()}
-        return [self._solve(part, share) for part in features.split([v.shape[0] for v in batch])]
+        return AdaptResult(final, final, watch.timings)

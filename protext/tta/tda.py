@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..zeroshot import ImageEncoder, logit_scale
-from .base import AdaptResult, Adapter, Stopwatch
+from .base import AdaptResult, FeatureAdapter, Stopwatch
 from .config import TDA_NEGATIVE
 from .selection import marginal_entropy, select_confident
 
@@ -121,7 +121,7 @@ class TDACache:
             ]
 
 
-class TDAAdapter(Adapter):
+class TDAAdapter(FeatureAdapter):
     """TDA on fixed class features (C, D): online, no backward.
 
     Args:
@@ -177,10 +177,8 @@ class TDAAdapter(Adapter):
             final = final - self.neg_alpha * self.negative.affinity_logits(obs.feature, self.neg_beta, mask)
         return final
 
-    def adapt(self, views: torch.Tensor) -> AdaptResult:
+    def adapt_features(self, features: torch.Tensor) -> AdaptResult:
         watch = Stopwatch()
-        with watch("images"):
-            features = self.image_encoder(views)
         with watch("cache"):
             # the image encoder returns features on the model's device, where the classes already are
             obs = observe(features, self.classes, self.scale, self.fraction)

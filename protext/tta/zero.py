@@ -14,13 +14,12 @@ The winner's count is raised by one, so a top-5 read from the votes agrees with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from ..zeroshot import ImageEncoder, logit_scale
-from .base import AdaptResult, Adapter, Stopwatch, cosines
+from .base import AdaptResult, FeatureAdapter, Stopwatch, cosines
 from .selection import confidence_order, n_confident
 
 __all__ = ["ENSEMBLE_TEMPLATES", "FP16_VOTE_SCALE", "PUBLISHED_SEED", "ZeroAdapter", "ZeroVotes", "zero_votes"]
@@ -104,7 +103,7 @@ def _break_tie(cos: torch.Tensor, tied: torch.Tensor, discarded: torch.Tensor, k
     return int(tied[cos[reference, tied].argmax()]), -1
 
 
-class ZeroAdapter(Adapter):
+class ZeroAdapter(FeatureAdapter):
     """ZERO on fixed class features (C, D); episodic, no backward.
 
     Args:
@@ -130,7 +129,7 @@ class ZeroAdapter(Adapter):
         self.votes = votes
         self.image_encoder = ImageEncoder(model, image_dtype)
 
-    def _decide(self, features: torch.Tensor, timings: dict[str, float]) -> AdaptResult:
+    def adapt_features(self, features: torch.Tensor) -> AdaptResult:
         watch = Stopwatch()
         with watch("vote"):
             # the image encoder returns features on the model's device, where the classes already are
@@ -138,20 +137,4 @@ class ZeroAdapter(Adapter):
             decision = zero_votes(cos, self.scale, self.fraction, self.votes)
             # the vote share is not a probability: calibration is read from view 0's logits
             calibration = self.scale * cos[0]
-        timings = {**timings, **watch.timings}
-        return AdaptResult(decision.votes.cpu(), calibration.cpu(), timings)
-
-    def adapt(self, views: torch.Tensor) -> AdaptResult:
-        watch = Stopwatch()
-        with watch("images"):
-            features = self.image_encoder(views)
-        return self._decide(features, watch.timings)
-
-    def adapt_batch(self, batch: Sequence[torch.Tensor]) -> list[AdaptResult]:
-        """All images' views through the image tower in one forward, then each image's votes."""
-        watch = Stopwatch()
-        with watch("images"):
-            features = self.image_encoder(torch.cat(list(batch)))
-        share = {k: v / len(batch) for k, v in watch.timings.items()}
-        parts = features.split([v.shape[0] for v in batch])
-        return [self._decide(part, share) for part in parts]
+        return AdaptResult(decision.votes.cpu(), calibration.cpu(), watch.timings)
