@@ -1,0 +1,130 @@
+"""Machine-independent cost: FLOPs counted on the real calls with ``torch.utils.flop_counter``.
+
+**Unit.** A FLOP here is one floating-point operation, so **one multiply-add counts as 2 FLOPs**
+(a ``(m, k) @ (k, n)`` product is ``2·m·k·n``). That is PyTorch's ``FlopCounterMode`` convention
+and the one of open_clip's published profile (``docs/model_profile.csv``, columns ``gflops``,
+``image_gflops``, ``text_gflops``, written by ``src/open_clip_train/profiler.py`` with
+``FlopCounterMode``). Counted by hand for ViT-B/16 at 224 px: patch embedding
+``2·196·768·768`` + 12 blocks × (QKV ``2·197·768·2304`` + scores and mix ``2·2·197²·768`` + out
+``2·197·768²`` + MLP ``2·2·197·768·3072``) + projection ``2·768·512`` = 35.1269 G, the published
+35.13; one 77-token prompt through the text tower (width 512) is 5.960 G, the published 5.96. The
+GMACs of fvcore/thop/timm ("17.6 GFLOPs" for ViT-B/16) are half of these figures.
+
+Only matrix products, convolutions and attention are counted (as ``FlopCounterMode`` does):
+normalisation, activations, softmax and element-wise arithmetic are left out, as in the profile.
+Attention under a causal mask counts the full square, as the profile does.
+
+**What the stock counter misses, and is added here.** ``FlopCounterMode`` has no formula for two
+kernels that CPU inference runs, so it would silently count zero for them:
+
+* ``aten._native_multi_head_attention``, the fused "fast path" of ``nn.MultiheadAttention`` taken
+  in inference (no grad, batch-first), which open_clip's image tower hits: uncounted, the ViT-B/16
+  tower reads 22.5 instead of 35.1 GFLOPs;
+* ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, the CPU kernel behind
+  ``F.scaled_dot_product_attention``: uncounted, one text prompt reads 5.81 instead of 5.96.
+
+:func:`count_flops` registers formulas for them, so a count does not depend on which kernel ran.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+#: FLOPs per multiply-add in every figure of this module (and in open_clip's profile)
+FLOPS_PER_MAC = 2
+
+#: open_clip's published profile, GFLOPs (2 per multiply-add) per image at the model's resolution and
+#: per text of 77 tokens, batch 1: ``docs/model_profile.csv`` of mlfoundations/open_clip, columns
+#: ``image_gflops`` and ``text_gflops``.
+PUBLISHED_GFLOPS: dict[str, dict[str, float]] = {
+    "RN50": {"image": 12.22, "text": 5.96},
+    "ViT-B-32": {"image": 8.82, "text": 5.96},
+    "ViT-B-16": {"image": 35.13, "text": 5.96},
+    "ViT-L-14": {"image": 162.03, "text": 13.3},
+}
+
+
+def _native_mha_flop(
+    query_shape: Any, key_shape: Any, value_shape: Any, embed_dim: int, num_head: int, *args: Any, **kwargs: Any
+) -> int:
+    """FLOPs of ``aten._native_multi_head_attention`` (batch-first, shapes (B, L, E)): the Q, K and V
+    projections, the scores ``Q·Kᵀ`` and the mix ``A·V`` over all heads, and the output projection."""
+    batch, n_query, _ = query_shape
+    _, n_key, _ = key_shape
+    _, n_value, _ = value_shape
+    e = embed_dim
+    projections = 2 * batch * (n_query + n_key + n_value) * e * e
+    attention = 2 * batch * n_query * n_key * e + 2 * batch * n_query * n_value * e
+    output = 2 * batch * n_query * e * e
+    return projections + attention + output
+
+
+def _cpu_sdpa_flop(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of the CPU flash-attention forward: torch's own SDPA formula, (B, H, L, D) shapes."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(
+    grad_out_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
+) -> int:
+    """FLOPs of the CPU flash-attention backward: torch's own SDPA backward formula."""
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def extra_formulas() -> dict[Any, Callable[..., int]]:
+    """The formulas :func:`count_flops` adds to ``FlopCounterMode`` (see the module text), keyed by op."""
+    aten = torch.ops.aten
+    return {
+        aten._native_multi_head_attention: _native_mha_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
+    }
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """FLOPs (2 per multiply-add) of everything ``fn(*args, **kwargs)`` runs: forwards, and backwards
+    if it calls them, exactly as called (grad mode, dtype, kernels and batch of the caller)."""
+    counter = FlopCounterMode(display=False, custom_mapping=extra_formulas())
+    with counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def _first_parameter(module: nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def image_tower_gflops(model: nn.Module, resolution: int = 224) -> float:
+    """GFLOPs of one image through ``model.visual`` (or ``model`` itself when it has no ``visual``),
+    at ``resolution`` px square, in inference (no grad), on the model's device and dtype."""
+    tower = getattr(model, "visual", model)
+    weight = _first_parameter(tower)
+    image = torch.ones(1, 3, resolution, resolution, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        return count_flops(tower, image) / 1e9
+
+
+def text_gflops(model: nn.Module, n_tokens: Optional[int] = 77) -> float:
+    """GFLOPs of one prompt of ``n_tokens`` tokens (end-of-text included) through the text tower.
+
+    The prompt runs through :func:`protext.text_tower.encode_tokens`, protext's own text call, which
+    stops the tower at the end-of-text token: ``n_tokens`` below the context length is the cost of a
+    shorter prompt as protext runs it. ``None`` means the whole context (77 for CLIP).
+    """
+    from .text_tower import encode_tokens, text_tower
+
+    tower = text_tower(model)
+    context = tower.context_length
+    n = context if n_tokens is None else n_tokens
+    if not 1 <= n <= context:
+        raise ValueError(f"n_tokens must be in 1..{context} (the context length), got {n_tokens!r}")
+    device = tower.token_embedding.weight.device
+    tokens = torch.zeros(1, context, dtype=torch.long, device=device)
+    tokens[0, :n] = 1
+    tokens[0, n - 1] = tower.token_embedding.num_embeddings - 1  # the end-of-text token: the largest id
+    with torch.no_grad():
+        return count_flops(encode_tokens, model, tokens) / 1e9
