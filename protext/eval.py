@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from .errors import UserError, run_command
 from .evaluation.config import (
-    METHODS, PRECISIONS, SPLITS, TEMPLATE_RULES, TTA_INITS, TTA_METHODS, TTA_TUNE, ZERO_VOTES, EvalConfig, parse_stream_seeds,
+    METHODS, ONLINE_METHODS, PRECISIONS, SPLITS, TEMPLATE_RULES, TTA_INITS, TTA_METHODS, EvalConfig, parse_stream_seeds,
 )
 
 _DEPRECATED = {"--classnames": "--classes", "--tpt": "--tta tpt", "--precision amp": "--precision fp16"}
@@ -80,30 +80,61 @@ def _feature_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _tta_flags(parser: argparse.ArgumentParser) -> None:
+    """``--tta`` and the run's own TTA flags, then every method's options as the registry declares
+    them: the flags several methods share first, then one group per method."""
+    from .tta import registry
+
     tta = parser.add_argument_group("test-time adaptation (unset options take the method's published defaults)")
-    tta.add_argument("--tta", default=None, choices=TTA_METHODS, help="Adapt to each test image: tpt, ctpt (tune the prompts), zero, mta (no backward), tda (online cache over a seeded stream).")
+    methods = ", ".join(f"{name} ({registry.get(name).title})" for name in TTA_METHODS)
+    tta.add_argument("--tta", default=None, choices=TTA_METHODS, metavar="METHOD", help=f"Adapt to each test image: {methods}.")
     _old(tta, "--tpt", "tta", "--tta tpt", nargs=0, value="tpt")
-    for flag, old, kind, meta, text in [
-        ("--tta-views", "--tpt-views", int, "N", "Views per image, the image itself included. [64; TDA: 1 or 64 per dataset]"),
-        ("--tta-selection", "--tpt-selection", float, "F", "Fraction of lowest-entropy views kept. [0.1; ZERO 0.3]"),
-        ("--tta-steps", "--tpt-steps", int, "N", "AdamW steps per image (TPT/C-TPT; 0 = view 0's prediction). [1]"),
-        ("--tta-lr", "--tpt-lr", float, "LR", "AdamW learning rate (TPT/C-TPT). [5e-3]"),
-    ]:
-        tta.add_argument(flag, type=kind, default=None, metavar=meta, help=text)
-        _old(tta, old, flag[2:].replace("-", "_"), flag, type=kind, metavar=meta)
-    tta.add_argument("--tta-init", default=None, choices=TTA_INITS, help="Prompts TPT/C-TPT start from: handcrafted ('a photo of a'), prompts (a protext checkpoint) or coop (a CoOp .pth). [from --method]")
+    tta.add_argument("--tta-init", default=None, choices=TTA_INITS, help="Prompts the prompt tuners (tpt, ctpt, otpt) start from: handcrafted ('a photo of a'), prompts (a protext checkpoint) or coop (a CoOp .pth). [from --method]")
     _old(tta, "--tpt-init", "tta_init", "--tta-init", choices=TTA_INITS)
-    tta.add_argument("--tta-tune", default=None, choices=TTA_TUNE, help="What TPT/C-TPT tune: all (context and deep prompts) or shallow (context only). [all]")
-    _old(tta, "--tpt-tune", "tta_tune", "--tta-tune", choices=TTA_TUNE)
-    tta.add_argument("--tta-batch", type=int, default=None, metavar="B", help="Images adapted at once by the episodic methods (same predictions as one at a time). [1]")
-    tta.add_argument("--tta-naive", action="store_true", default=False, help="Gone: the published-style reference path now lives in tests/reference/tpt_reference.py; refused with that pointer.")
-    _old(tta, "--tpt-naive", "tta_naive", "--tta-naive", nargs=0, value=True)
-    tta.add_argument("--ctpt-lambda", type=float, default=None, metavar="L", help="C-TPT's weight of the text-feature dispersion (>= 0). [50; 20 on ImageNet-A/V2/R/Sketch]")
-    tta.add_argument("--tda-alpha", type=float, default=None, metavar="A", help="TDA's positive-cache weight alpha (>= 0). [published per dataset]")
-    tta.add_argument("--tda-beta", type=float, default=None, metavar="B", help="TDA's positive-cache sharpness beta (> 0). [published per dataset]")
-    tta.add_argument("--zero-votes", default=None, choices=ZERO_VOTES, help="ZERO's votes: hard (zero temperature) or fp16 (the published fp16 runs' soft votes). [hard]")
-    tta.add_argument("--augmix", action=argparse.BooleanOptionalAction, default=None, help="AugMix on the random views (TPT/C-TPT/TDA). [the method's published choice per dataset]")
-    tta.add_argument("--stream-seeds", type=parse_stream_seeds, default=None, metavar="S,S,...", help="Online methods (TDA): run one stream per seed (a seeded permutation of the images) and report mean and spread. [--seed]")
+    tta.add_argument("--stream-seeds", type=parse_stream_seeds, default=None, metavar="S,S,...", help=f"Online methods ({', '.join(ONLINE_METHODS)}): run one stream per seed (a seeded permutation of the images) and report mean and spread. [--seed]")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, (opt, users) in registry.shared_flags().items():
+        if len(users) > 1:
+            group = tta
+        else:
+            if users[0] not in groups:
+                groups[users[0]] = parser.add_argument_group(f"--tta {users[0]}: {registry.get(users[0]).title}")
+            group = groups[users[0]]
+        _add_option(group, flag, opt, users)
+
+
+def _add_option(group, flag: str, opt, users: tuple[str, ...]) -> None:
+    """One registry option as a flag: its type, choices, range, and each method's default."""
+    from .tta import registry
+
+    shown: dict[str, list[str]] = {}  # default text -> the methods with that default
+    for name in users:
+        declared = next(o for _, o in registry.options(registry.get(name)) if o.flag == flag)
+        shown.setdefault(declared.shown or "-", []).append(name)
+    if len(users) > 1:
+        default_text = "; ".join(f"{', '.join(names)}: {text}" for text, names in shown.items())
+        text = f"{opt.help} (--tta {', '.join(users)}; {_range_words(opt)}) [{default_text}]"
+    else:
+        text = f"{opt.help} ({_range_words(opt)}) [{next(iter(shown))}]"
+    dest = registry.dest(flag)
+    if opt.type is bool and opt.default is False:
+        group.add_argument(flag, action="store_true", default=False, dest=dest, help=text)
+    elif opt.type is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, dest=dest, help=text)
+    elif opt.choices:
+        group.add_argument(flag, default=None, choices=opt.choices, dest=dest, help=text)
+    else:
+        group.add_argument(flag, type=opt.type, default=None, metavar=opt.metavar, dest=dest, help=text)
+    for alias in opt.aliases:
+        kind = {"nargs": 0, "value": True} if opt.type is bool else {"type": opt.type, "metavar": opt.metavar}
+        _old(group, alias, dest, flag, **kind, **({"choices": opt.choices} if opt.choices else {}))
+
+
+def _range_words(opt) -> str:
+    if opt.type is bool:
+        return "on/off"
+    if opt.choices:
+        return " or ".join(opt.choices)
+    return opt.range_text()
 
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +166,12 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> EvalConfig:
     if args.precision == "amp":
         _warn("--precision amp", "--precision fp16")
         args.precision = "fp16"
-    return EvalConfig(**vars(args))
+    values = vars(args)
+    # options declared by the registry without an EvalConfig field of their own travel in tta_options
+    fields = set(EvalConfig.__dataclass_fields__)
+    extra = {key: values.pop(key) for key in list(values) if key not in fields}
+    values["tta_options"] = {key: value for key, value in extra.items() if value is not None} or None
+    return EvalConfig(**values)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -261,7 +261,7 @@ IN_FINGERPRINT = (
     "dataset", "root", "split", "classes", "model", "pretrained", "device", "precision", "method", "template",
     "templates", "descriptions", "prompts", "allow_other_weights", "tta", "tta_views", "tta_selection", "tta_steps",
     "tta_lr", "tta_init", "tta_tune", "tta_batch", "tta_naive", "ctpt_lambda", "tda_alpha", "tda_beta", "zero_votes",
-    "augmix", "stream_seeds", "batch_size", "seed", "save_logits",
+    "augmix", "tta_options", "stream_seeds", "batch_size", "seed", "save_logits",
 )
 #: fields left out of the default results name (limit is in it: a smoke run must not take the full run's name)
 NOT_IN_NAME = {k: v for k, v in NOT_IN_FINGERPRINT.items() if k != "limit"}
@@ -282,6 +282,8 @@ def _other_value(name: str, value):
         return (value or "") + "x"
     if typing.get_origin(kind) is list:
         return [*(value or []), 11]
+    if typing.get_origin(kind) is dict:
+        return {**(value or {}), "dmn_beta": 7.0}
     raise AssertionError(f"EvalConfig.{name}: no test value for type {kind}; extend _other_value")
 
 

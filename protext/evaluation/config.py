@@ -17,6 +17,9 @@ from typing import Any, Optional
 
 from ..classlists import BUILTIN as BUILTIN_CLASS_LISTS
 from ..errors import UserError
+# the test-time methods, their options and checks come from one place, the registry (torch-free)
+from ..tta import registry as _registry
+from ..tta.methods import common as _common
 
 SPLITS = ("all", "base", "novel")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -25,29 +28,16 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 METHODS = ("clip", "cupl", "prompts", "ensemble", "ensemble80")
 #: must equal ``protext.templates.TEMPLATE_RULES`` (tested); repeated here so --help needs no import
 TEMPLATE_RULES = ("protext", "coop", "tpt")
-TTA_METHODS = ("tpt", "ctpt", "zero", "tda", "mta")
 TTA_INITS = ("handcrafted", "prompts", "coop")
-TTA_TUNE = ("all", "shallow")
-ZERO_VOTES = ("hard", "fp16")
 COOP_SUFFIXES = (".pth", ".pt", ".tar")
+TTA_METHODS: tuple[str, ...] = _registry.names()
 #: methods whose state carries from one image to the next (the stream order matters)
-ONLINE_METHODS = ("tda",)
-
-#: per TTA option: its flag, and the methods it means something for
-TTA_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "tta_views": ("--tta-views", TTA_METHODS),
-    "tta_selection": ("--tta-selection", ("tpt", "ctpt", "zero", "tda")),
-    "tta_steps": ("--tta-steps", ("tpt", "ctpt")),
-    "tta_lr": ("--tta-lr", ("tpt", "ctpt")),
-    "tta_init": ("--tta-init", ("tpt", "ctpt")),
-    "tta_tune": ("--tta-tune", ("tpt", "ctpt")),
-    "tta_batch": ("--tta-batch", ("tpt", "ctpt", "zero", "mta")),
-    "tta_naive": ("--tta-naive", ("tpt", "ctpt")),
-    "ctpt_lambda": ("--ctpt-lambda", ("ctpt",)),
-    "tda_alpha": ("--tda-alpha", ("tda",)),
-    "tda_beta": ("--tda-beta", ("tda",)),
-    "zero_votes": ("--zero-votes", ("zero",)),
-    "augmix": ("--augmix", ("tpt", "ctpt", "tda")),
+ONLINE_METHODS: tuple[str, ...] = tuple(name for name in TTA_METHODS if _registry.get(name).online)
+#: the prompt tuners: they take --tta-init, and start from what it names
+PROMPT_TUNERS: tuple[str, ...] = tuple(name for name in TTA_METHODS if _registry.get(name).tunes_prompts)
+#: options of the evaluation itself that only mean something with --tta
+_RUN_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "tta_init": ("--tta-init", PROMPT_TUNERS),
     "stream_seeds": ("--stream-seeds", ONLINE_METHODS),
 }
 
@@ -65,17 +55,12 @@ _PATH_SETTINGS = ("root", "classes", "descriptions", "prompts", "pretrained")
 
 # Upper bounds of the count flags. Each value is far above any published setting, and what lies
 # beyond it cannot finish on any machine: refusing at once beats an out-of-memory error after the
-# model has loaded, or a run that never ends. ``protext.tta.config`` holds the same TTA bounds for
-# library callers (tested equal; repeated here so a bad flag is refused without importing torch).
-#: views per image (published: 64); the views of one image go through the image tower together
-MAX_TTA_VIEWS = 1024
-#: adaptation steps per image (published: 1); each is a forward and a backward over the views
-MAX_TTA_STEPS = 1000
-#: images adapted at once (default 1)
-MAX_TTA_BATCH = 1024
-#: views in flight at once, ``views x tta_batch``: 16384 images of 224x224 are 9.9 GB of fp32 pixels
-#: before the first activation
-MAX_VIEWS_IN_FLIGHT = 16384
+# model has loaded, or a run that never ends. The TTA bounds are the registry's
+# (``protext.tta.methods.common``), torch-free like this module.
+MAX_TTA_VIEWS = _common.MAX_VIEWS
+MAX_TTA_STEPS = _common.MAX_STEPS
+MAX_TTA_BATCH = _common.MAX_BATCH
+MAX_VIEWS_IN_FLIGHT = _common.MAX_VIEWS_IN_FLIGHT
 #: images per zero-shot batch (default 64): 8192 images of 224x224 are 4.9 GB of fp32 pixels
 MAX_BATCH_SIZE = 8192
 #: streams of an online method, each a full pass over the dataset
@@ -131,6 +116,7 @@ class EvalConfig:
     tda_beta: Optional[float] = None
     zero_votes: Optional[str] = None
     augmix: Optional[bool] = None
+    tta_options: Optional[dict[str, Any]] = None
     stream_seeds: Optional[list[int]] = None
     batch_size: int = 64
     workers: int = 2
@@ -179,55 +165,39 @@ class EvalConfig:
             if value is not None and not str(value).strip():
                 raise EvalError(f"{flag} is empty; name a file, or leave the flag out.")
 
+    def tta_values(self) -> dict[str, Any]:
+        """Every test-time option set, by flag dest (``tda_alpha``): the options with a field of their
+        own (the flags older than the registry) and those in :attr:`tta_options`."""
+        values = {key: value for key, value in (self.tta_options or {}).items() if _is_set(value)}
+        for flag in _registry.shared_flags():
+            key = _registry.dest(flag)
+            if hasattr(self, key) and _is_set(getattr(self, key)):
+                values[key] = getattr(self, key)
+        return values
+
     def _validate_tta(self) -> None:
+        unknown = sorted(set(self.tta_options or {}) - {_registry.dest(f) for f in _registry.shared_flags()})
+        if unknown:
+            raise EvalError(f"tta_options: no method has an option '{unknown[0]}' (see python -m protext.eval --help).")
+        values = self.tta_values()
         if self.tta is None:
-            for name, (flag, _) in TTA_OPTIONS.items():
-                if _is_set(getattr(self, name)):
-                    raise EvalError(f"{flag} is a test-time adaptation option; add --tta {{{','.join(TTA_METHODS)}}} or drop it.")
+            run = [flag for name, (flag, _) in _RUN_OPTIONS.items() if _is_set(getattr(self, name))]
+            for flag in run + ["--" + key.replace("_", "-") for key in values]:
+                raise EvalError(f"{flag} is a test-time adaptation option; add --tta {{{','.join(TTA_METHODS)}}} or drop it.")
             return
         _choice("--tta", self.tta, TTA_METHODS)
-        for name, (flag, methods) in TTA_OPTIONS.items():
+        for name, (flag, methods) in _RUN_OPTIONS.items():
             if _is_set(getattr(self, name)) and self.tta not in methods:
                 raise EvalError(f"{flag} does not apply to --tta {self.tta} (it is for --tta {', '.join(methods)}); drop it.")
-        self._validate_tta_ranges()
-        if self.tta in ("tpt", "ctpt"):
+        try:
+            _registry.check_given(self.tta, values)  # what depends on the dataset waits for it (prepare)
+        except _registry.TTAConfigError as err:
+            raise EvalError(str(err)) from None
+        if self.tunes_prompts:
             init = self.resolved_tta_init()
             _choice("--tta-init", init, TTA_INITS)
             if init in ("prompts", "coop") and not self.prompts:
                 raise EvalError(f"--tta-init {init} needs --prompts CHECKPOINT to start from.")
-            if self.tta_tune is not None:
-                _choice("--tta-tune", self.tta_tune, TTA_TUNE)
-        if self.zero_votes is not None:
-            _choice("--zero-votes", self.zero_votes, ZERO_VOTES)
-
-    def _validate_tta_ranges(self) -> None:
-        for flag, value, low, high in [
-            ("--tta-views", self.tta_views, 1, MAX_TTA_VIEWS),
-            ("--tta-steps", self.tta_steps, 0, MAX_TTA_STEPS),
-            ("--tta-batch", self.tta_batch, 1, MAX_TTA_BATCH),
-        ]:
-            if value is not None:
-                _count(flag, value, low, high)
-        # the published view count when --tta-views is unset: what one batch of images would hold
-        views, batch = self.tta_views or 64, self.tta_batch or 1
-        if views * batch > MAX_VIEWS_IN_FLIGHT:
-            raise EvalError(
-                f"--tta-batch {batch} x --tta-views {views} = {views * batch} views at once, more than {MAX_VIEWS_IN_FLIGHT} "
-                "(the image tower encodes them together); lower --tta-batch."
-            )
-        # comparisons with NaN are false, so each check below refuses NaN along with the range
-        checks = [
-            ("--tta-selection", self.tta_selection, lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
-            ("--tta-lr", self.tta_lr, lambda v: v > 0 and math.isfinite(v), "a positive number"),
-            ("--ctpt-lambda", self.ctpt_lambda, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
-            ("--tda-alpha", self.tda_alpha, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
-            ("--tda-beta", self.tda_beta, lambda v: v > 0 and math.isfinite(v), "a finite number > 0"),
-        ]
-        for flag, value, ok, want in checks:
-            if value is not None and not ok(value):
-                raise EvalError(f"{flag} must be {want}, got {value}.")
-        if (self.tda_alpha is None) != (self.tda_beta is None):
-            raise EvalError("--tda-alpha and --tda-beta go together (the positive cache's pair); pass both or neither.")
         if self.stream_seeds is not None:
             if not self.stream_seeds or len(set(self.stream_seeds)) != len(self.stream_seeds):
                 raise EvalError(f"--stream-seeds must be distinct integers such as 1,2,3, got {self.stream_seeds}.")
@@ -253,7 +223,7 @@ class EvalConfig:
 
     @property
     def tunes_prompts(self) -> bool:
-        return self.tta in ("tpt", "ctpt")
+        return self.tta in PROMPT_TUNERS
 
     def uses_checkpoint(self) -> bool:
         """Whether the class features or the tuned prompts come from ``--prompts``."""

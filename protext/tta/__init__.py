@@ -1,7 +1,10 @@
-"""Test-time adaptation of CLIP: TPT, C-TPT, ZERO, TDA and MTA on any class features (TTA.md).
+"""Test-time adaptation of CLIP on any class features: TPT, C-TPT, O-TPT, ZERO, TDA, MTA, DMN-ZS,
+DPE, BoostAdapter and TPS (TTA.md, TTA2.md).
 
 The evaluation loop needs three things from here:
 
+* the registry (:mod:`.registry`): one declaration per method in ``methods/`` (settings, flags,
+  checks, published defaults), from which ``eval``'s flags, validation and records come;
 * :class:`TTAConfig` (validated before any model loads, errors name the ``--tta-*`` flag);
 * :func:`view_maker`: the picklable per-image view function for DataLoader workers, built from the
   model's own preprocessing config;
@@ -15,19 +18,31 @@ method (``tpt``, ``ctpt``, ``zero``, ``tda``, ``mta``).
 
 from __future__ import annotations
 
-from .api import build_adapter, view_maker
-from .base import AdaptResult, Adapter
-from .config import EPISODIC, METHODS, TTAConfig, TTAConfigError
-from .views import model_preprocess_cfg
+from typing import Any
 
-__all__ = [
-    "EPISODIC",
-    "METHODS",
-    "AdaptResult",
-    "Adapter",
-    "TTAConfig",
-    "TTAConfigError",
-    "build_adapter",
-    "model_preprocess_cfg",
-    "view_maker",
-]
+# The names below load on first use (PEP 562): the registry and the method declarations import no
+# torch, so ``eval --help`` and every bad flag are answered without it; the adapters need it.
+_LAZY = {
+    "build_adapter": ".api",
+    "view_maker": ".api",
+    "AdaptResult": ".base",
+    "Adapter": ".base",
+    "FeatureAdapter": ".base",
+    "EPISODIC": ".config",
+    "METHODS": ".config",
+    "TTAConfig": ".config",
+    "TTAConfigError": ".registry",
+    "model_preprocess_cfg": ".views",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..zeroshot import ImageEncoder, logit_scale
 from .base import AdaptResult, FeatureAdapter, Stopwatch
+from .methods.mta import NEIGHBOURS, fewest_views_with_a_neighbour, neighbour_count
 
 __all__ = ["MTAAdapter", "MTAMode", "MTA_SETTINGS", "fewest_views_with_a_neighbour", "mta_mode", "neighbour_count", "view_bandwidths"]
 
@@ -25,7 +26,7 @@ __all__ = ["MTAAdapter", "MTAMode", "MTA_SETTINGS", "fewest_views_with_a_neighbo
 class MTASettings:
     """The published constants: neighbour share 0.3, λ_y 0.2, λ_q 4, 5 × 5 iterations, 1e-6 stops."""
 
-    neighbours: float = 0.3
+    neighbours: float = NEIGHBOURS
     lambda_y: float = 0.2
     lambda_q: float = 4.0
     outer: int = 5
@@ -44,19 +45,6 @@ class MTAMode:
     mode: torch.Tensor
     inlierness: torch.Tensor
     iterations: list[tuple[int, int]]
-
-
-def neighbour_count(n_views: int, share: float = MTA_SETTINGS.neighbours) -> int:
-    """How many nearest other views a view's bandwidth averages over: ``⌊share · (n − 1)⌋``."""
-    return int(share * (n_views - 1))
-
-
-def fewest_views_with_a_neighbour(share: float = MTA_SETTINGS.neighbours) -> int:
-    """The smallest view count above one whose bandwidths average over at least one neighbour (5 at 0.3)."""
-    n = 2
-    while neighbour_count(n, share) < 1:
-        n += 1
-    return n
 
 
 def view_bandwidths(features: torch.Tensor, share: float = 0.3) -> torch.Tensor:

@@ -486,7 +486,8 @@ class TPTViews:
 
     View 0 is the model's own evaluation preprocessing (open_clip's ``resize_mode``: by default a
     resize of the shorter side to R with ``interpolation`` and a centre crop), so with one view it
-    equals ``preprocess(image)``. Views 1..: RandomResizedCrop(R) (default scale/ratio, bilinear)
+    equals ``preprocess(image)``. Views 1..: RandomResizedCrop(R) (``crop_scale``, default (0.08, 1);
+    DMN-ZS keeps (0.5, 1); default ratio, bilinear)
     and a random horizontal flip of the original image, then AugMix (severity ``severity``, width
     3, depth 1-3) if ``augmix``. Every view is normalised with ``mean``/``std``, the model's own
     statistics. PIL inputs are resized with PIL, exactly as the published pipeline does; tensors
@@ -504,6 +505,7 @@ class TPTViews:
         interpolation: str = "bicubic",
         resize_mode: str = "shortest",
         fill_color: int = 0,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
     ) -> None:
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
@@ -519,12 +521,15 @@ class TPTViews:
         self.interpolation = interpolation
         self.resize_mode = resize_mode
         self.fill_color = fill_color
+        if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
 
     def __repr__(self) -> str:
         return (
             f"TPTViews(n_views={self.n_views}, resolution={self.resolution}, "
             f"augmix={self.augmix!r}, mean={self.mean}, std={self.std}, "
-            f"interpolation={self.interpolation!r}, resize_mode={self.resize_mode!r})"
+            f"interpolation={self.interpolation!r}, resize_mode={self.resize_mode!r}, crop_scale={self.crop_scale})"
         )
 
     @property
@@ -563,7 +568,7 @@ class TPTViews:
         if out is None:
             out = torch.empty(n, 3, r, r, device=img.device if isinstance(img, Tensor) else "cpu")
         for k in range(n):
-            top, left, h, w = _random_resized_crop_params(height, width, generator)
+            top, left, h, w = _random_resized_crop_params(height, width, generator, self.crop_scale)
             crop = _to_float(TF.resized_crop(img, top, left, h, w, [r, r], InterpolationMode.BILINEAR, antialias=True))
             if float(_rand((1,), generator)[0]) < 0.5:
                 crop = crop.flip(-1)
