@@ -168,11 +168,15 @@ class EvalConfig:
     def tta_values(self) -> dict[str, Any]:
         """Every test-time option set, by flag dest (``tda_alpha``): the options with a field of their
         own (the flags older than the registry) and those in :attr:`tta_options`."""
-        values = {key: value for key, value in (self.tta_options or {}).items() if _is_set(value)}
-        for flag in _registry.shared_flags():
+        values = dict(self.tta_options or {})
+        for flag, (opt, _) in _registry.shared_flags().items():
             key = _registry.dest(flag)
-            if hasattr(self, key) and _is_set(getattr(self, key)):
+            if hasattr(self, key):
                 values[key] = getattr(self, key)
+            # None is "not given"; so is False for an off-by-default switch (--tta-naive), while
+            # False for an on/off option (--no-augmix) is a choice
+            if values.get(key) is None or (values[key] is False and opt.default is False):
+                values.pop(key, None)
         return values
 
     def _validate_tta(self) -> None:
