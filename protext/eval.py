@@ -71,10 +71,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _feature_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("class features")
-    group.add_argument("--method", default="clip", choices=METHODS, help="clip: one template; cupl: mean of description features; prompts: learned prompts from --prompts; ensemble: ZERO+Ensemble's 7 templates averaged; ensemble80: CLIP's 80 ImageNet templates averaged (TDA's class features on ImageNet-R and -Sketch). [clip]")
+    group.add_argument("--method", default="clip", choices=METHODS, help="clip: one template; cupl: mean of description features; prompts: learned prompts from --prompts; ensemble: ZERO+Ensemble's 7 templates averaged; ensemble80: CLIP's 80 ImageNet templates averaged (TDA's class features on ImageNet-R and -Sketch); template+cupl, ensemble+cupl, ensemble80+cupl: those templates and the --descriptions of each class in one mean (DMN-ZS's and DPE's published features). [clip]")
     group.add_argument("--templates", default="protext", choices=TEMPLATE_RULES, help="Template rule: protext (ProText's templates, learned context replaces 'a photo of a'), coop (CoOp's per-dataset templates, ProText's CLIP rows) or tpt ('a photo of a {}.' everywhere). Prompts evaluated on their training dataset keep their training template. [protext]")
     group.add_argument("--template", default=None, help="A template with {} for the class name; overrides --templates.")
-    group.add_argument("--descriptions", default=None, metavar="FILE", help="For --method cupl: a protext description file (.jsonl) or a CuPL JSON file {class: [descriptions]}.")
+    group.add_argument("--descriptions", default=None, metavar="FILE", help="For --method cupl and the +cupl mixes: a protext description file (.jsonl) or a CuPL JSON file {class: [descriptions]}.")
     group.add_argument("--prompts", default=None, metavar="CKPT", help="Learned prompts: a protext .safetensors checkpoint, or a CoOp/TPT .pth ({'state_dict': {'ctx': ...}}).")
     group.add_argument("--allow-other-weights", action="store_true", help="Use prompts trained on other text-tower weights than --pretrained's (refused by default; warns).")
 

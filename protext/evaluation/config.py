@@ -25,7 +25,16 @@ SPLITS = ("all", "base", "novel")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: how the class features are built: one template, CuPL descriptions, learned prompts, or the
 #: 7-template ensemble of ZERO+Ensemble (TTA.md §1.6)
-METHODS = ("clip", "cupl", "prompts", "ensemble", "ensemble80")
+METHODS = ("clip", "cupl", "prompts", "ensemble", "ensemble80", "template+cupl", "ensemble+cupl", "ensemble80+cupl")
+#: class features that pool templates and CuPL descriptions in one mean, as DMN-ZS's and DPE's
+#: published ``tip_cupl`` features do (TTA2.md §6, §7): the prompts of a class are its templates
+#: (the run's one template, or an ensemble) followed by its descriptions
+MIXED_FEATURES = ("template+cupl", "ensemble+cupl", "ensemble80+cupl")
+
+
+def uses_descriptions(method: str) -> bool:
+    """Whether ``--method`` builds class features from ``--descriptions``."""
+    return method == "cupl" or method in MIXED_FEATURES
 #: must equal ``protext.templates.TEMPLATE_RULES`` (tested); repeated here so --help needs no import
 TEMPLATE_RULES = ("protext", "coop", "tpt")
 TTA_INITS = ("handcrafted", "prompts", "coop")
@@ -138,8 +147,8 @@ class EvalConfig:
             raise EvalError(f"--device must be auto, cpu, mps, cuda or cuda:N, got '{self.device}'.")
         if self.template is not None:
             _check_template(self.template)
-        if self.method == "cupl" and not self.descriptions:
-            raise EvalError("--method cupl needs --descriptions FILE (.jsonl description cache or CuPL .json).")
+        if uses_descriptions(self.method) and not self.descriptions:
+            raise EvalError(f"--method {self.method} needs --descriptions FILE (.jsonl description cache or CuPL .json).")
         if self.method == "prompts" and not self.prompts:
             raise EvalError("--method prompts needs --prompts CHECKPOINT (.safetensors, or a CoOp .pth).")
         _count("--batch-size", self.batch_size, 1, MAX_BATCH_SIZE)
@@ -282,7 +291,7 @@ class EvalConfig:
                 return self.prompts
         except EvalError:
             return None
-        return self.descriptions if self.method == "cupl" else None
+        return self.descriptions if uses_descriptions(self.method) else None
 
     def input_paths(self) -> dict[str, str]:
         """Files the run reads, by flag (an output may never be one of them)."""

@@ -2,7 +2,9 @@
 
 ``--method clip`` (one template), ``cupl`` (mean of description features), ``prompts`` (a learned
 checkpoint through :func:`protext.checkpoint.class_encoder`, the one checkpoint→encoder path) and
-``ensemble`` (ZERO+Ensemble's seven templates, TTA.md §1.6, averaged like CuPL's descriptions).
+``ensemble`` (ZERO+Ensemble's seven templates, TTA.md §1.6, averaged like CuPL's descriptions),
+``ensemble80`` (CLIP's 80), and the mixes of templates and descriptions in one mean
+(``template+cupl``, ``ensemble+cupl``, ``ensemble80+cupl``: DMN-ZS's and DPE's ``tip_cupl``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from ..checkpoint import PromptCheckpoint, check_weights, class_encoder, load_coop, load_prompts
 from ..digests import file_sha256
 from ..templates import FROM_TRAINING, TEMPLATE_ENSEMBLES, choose_template
-from .config import COOP_SUFFIXES, EvalConfig
+from .config import COOP_SUFFIXES, MIXED_FEATURES, EvalConfig
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -138,12 +140,18 @@ def class_features(config: EvalConfig, clip, classnames: Sequence[str], template
         return clip_text_features(model, tokenizer, classnames, template)
     if config.method == "cupl":
         return cupl_text_features(model, tokenizer, classnames, descriptions, source=config.descriptions)
-    if config.method in TEMPLATE_ENSEMBLES:
+    if config.method in TEMPLATE_ENSEMBLES or config.method in MIXED_FEATURES:
         from ..classlists import clean_classname
 
-        templates = ensemble_templates(config.method)
+        base = config.method.replace("+cupl", "")
+        templates = (template,) if base == "template" else ensemble_templates(base)
         texts = {name: [t.format(clean_classname(name)) for t in templates] for name in classnames}
-        return cupl_text_features(model, tokenizer, classnames, texts, source=f"the {config.method} templates")
+        if config.method in MIXED_FEATURES:  # one mean over the templates and the descriptions of a class
+            from ..descriptions import match_classnames
+
+            found = match_classnames(descriptions.keys(), classnames).mapping  # unmatched: refused below
+            texts = {name: texts[name] + list(descriptions[found[name]]) if name in found else [] for name in classnames}
+        return cupl_text_features(model, tokenizer, classnames, texts, source=f"the {config.method} prompts")
     return prompt_text_features(prompt_encoder(config, clip, classnames, template, checkpoint))
 
 
@@ -162,9 +170,8 @@ def check_finite(logits: torch.Tensor, config: EvalConfig) -> None:
         return
     from .config import EvalError
 
-    source = {"prompts": f"checkpoint {config.prompts}", "cupl": f"descriptions {config.descriptions}"}.get(
-        config.method, f"model {config.model} ({config.pretrained})"
-    )
+    source = f"descriptions {config.descriptions}" if config.descriptions and config.method.endswith("cupl") else \
+        {"prompts": f"checkpoint {config.prompts}"}.get(config.method, f"model {config.model} ({config.pretrained})")
     if config.tunes_prompts and config.prompts:
         source = f"checkpoint {config.prompts}"
     raise EvalError(f"logits are not finite (NaN or inf): {source} holds corrupted values; restore it or train again.")

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..results import Prediction, merge_predictions, predictions_from_logits
 from ..templates import TEMPLATE_ENSEMBLES
 from . import adapters, features
-from .config import ONLINE_METHODS, EvalConfig, EvalError
+from .config import ONLINE_METHODS, EvalConfig, EvalError, uses_descriptions
 from .data import Preprocess, SeededViews, batches, input_identity, open_dataset, progress_bar
 from .preflight import check_classes, check_inputs, check_outputs
 from .resume import ResumeLog, check_log_inputs
@@ -150,7 +150,7 @@ def class_features(setup: Setup) -> torch.Tensor:
     """The class features of ``--method`` (descriptions read and recorded for cupl)."""
     config = setup.config
     descriptions = None
-    if config.method == "cupl":
+    if uses_descriptions(config.method):
         descriptions = features.read_description_source(config.descriptions)
         setup.record["descriptions"] = {"path": config.descriptions, "sha256": features.file_digest(config.descriptions)}
     return features.class_features(config, setup.clip, setup.classnames, setup.template.template, setup.checkpoint, descriptions)

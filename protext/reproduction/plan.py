@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from ..protocols import CLASS_COUNTS, Protocol, Row, get_protocol
+from ..tta import registry
 from ..templates import CONTEXT_PHRASE, FROM_TRAINING, choose_template
 from .config import ReproduceConfig, slug
 
@@ -88,6 +89,9 @@ def cell_template(row: Row, dataset: str, features: str) -> tuple[str, str]:
     """
     if features in ENSEMBLE_CELLS:
         return ENSEMBLE_CELLS[features]
+    if features.endswith("+cupl") and features[: -len("+cupl")] in ENSEMBLE_CELLS:
+        template, source = ENSEMBLE_CELLS[features[: -len("+cupl")]]
+        return f"{template} + CuPL descriptions", f"{source}, and the class's CuPL descriptions in one mean"
     preset = row.preset_for(dataset) if features == "prompts" else None
     trained = preset_info(preset) if preset is not None else None
     decision = choose_template(
@@ -100,6 +104,8 @@ def cell_template(row: Row, dataset: str, features: str) -> tuple[str, str]:
         return decision.template, "not used: the class's CuPL descriptions"
     if decision.source == FROM_TRAINING:
         return decision.template, IN_DOMAIN
+    if features == "template+cupl":
+        return decision.template, f"{row.template_rule} rule, and the class's CuPL descriptions in one mean"
     return decision.template, f"{row.template_rule} rule"
 
 
@@ -111,7 +117,8 @@ def _cell_for(protocol: Protocol, row: Row, dataset: str, split: str, config: Re
     if tta is not None and config.tta_views is not None:
         tta["views"] = config.tta_views
     # TPT and C-TPT start from the hand-crafted "a photo of a" unless the row names another init
-    handcrafted = tta is not None and (tta.get("init") or ("handcrafted" if tta["method"] in ("tpt", "ctpt") else None)) == "handcrafted"
+    tunes = tta is not None and registry.get(tta["method"]).tunes_prompts
+    handcrafted = tta is not None and (tta.get("init") or ("handcrafted" if tunes else None)) == "handcrafted"
     n_ctx = preset_info(preset).n_ctx if preset else (4 if handcrafted else None)
     total = CLASS_COUNTS[dataset]
     n_classes = {"all": total, "base": math.ceil(total / 2), "novel": total - math.ceil(total / 2)}[split]
@@ -136,7 +143,7 @@ def describe_plan(config: ReproduceConfig) -> str:
     protocol = get_protocol(config.table)
     lines = [f"{protocol.name}: {protocol.title}"]
     for cell in plan_cells(protocol, config):
-        tta = "" if not cell.tta else " tta=" + ",".join(f"{k}:{v}" for k, v in cell.tta.items() if v is not None)
+        tta = "" if not cell.tta else " tta=" + resolved_tta(cell)
         preset = f" preset={cell.preset} n_ctx={cell.n_ctx}" if cell.preset else (f" n_ctx={cell.n_ctx}" if cell.n_ctx else "")
         external = f" needs --{cell.external}" if cell.external else ""
         lines.append(
@@ -145,4 +152,20 @@ def describe_plan(config: ReproduceConfig) -> str:
         )
     lines += [f"  departs: {d}" for d in config.departures(trains=any(r.preset for r in protocol.rows))]
     lines += [f"  known departure: {d}" for d in protocol.all_departures()]
+    methods = dict.fromkeys(row.tta.method for row in protocol.rows if row.tta)
+    lines += [f"  {name} departs: {d}" for name in methods for d in registry.get(name).departures]
     return "\n".join(lines)
+
+
+#: a row's TTA field → the flag dest the registry takes it under
+_TTA_DESTS = {"views": "tta_views", "selection": "tta_selection", "steps": "tta_steps", "lr": "tta_lr", "augmix": "augmix"}
+
+
+def resolved_tta(cell: Cell) -> str:
+    """The cell's test-time method with every setting it will run with (the published ones filled in
+    for the cell's dataset by the registry), e.g. ``dmn views:32 selection:0.1 ... dmn_beta2:1.0``."""
+    given = {_TTA_DESTS[k]: v for k, v in cell.tta.items() if k in _TTA_DESTS and v is not None}
+    method = cell.tta["method"]
+    settings = registry.record(method, registry.resolve(method, given, registry.context(cell.dataset)))
+    extra = {k: v for k, v in cell.tta.items() if k in ("init", "seed") and v is not None}
+    return method + "".join(f" {k}:{v}" for k, v in {**settings, **extra}.items())
