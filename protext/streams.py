@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .errors import UserError
@@ -227,13 +228,14 @@ def tail_size(n_runs: int, share: float = ETA_SHARE) -> int:
 
     OGA defines ETA on "the worst 10 % of runs" and always uses 100 runs, where floor and ceiling
     agree (10). For other counts protext rounds **up**, so the tail never covers less than the
-    share (15 runs: the worst 2, not 1). ``share * n`` is rounded to 9 decimals first, so that
-    floating-point noise (``0.1 * 30 = 3.0000000000000004``) does not add a run.
+    share (15 runs: the worst 2, not 1). The share is taken as the decimal it is written as
+    (``Fraction("0.1")``), so that floating-point noise (``0.1 * 30 = 3.0000000000000004``) does
+    not add a run.
     """
     check_stream_runs(n_runs)
     if not 0 < share <= 1:
         raise ValueError(f"the tail share must be in (0, 1], got {share!r}")
-    return max(1, math.ceil(round(share * n_runs, 9)))
+    return max(1, math.ceil(Fraction(str(share)) * n_runs))
 
 
 def expected_tail_accuracy(accuracies: Sequence[float], share: float = ETA_SHARE) -> float:
@@ -290,10 +292,9 @@ def _class_indices(labels: Sequence[int]) -> tuple[list[int], list["np.ndarray"]
     y = np.asarray(labels)
     if y.ndim != 1 or y.size == 0:
         raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {y.shape}")
-    classes, counts = np.unique(y, return_counts=True)
-    # a stable sort keeps each class's indices in dataset order
-    by_class = np.split(np.argsort(y, kind="stable"), np.cumsum(counts)[:-1])
-    return [c.item() for c in classes], by_class
+    classes = np.unique(y)
+    # np.flatnonzero lists a class's indices in increasing order, i.e. in dataset order
+    return [c.item() for c in classes], [np.flatnonzero(y == c) for c in classes]
 
 
 def batch_tasks(
@@ -329,8 +330,9 @@ def batch_tasks(
         chosen: Sequence[int] = range(n_classes)
         if k_min is not None:
             k_eff = int(rng.integers(k_min, k_max + 1))  # np.random.randint(K_min, K_max + 1) [l.41-42]
-            if 0 < k_eff < n_classes:
-                chosen = rng.choice(n_classes, k_eff, replace=False)  # [l.47-51]
+            # the original tests 0 < K_eff < C [l.47-51]; K_eff >= K_min >= 1 here
+            if k_eff < n_classes:
+                chosen = rng.choice(n_classes, k_eff, replace=False)
         pool = np.concatenate([by_class[c] for c in chosen])  # [l.54-56]
         if batch_size == -1 or len(pool) < batch_size:  # [l.58-63]
             batch = pool

@@ -236,6 +236,12 @@ def test_tail_size_rounds_up_and_ignores_float_noise(n, share, k):
     assert tail_size(n, share) == k
 
 
+def test_tail_size_takes_the_share_as_written():
+    assert tail_size(30, np.float64(0.1)) == 3
+    assert tail_size(100, 0.07) == 7  # 0.07 * 100 = 7.000000000000001 in floats
+    assert tail_size(7, 0.3) == 3  # 2.1 rounds up
+
+
 def test_eta_on_few_runs():
     assert expected_tail_accuracy([70.0, 65.0, 80.0]) == 65.0  # 10 % of 3 runs rounds up to one run
     assert expected_tail_accuracy([9.0, 1.0, 5.0, 3.0, 7.0, 2.0, 8.0, 4.0, 6.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0]) == 1.5
@@ -264,7 +270,7 @@ def test_tail_bad_input():
         expected_tail_accuracy([])
     with pytest.raises(StreamSettingError):
         summarize_runs([])
-    for share in (0.0, -0.1, 1.5):
+    for share in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="share"):
             tail_size(10, share)
 
