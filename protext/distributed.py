@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -159,3 +160,58 @@ def shutdown_all(meet: bool = False) -> None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# for commands that run many evaluations in one job (``reproduce``): one process drives, the others follow
+
+
+def launched_world_size() -> int:
+    """How many processes ``torchrun`` started for this job (1 without torchrun); reads only the
+    environment, so a command can check its flags for a multi-process run before importing a model."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+@contextmanager
+def single_process() -> Iterator[None]:
+    """Inside it, :func:`init_distributed` sees no torchrun job and returns a one-process context.
+
+    For work that must not be split over ranks (an online TTA stream) but is run by one rank of a
+    torchrun job: the code it calls (``protext.evaluation.evaluate``) asks the environment whether
+    it runs under torchrun, so the answer is changed there, and only for the duration of the call.
+    The process group itself stays as it was; nothing inside may use it.
+    """
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = saved
+
+
+#: how often a rank waiting for the next step of a driven job looks at the store: steps often follow
+#: each other within a second (a tiny cell), and a store read is cheap beside any step
+STEP_POLL_SECONDS = 0.1
+
+
+def exchange(obj: Any, ctx: DistContext, poll_seconds: float = STEP_POLL_SECONDS) -> list[Any]:
+    """:func:`gather` for the steps of a driven job: every rank's ``obj`` in rank order, on every rank,
+    after waiting (outside any collective, so for as long as it takes) for every rank to call it."""
+    if not ctx.active:
+        return [obj]
+    wait_for_peers(ctx, poll_seconds)
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(obj: Any, ctx: DistContext, poll_seconds: float = STEP_POLL_SECONDS) -> Any:
+    """Rank 0's ``obj`` on every rank (the others pass anything, e.g. None). Like :func:`exchange`,
+    it waits outside any collective, so a follower may wait here for hours while rank 0 trains."""
+    return exchange(obj, ctx, poll_seconds)[0]

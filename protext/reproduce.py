@@ -11,6 +11,10 @@ Examples::
 The library does the work (:mod:`protext.reproduction`, tables in :mod:`protext.protocols`); this
 module parses flags, calls it and prints. Killed and rerun with the same flags, a table continues
 where it stopped: finished cells and trained prompts are reused, never recomputed.
+
+Under ``torchrun --nnodes N --nproc_per_node G -m protext.reproduce TABLE ...`` the ranks evaluate
+every cell together (its images sharded as ``protext.eval`` shards them), rank 0 trains and writes
+every file, and TDA's cells run whole, one per rank (:mod:`protext.reproduction.table_run`).
 """
 
 from __future__ import annotations
@@ -84,7 +88,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if not args.root:
             raise ReproduceError("--root DATA is required: the folder holding the table's datasets.")
-        run = reproduce(ReproduceConfig(**options))
+        from .distributed import shutdown_all
+        from .reproduction.table_run import SharedError
+
+        finished = False
+        try:
+            run = reproduce(ReproduceConfig(**options))
+            finished = True
+        except SharedError:
+            return 2  # under torchrun every rank raised it, and rank 0 alone prints it
+        finally:
+            shutdown_all(meet=finished)  # leave the torchrun job's process group, if any
+        if not run.main:
+            return 0  # rank 0 prints the summary of the table it wrote
         done = len(run.computed) + len(run.reused)
         print(f"{args.table}: {len(run.computed)} cells computed, {len(run.reused)} reused ({done} of "
               f"{done + len(run.table['cells_not_run'])}); wrote {run.json_path} and {run.markdown_path}")

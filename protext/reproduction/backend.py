@@ -131,17 +131,30 @@ class LibraryRunner:
             out=str(request.out / "results.json"), progress=self.config.progress,
         )
 
+    def finished(self, request: EvalRequest) -> Optional[dict[str, Any]]:
+        """The cell's evaluation when it finished before a kill that came before the cell file; else None.
+
+        Under torchrun rank 0 asks this before calling the ranks into an evaluation: a finished one
+        is read back by rank 0 alone, and the others are never called.
+        """
+        done = request.out / "results.json"
+        if not done.is_file():
+            return None
+        return _cell_result(read_json(done, f"delete {request.out} to re-evaluate the cell"), request.cell.template)
+
     def evaluate(self, request: EvalRequest) -> dict[str, Any]:
-        """Evaluate one cell (or read back its finished evaluation); the parts of the results a cell keeps."""
+        """Evaluate one cell (or read back its finished evaluation); the parts of the results a cell keeps.
+
+        Under torchrun every rank calls it for the same cell at once: the evaluation shards the images
+        over the ranks and merges them exactly (see :mod:`protext.evaluation.loop`).
+        """
         from ..evaluation import evaluate  # looked up on use: tests replace protext.evaluation.evaluate
 
-        config = self.eval_config(request)
-        cell = request.cell
-        done = request.out / "results.json"
-        if done.is_file():  # evaluated before a kill that came before the cell file: not redone
-            return _cell_result(read_json(done, f"delete {request.out} to re-evaluate the cell"), cell.template)
-        payload = evaluate(config, clip=self._load(), progress=self.config.progress)
-        return _cell_result(payload, cell.template)
+        done = self.finished(request)
+        if done is not None:  # evaluated before a kill that came before the cell file: not redone
+            return done
+        payload = evaluate(self.eval_config(request), clip=self._load(), progress=self.config.progress)
+        return _cell_result(payload, request.cell.template)
 
 
 def _opt(path: Optional[Path]) -> Optional[str]:

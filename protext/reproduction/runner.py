@@ -53,3 +53,7 @@ class CellRunner(TypingProtocol):
 
     def evaluate(self, request: EvalRequest) -> dict[str, Any]:
         """Evaluate a cell; return ``metrics`` (``top1`` in %, ``n_images``, ``n_classes``), ``seconds``, ``template``."""
+
+    # Optional: ``finished(request) -> Optional[dict]``, the result of an evaluation that finished
+    # before a kill (same form as ``evaluate``'s), None when there is none. Under torchrun rank 0
+    # calls it before calling every rank into an evaluation; a runner without it is never asked.

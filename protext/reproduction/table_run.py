@@ -4,21 +4,44 @@
 the datasets, gather the descriptions, load the model (the runner's environment), open the folder,
 then compute each missing cell and rebuild ``TABLE.json`` and ``TABLE.md`` from the cell files.
 Every check passes before anything is written, so bad input leaves no folder behind.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) rank 0 drives and the other ranks follow (:class:`_Team`):
+
+* every rank runs the pre-flight; the ranks then compare their outcomes (and the datasets each
+  sees under ``--root``), so one rank's problem stops all of them, reported once, by rank 0;
+* rank 0 alone reads and writes the run folder: it opens it, decides which cells are finished
+  (their files) or were evaluated before a kill (their results), trains prompts (the others wait,
+  polling the job's store outside any collective, so a long training never times a collective
+  out), writes every cell file and, once, ``TABLE.json`` and ``TABLE.md``;
+* a cell to evaluate is announced to every rank, and all of them evaluate it together: the
+  evaluation shards its images over the ranks and merges them exactly as ``python -m protext.eval``
+  does under torchrun (:mod:`protext.evaluation.loop`);
+* an online TTA cell (TDA: one ordered stream, which cannot be split without changing its result)
+  is put aside and run, after the other cells, whole by one rank as a one-process evaluation; the
+  ranks take such cells ``world_size`` at a time, and rank 0 writes their files.
+
+A killed rank makes torchrun stop the others; every cell file already written is complete (written
+atomically), and the rerun skips it on every rank, since only rank 0 decides.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..protocols import get_protocol
+from ..distributed import DistContext, exchange, from_main, init_distributed, launched_world_size, single_process
+from ..errors import UserError
+from ..protocols import Protocol, get_protocol
 from .availability import Availability, check_datasets, check_external
 from .backend import LibraryRunner
-from .config import ReproduceConfig, slug, validate
+from .config import ReproduceConfig, ReproduceError, slug, validate
 from .descriptions import classes_of, gather_descriptions, materialise
 from .plan import Cell, plan_cells, preset_info
 from .render import render_markdown
@@ -39,22 +62,121 @@ class TableRun:
     markdown_path: Path
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    main: bool = True  # False on torchrun's other ranks: they write nothing and hold no table
+
+
+class SharedError(ReproduceError):
+    """An error every rank of a torchrun job raises at once: rank 0 reports it, the others exit 2 quietly."""
+
+
+@dataclass
+class _Preflight:
+    """What the checks before the model found: the folder, the cells, the datasets and descriptions."""
+
+    folder: RunFolder
+    cells: list[Cell]
+    found: Availability
+    external_problem: Optional[str]
+    texts: dict[str, Any]
 
 
 def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, say: Callable[[str], None] = print) -> TableRun:
     """Run (or continue) a table: pre-flight everything, then train and evaluate the missing cells.
 
+    Under torchrun every rank calls it with the same flags; see the module's description for who
+    does what. Rank 0 returns the table; the other ranks return a :class:`TableRun` with ``main``
+    False and an empty table.
+
     Args:
         config: the table and every flag.
         runner: who trains and evaluates; None: :class:`~protext.reproduction.backend.LibraryRunner`.
-        say: where progress lines go.
+        say: where progress lines go (rank 0's only, under torchrun).
 
     Raises:
         UserError: bad flags, a foreign or mismatched ``--out``, no dataset found, missing
             descriptions, or a model that does not load; raised before anything is written.
+            Under torchrun, an error every rank raised is a :class:`SharedError` on ranks other than 0.
     """
     protocol = get_protocol(config.table)
-    validate(config)
+    ranks = launched_world_size()
+    if ranks > 1:
+        check_torchrun(config)
+    checked: Optional[_Preflight] = None
+    problem: Optional[UserError] = None
+    try:
+        validate(config)
+        checked = _preflight(config, protocol)
+    except UserError as err:
+        if ranks == 1:
+            raise
+        problem = err  # told to every rank first, so that all of them stop with one report
+    ctx = _join(config, problem, checked)
+    assert checked is not None  # _join raised on every rank otherwise
+    folder, cells, found = checked.folder, checked.cells, checked.found
+    runner = runner if runner is not None else LibraryRunner(config)
+    environment = runner.environment()  # loads the model: a bad --model/--pretrained/--device fails here
+    team = _Team(ctx, runner)
+    json_path, md_path = folder.path / f"{protocol.name}.json", folder.path / f"{protocol.name}.md"
+    if not ctx.is_main:
+        team.follow(folder, config)
+        return TableRun({}, json_path, md_path, main=False)
+    try:
+        folder.open(config.identity(), protocol.name)
+        team.opened(config)
+        descriptions = {ds: materialise(config.descriptions, ds, data, folder) for ds, data in checked.texts.items()}
+        for name, fix in found.missing.items():
+            say(f"missing: {name}: {fix}")
+        state = _RunState(config, folder, runner, descriptions, say, environment, team)
+        for cell in cells:
+            if cell.dataset in found.present and not (cell.external and checked.external_problem):
+                state.run_cell(cell, found)
+        state.run_put_aside()
+        table = build_table(protocol, config, cells, folder, found, checked.external_problem, state.trained_records())
+        write_json(json_path, table)
+        write_text(md_path, render_markdown(table))
+    except UserError as err:
+        team.stop(err)
+        raise
+    team.done()
+    return TableRun(table, json_path, md_path, state.computed, state.reused)
+
+
+def check_torchrun(config: ReproduceConfig) -> None:
+    """Refuse flags a torchrun job cannot honour, before the ranks meet and before any model loads.
+
+    Every process of a job takes the GPU of its ``LOCAL_RANK`` (as ``protext.eval`` does), so a
+    device named by index, or more processes on a node than it has GPUs, cannot be honoured.
+    Checks on the flags alone raise :class:`SharedError` on ranks other than 0 (every rank finds
+    them, rank 0 reports them); the GPU count is this node's own and is reported by each rank it stops.
+    """
+    main = os.environ.get("RANK", "0") == "0"
+    error = ReproduceError if main else SharedError
+    if re.fullmatch(r"cuda:\d+", config.device):
+        raise error(f"--device {config.device} under torchrun: every process takes the GPU of its LOCAL_RANK; "
+                    "pass --device cuda (or auto).")
+    if config.device == "cpu" or not (config.device == "auto" or config.device.startswith("cuda")):
+        return  # other names are refused with the model's device, like in one process
+    import torch
+
+    if not torch.cuda.is_available():
+        if config.device == "auto":
+            return
+        raise error(f"--device {config.device}: CUDA is not available on this machine; use --device cpu or auto.")
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise ReproduceError(f"--nproc_per_node: rank {os.environ.get('RANK')} is process {local_rank} of its node, which has "
+                             f"{gpus} GPU(s); start at most one process per GPU (or pass --device cpu).")
+
+
+def _uses_cuda(config: ReproduceConfig) -> bool:
+    """Whether the ranks talk over nccl: the evaluation's own rule, once :func:`check_torchrun` passed."""
+    import torch
+
+    return config.device != "cpu" and torch.cuda.is_available()
+
+
+def _preflight(config: ReproduceConfig, protocol: Protocol) -> _Preflight:
+    """Every check that needs no model; reads only (the folder is opened later, by rank 0)."""
     folder = RunFolder(config.output_dir(), config.prompts_dir())
     cells = plan_cells(protocol, config)
     folder.check(config.identity())
@@ -64,38 +186,164 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
             folder.read_cell(cell)
     external_problem = check_external(config, protocol)
     texts = gather_descriptions(config, cells, found)  # every check passes before anything is written
-    runner = runner if runner is not None else LibraryRunner(config)
-    environment = runner.environment()  # loads the model: a bad --model/--pretrained/--device fails here
-    folder.open(config.identity(), protocol.name)
-    descriptions = {ds: materialise(config.descriptions, ds, data, folder) for ds, data in texts.items()}
-    for name, fix in found.missing.items():
-        say(f"missing: {name}: {fix}")
-    state = _RunState(config, folder, runner, descriptions, say, environment)
-    for cell in cells:
-        if cell.dataset in found.present and not (cell.external and external_problem):
-            state.run_cell(cell, found)
-    table = build_table(protocol, config, cells, folder, found, external_problem, state.trained_records())
-    json_path, md_path = folder.path / f"{protocol.name}.json", folder.path / f"{protocol.name}.md"
-    write_json(json_path, table)
-    write_text(md_path, render_markdown(table))
-    return TableRun(table, json_path, md_path, state.computed, state.reused)
+    return _Preflight(folder, cells, found, external_problem, texts)
+
+
+def _join(config: ReproduceConfig, problem: Optional[UserError], checked: Optional[_Preflight]) -> DistContext:
+    """Join the torchrun job (if any) and compare every rank's pre-flight; raise on every rank if one failed.
+
+    The ranks also compare the datasets each finds under ``--root``: on several nodes each reads
+    its own ``--root``, and a cell is evaluated by all ranks, so all must hold the same datasets.
+    """
+    if launched_world_size() == 1:
+        return DistContext()
+    ctx = init_distributed(use_cuda=_uses_cuda(config))
+    mine = (str(problem) if problem else None, sorted(checked.found.present) if checked else None)
+    reports = exchange(mine, ctx)
+    failed = [(rank, message) for rank, (message, _) in enumerate(reports) if message]
+    if failed:
+        rank, message = failed[0]
+        _raise_on_all(ctx, message if rank == 0 else f"rank {rank}: {message}")
+    present = [datasets for _, datasets in reports]
+    for rank, datasets in enumerate(present):
+        if datasets != present[0]:
+            _raise_on_all(ctx, f"--root {config.root}: rank {rank} finds the datasets {datasets}, rank 0 finds {present[0]}; "
+                               "every node must see the same datasets at the same --root.")
+    return ctx
+
+
+def _raise_on_all(ctx: DistContext, message: str) -> None:
+    """Raise ``message`` on this rank: reported by rank 0, quietly on the others (they all raise it)."""
+    raise (ReproduceError if ctx.is_main else SharedError)(message)
+
+
+def _online(cell: Cell) -> bool:
+    """Whether the cell's TTA adapts over one ordered stream (TDA), which ranks must not split."""
+    from ..evaluation.config import ONLINE_METHODS
+
+    return bool(cell.tta) and cell.tta.get("method") in ONLINE_METHODS
+
+
+def _alone(runner: CellRunner, request: Optional[EvalRequest]) -> Optional[tuple]:
+    """Evaluate ``request`` in this rank as one process: ``("ok", result, seconds)`` or ``("error", message)``."""
+    if request is None:
+        return None
+    began = time.perf_counter()
+    try:
+        with single_process():
+            result = runner.evaluate(request)
+    except UserError as err:
+        return ("error", f"{request.cell.key}: {err}")
+    return ("ok", result, time.perf_counter() - began)
+
+
+class _Team:
+    """The ranks as rank 0 drives them; in one process, plain calls on the runner.
+
+    Rank 0 says each step with :func:`~protext.distributed.from_main` (the others wait for it
+    outside any collective): ``evaluate`` (all ranks evaluate one cell together), ``alone`` (each
+    rank runs the cell assigned to it as one process, then the ranks send back their results),
+    ``opened`` (the others check that they see the run folder), ``stop`` (an error rank 0 reports)
+    and ``done``.
+    """
+
+    def __init__(self, ctx: DistContext, runner: CellRunner) -> None:
+        self.ctx, self.runner = ctx, runner
+        self.listening = ctx.active  # the others wait for rank 0's next step (not inside a collective)
+
+    @property
+    def active(self) -> bool:
+        """Whether there are other ranks."""
+        return self.ctx.active
+
+    @property
+    def size(self) -> int:
+        """How many ranks take part (1 without torchrun)."""
+        return self.ctx.world_size
+
+    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
+        """Evaluate a cell, its images shared by every rank."""
+        if self.ctx.active:
+            from_main(("evaluate", request), self.ctx)
+            self.listening = False  # an error inside is raised by every rank at once: nobody to tell
+        result = self.runner.evaluate(request)
+        self.listening = self.ctx.active
+        return result
+
+    def alone(self, requests: list[EvalRequest]) -> list[tuple[dict[str, Any], float]]:
+        """Each request evaluated whole by one rank (rank ``i`` takes ``requests[i]``): results and seconds."""
+        assert len(requests) <= self.size
+        assignments = dict(enumerate(requests))
+        from_main(("alone", assignments), self.ctx)
+        replies = exchange(_alone(self.runner, assignments.get(0)), self.ctx)[: len(requests)]
+        for reply in replies:
+            if reply[0] == "error":
+                raise ReproduceError(reply[1])
+        return [(reply[1], reply[2]) for reply in replies]
+
+    def opened(self, config: ReproduceConfig) -> None:
+        """After rank 0 created the run folder: every rank must see it (on several nodes, a shared ``--out``)."""
+        if not self.ctx.active:
+            return
+        from_main(("opened",), self.ctx)
+        for problem in exchange(None, self.ctx):
+            if problem:
+                raise ReproduceError(problem)
+
+    def stop(self, err: UserError) -> None:
+        """Tell the waiting ranks that rank 0 stops with ``err`` (they exit 2 quietly; rank 0 reports it)."""
+        if self.listening:
+            self.listening = False
+            from_main(("stop", str(err)), self.ctx)
+
+    def done(self) -> None:
+        """Release the other ranks: the table is written."""
+        if self.listening:
+            self.listening = False
+            from_main(("done",), self.ctx)
+
+    def follow(self, folder: RunFolder, config: ReproduceConfig) -> None:
+        """A rank other than 0: do what rank 0 says until it says ``done``."""
+        try:
+            while True:
+                step = from_main(None, self.ctx)
+                if step[0] == "evaluate":
+                    self.runner.evaluate(step[1])
+                elif step[0] == "alone":
+                    exchange(_alone(self.runner, step[1].get(self.ctx.rank)), self.ctx)
+                elif step[0] == "opened":
+                    seen = (folder.path / "run.json").is_file()
+                    exchange(None if seen else (
+                        f"--out {config.out or 'reproduction'}: rank {self.ctx.rank} (on {socket.gethostname()}) does not see "
+                        f"{folder.path / 'run.json'}, which rank 0 wrote; on several nodes --out must be a folder they all share."), self.ctx)
+                elif step[0] == "stop":
+                    raise SharedError(step[1])
+                else:
+                    return
+        except SharedError:
+            raise
+        except UserError as err:  # an evaluation's error: every rank raised it, rank 0 reports it
+            raise SharedError(str(err)) from None
 
 
 class _RunState:
     """The cells and prompts of one call: computes what is missing, reuses what is on disk."""
 
     def __init__(self, config: ReproduceConfig, folder: RunFolder, runner: CellRunner, descriptions: dict[str, Path],
-                 say: Callable[[str], None], environment: dict[str, Any]) -> None:
+                 say: Callable[[str], None], environment: dict[str, Any], team: _Team) -> None:
         self.config, self.folder, self.runner, self.descriptions, self.say = config, folder, runner, descriptions, say
-        self.environment = environment
+        self.environment, self.team = environment, team
+        self.run_id = uuid.uuid4().hex[:12]  # names this call in the cells it writes (under ``cost``)
         self.computed: list[str] = []
         self.reused: list[str] = []
         self.done: dict[tuple, dict[str, Any]] = {}
         self.prompts: dict[str, dict[str, Any]] = {}
+        self.put_aside: dict[tuple, EvalRequest] = {}  # online cells under torchrun, run after the others
+        self.copies: list[Cell] = []  # cells equal to one put aside: copied once it is done
         self._checked: set[str] = set()
 
     def run_cell(self, cell: Cell, found: Availability) -> None:
-        """Reuse the cell's file, copy an equal cell's record, or evaluate it; then write its file."""
+        """Reuse the cell's file, copy an equal cell's record, or evaluate it (or put it aside); then write its file."""
         record = self.folder.read_cell(cell)
         if record is not None:
             self.reused.append(cell.key)
@@ -105,34 +353,70 @@ class _RunState:
             return
         same = self.done.get(cell.computation())
         if same is not None:  # e.g. CuPL's novel cell is the CLIP novel cell: never evaluated twice
-            origin = same.get("same_as") or same["key"]
-            record = {**same, "key": cell.key, "settings": cell.settings(), "same_as": origin, "cost": {"seconds": 0.0}}
-        else:
-            record = self._evaluate(cell, found)
+            self._copy(cell, same)
+            return
+        if cell.computation() in self.put_aside:
+            self.copies.append(cell)
+            return
+        request = self._request(cell, found)
+        finished = self._finished(request)
+        if finished is None and self.team.active and _online(cell):
+            self.put_aside[cell.computation()] = request
+            return
+        began = time.perf_counter()
+        result = finished if finished is not None else self.team.evaluate(request)
+        self._finish(cell, self._record(request, result, time.perf_counter() - began))  # the whole cell: class features and images
+
+    def run_put_aside(self) -> None:
+        """The online cells put aside under torchrun, each whole on one rank, as many at once as
+        there are ranks; then the cells equal to them."""
+        waiting = list(self.put_aside.values())
+        for start in range(0, len(waiting), self.team.size):
+            batch = waiting[start : start + self.team.size]
+            for request, (result, seconds) in zip(batch, self.team.alone(batch)):
+                self._finish(request.cell, self._record(request, result, seconds))
+        self.put_aside.clear()
+        for cell in self.copies:
+            self._copy(cell, self.done[cell.computation()])
+        self.copies.clear()
+
+    def _finished(self, request: EvalRequest) -> Optional[dict[str, Any]]:
+        """The evaluation's result if it finished before a kill (runners that can tell), else None."""
+        finished = getattr(self.runner, "finished", None)
+        return finished(request) if finished is not None else None
+
+    def _copy(self, cell: Cell, same: dict[str, Any]) -> None:
+        origin = same.get("same_as") or same["key"]
+        record = {**same, "key": cell.key, "settings": cell.settings(), "same_as": origin,
+                  "cost": {"seconds": 0.0, "run": self.run_id}}
+        self._finish(cell, record)
+
+    def _finish(self, cell: Cell, record: dict[str, Any]) -> None:
         self.folder.write_cell(cell, record)
         self.done[cell.computation()] = record
         self.computed.append(cell.key)
         self.say(f"{cell.key}: top-1 {record['metrics']['top1']:.2f} ({record['cost']['seconds']:.1f}s)")
         _maybe_stop_for_test(len(self.computed))
 
-    def _evaluate(self, cell: Cell, found: Availability) -> dict[str, Any]:
+    def _request(self, cell: Cell, found: Availability) -> EvalRequest:
+        """The cell's evaluation request; trains (or resumes) the prompts it needs first."""
         checkpoint = self.ensure_prompts(cell.preset, found) if cell.preset else None
         if cell.external == "coop":
             checkpoint = Path(self.config.coop)
-        request = EvalRequest(
+        return EvalRequest(
             cell, self.config.root, self.folder.path / "eval" / cell.key, checkpoint,
             self.descriptions.get(cell.dataset) if cell.features == "cupl" else None, self.config.limit,
         )
-        began = time.perf_counter()
-        result = self.runner.evaluate(request)
-        seconds = time.perf_counter() - began  # the whole cell: class features and images
+
+    def _record(self, request: EvalRequest, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        cell, checkpoint = request.cell, request.checkpoint
         return {
             "format": CELL_FORMAT,
             "key": cell.key,
             "settings": cell.settings(),
             "metrics": result["metrics"],
             "template_used": result.get("template", cell.template),
-            "cost": {"seconds": round(seconds, 3), **result.get("cost", {})},
+            "cost": {"seconds": round(seconds, 3), **result.get("cost", {}), "run": self.run_id},
             "checkpoint": str(checkpoint) if checkpoint else None,
             "descriptions": str(request.descriptions) if request.descriptions else None,
             "evaluation": result.get("details", {}),
