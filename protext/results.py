@@ -40,6 +40,8 @@ class Prediction:
             0's for methods whose final score is not a probability, such as ZERO's votes).
         calibration_pred: argmax of the calibration logits (what ``confidence`` is the confidence of).
         logits: the final logits, only when asked for.
+        extras: per-image vectors a method keeps for a choice made after the stream (the DMN-ZS
+            oracle's text and memory probabilities), logged so that choice survives a resume.
     """
 
     index: int
@@ -48,6 +50,7 @@ class Prediction:
     confidence: float = math.nan
     calibration_pred: int = -1
     logits: Optional[tuple[float, ...]] = None
+    extras: Optional[dict[str, tuple[float, ...]]] = None
 
     @property
     def pred(self) -> int:
@@ -58,13 +61,16 @@ class Prediction:
         out: dict[str, Any] = {"i": self.index, "y": self.label, "k": list(self.topk), "c": self.confidence, "p": self.calibration_pred}
         if self.logits is not None:
             out["z"] = list(self.logits)
+        if self.extras is not None:
+            out["x"] = {name: list(values) for name, values in self.extras.items()}
         return out
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Prediction":
         logits = record.get("z")
+        extras = {name: tuple(float(v) for v in values) for name, values in record["x"].items()} if "x" in record else None
         return cls(int(record["i"]), int(record["y"]), tuple(int(k) for k in record["k"]), float(record["c"]), int(record["p"]),
-                   None if logits is None else tuple(float(v) for v in logits))
+                   None if logits is None else tuple(float(v) for v in logits), extras)
 
 
 def predictions_from_logits(

@@ -180,7 +180,7 @@ class EvalConfig:
         values = dict(self.tta_options or {})
         for flag, (opt, _) in _registry.shared_flags().items():
             key = _registry.dest(flag)
-            if hasattr(self, key):
+            if hasattr(self, key) and getattr(self, key) is not None:  # the field wins over tta_options
                 values[key] = getattr(self, key)
             # None is "not given"; so is False for an off-by-default switch (--tta-naive), while
             # False for an on/off option (--no-augmix) is a choice

@@ -50,6 +50,13 @@ class Setup:
     record: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
+    @property
+    def oracle(self) -> bool:
+        """Whether the method chooses something on the test labels after the stream (dmn-oracle)."""
+        from ..tta import registry
+
+        return bool(self.config.tta) and registry.get(self.config.tta).oracle
+
 
 @dataclass
 class ShardResult:
@@ -253,7 +260,13 @@ def _adapt(adapter, views: torch.Tensor, setup: Setup, idx, labels, result: Shar
     for out in outs:
         for phase, seconds in out.timings.items():
             result.phases[phase] = result.phases.get(phase, 0.0) + seconds
-    return predictions_from_logits(idx, labels, logits, keep_logits=setup.config.save_logits, calibration_logits=calibration)
+    predictions = predictions_from_logits(idx, labels, logits, keep_logits=setup.config.save_logits, calibration_logits=calibration)
+    if setup.oracle:  # kept in the log: the choice after the stream needs every image's, resumed or not
+        from dataclasses import replace
+
+        predictions = [replace(p, extras={name: tuple(v.float().cpu().tolist()) for name, v in out.extras.items()})
+                       for p, out in zip(predictions, outs)]
+    return predictions
 
 
 def episodic_shard(setup: Setup) -> ShardResult:
@@ -303,7 +316,26 @@ def stream_shard(setup: Setup, seed: int) -> ShardResult:
             if step % STATE_EVERY == 0 and step < len(order):
                 log.save_state(step, adapter.state_dict())
             bar.update(1)
-    return _finish(order[:position], done, result)
+    result = _finish(order[:position], done, result)
+    if setup.oracle:
+        result.predictions, result.stream["oracle"] = choose_on_test_labels(result.predictions, config.save_logits)
+    return result
+
+
+def choose_on_test_labels(predictions: list[Prediction], keep_logits: bool) -> tuple[list[Prediction], dict[str, Any]]:
+    """DMN-ZS as published: after the stream, the fusion weight β₂ that maximises the accuracy on
+    the test labels (TTA2.md §6 step 7), and every prediction re-scored with it. An oracle, and the
+    result says so."""
+    from ..tta.dmn import BETA2_CANDIDATES, oracle_beta2
+
+    p_text = torch.tensor([p.extras["p_text"] for p in predictions])
+    p_mem = torch.tensor([p.extras["p_mem"] for p in predictions])
+    labels = [p.label for p in predictions]
+    beta2, accuracy = oracle_beta2(p_text, p_mem, labels)
+    fused = torch.log(p_text + beta2 * p_mem)
+    rescored = predictions_from_logits([p.index for p in predictions], labels, fused, keep_logits=keep_logits)
+    return rescored, {"beta2": beta2, "top1_at_beta2": accuracy, "candidates": list(BETA2_CANDIDATES),
+            "selected_on": "test labels (an oracle: not a test-time result)"}
 
 
 def run_images(setup: Setup) -> list[ShardResult]:

@@ -32,6 +32,10 @@ def _tta_record(setup: Setup, phases: dict[str, float], n_images: int) -> Option
         record["init"] = config.resolved_tta_init()
     if getattr(tta_cfg, "online", False):
         record["stream"] = {"state_saved_every": STATE_EVERY, "sharded": False}
+    if setup.oracle:
+        record["oracle"] = ("ORACLE, not a test-time result: beta2 chosen after the stream by the accuracy on the test "
+                            "labels, as DMN-ZS's published numbers (TTA2.md §6 step 7); the value per stream is under "
+                            "streams.per_seed[].oracle")
     return record
 
 

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import UserError
+from ..evaluation.config import uses_descriptions
 from .availability import Availability
 from .config import ReproduceConfig, ReproduceError
 from .plan import Cell, preset_info
@@ -59,7 +60,7 @@ def gather_descriptions(config: ReproduceConfig, cells: list[Cell], found: Avail
     """
     needed: dict[str, list[str]] = {}
     for cell in cells:
-        if cell.dataset in found.present and (cell.features == "cupl" or cell.preset):
+        if cell.dataset in found.present and (uses_descriptions(cell.features) or cell.preset):
             source = preset_info(cell.preset).dataset if cell.preset else cell.dataset
             needed[source] = _merge(needed.get(source, []), classes_of(source, found))
     if not needed:

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 
 from ..distributed import DistContext, exchange, from_main, init_distributed, launched_world_size, single_process
 from ..errors import UserError
+from ..evaluation.config import uses_descriptions
 from ..protocols import Protocol, get_protocol
 from .availability import Availability, check_datasets, check_external
 from .backend import LibraryRunner
@@ -405,7 +406,7 @@ class _RunState:
             checkpoint = Path(self.config.coop)
         return EvalRequest(
             cell, self.config.root, self.folder.path / "eval" / cell.key, checkpoint,
-            self.descriptions.get(cell.dataset) if cell.features == "cupl" else None, self.config.limit,
+            self.descriptions.get(cell.dataset) if uses_descriptions(cell.features) else None, self.config.limit,
         )
 
     def _record(self, request: EvalRequest, result: dict[str, Any], seconds: float) -> dict[str, Any]:
