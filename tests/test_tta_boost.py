@@ -13,17 +13,19 @@ features, so logits are compared to 1e-4 (|z| ≤ 15, a handful of cache terms) 
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from protext.tta import base
 from protext.tta.boost import BoostAdapter, FIFOCache, boosting_views, n_boosting
-from protext.tta.tda import CacheEntry, TDAAdapter
+from protext.tta.tda import CacheEntry, Observation, TDAAdapter
 
 C, D = 4, 32  # tiny-clip's embedding is 32-wide; with C = 4 the band 0.2 < H / log2(4) < 0.5 is 0.4 < H < 1.0
 ALPHA, BETA = 2.0, 5.0
@@ -142,14 +144,29 @@ def _stream(n_images: int, n_views: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
-def _adapter(tiny_clip, **kwargs) -> BoostAdapter:
+class _ClipStub(nn.Module):
+    """All a feature-level adapter reads from CLIP: a parameter (for the device) and the
+    temperature, ``exp(log(1 / 0.07))`` as in tiny-clip. Building the real tiny-clip takes seconds,
+    and the stream tests need only this (the end-to-end test uses the real one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+@pytest.fixture(scope="module")
+def clip_stub() -> SimpleNamespace:
+    return SimpleNamespace(model=_ClipStub())
+
+
+def _adapter(clip, **kwargs) -> BoostAdapter:
     settings = dict(alpha=ALPHA, beta=BETA, delta=0)
     settings.update(kwargs)
-    return BoostAdapter(tiny_clip.model, _classes(), **settings)
+    return BoostAdapter(clip.model, _classes(), **settings)
 
 
-def _reference(tiny_clip, **kwargs) -> ReferenceBoost:
-    return ReferenceBoost(_classes().tolist(), float(tiny_clip.model.logit_scale.exp()), **kwargs)
+def _reference(clip, **kwargs) -> ReferenceBoost:
+    return ReferenceBoost(_classes().tolist(), float(clip.model.logit_scale.detach().exp()), **kwargs)
 
 
 def _run_reference(ref: ReferenceBoost, stream: list[torch.Tensor]) -> list[list[float]]:
@@ -191,11 +208,11 @@ STREAM_CASES = [
 
 
 @pytest.mark.parametrize("delta,query,n_views,fraction,n_images", STREAM_CASES)
-def test_stream_matches_the_reference(tiny_clip, delta, query, n_views, fraction, n_images):
+def test_stream_matches_the_reference(clip_stub, delta, query, n_views, fraction, n_images):
     """Every image's logits and label, and both persistent caches after it, as the reference says."""
     stream = _stream(n_images, n_views, seed=3)
-    adapter = _adapter(tiny_clip, delta=delta, query=query, fraction=fraction)
-    ref = _reference(tiny_clip, delta=delta, query=query, fraction=fraction)
+    adapter = _adapter(clip_stub, delta=delta, query=query, fraction=fraction)
+    ref = _reference(clip_stub, delta=delta, query=query, fraction=fraction)
     for feats in stream:
         got = adapter.adapt_features(feats)
         want = ref.step(feats.tolist())
@@ -212,31 +229,31 @@ def test_stream_matches_the_reference(tiny_clip, delta, query, n_views, fraction
 
 
 @pytest.mark.parametrize("query", ["view0", "selected"])
-def test_the_streams_tell_every_rule_apart(tiny_clip, query):
+def test_the_streams_tell_every_rule_apart(clip_stub, query):
     """On the 50-image, 16-view stream, breaking any one rule moves some logit by far more than the
     tolerance the stream test allows: the boosting room (δ 0 vs 2), the boosting copy not
     persisting, FIFO negatives, the query, boosting at all. (The stream's labels are confident, so
     most broken rules move no label; the query does.)"""
     stream = _stream(50, 16, seed=3)
-    right = _run_reference(_reference(tiny_clip, delta=2, query=query, fraction=0.25), stream)
+    right = _run_reference(_reference(clip_stub, delta=2, query=query, fraction=0.25), stream)
     other_query = "selected" if query == "view0" else "view0"
     wrong = {
-        "no boosting room": _reference(tiny_clip, delta=0, query=query, fraction=0.25),
-        "boosting persists": _reference(tiny_clip, delta=2, query=query, fraction=0.25, persist_boost=True),
-        "entropy-ordered negatives": _reference(tiny_clip, delta=2, query=query, fraction=0.25, negatives="entropy"),
-        "other query": _reference(tiny_clip, delta=2, query=other_query, fraction=0.25),
-        "no boosting": _reference(tiny_clip, delta=2, query=query, fraction=0.0),
+        "no boosting room": _reference(clip_stub, delta=0, query=query, fraction=0.25),
+        "boosting persists": _reference(clip_stub, delta=2, query=query, fraction=0.25, persist_boost=True),
+        "entropy-ordered negatives": _reference(clip_stub, delta=2, query=query, fraction=0.25, negatives="entropy"),
+        "other query": _reference(clip_stub, delta=2, query=other_query, fraction=0.25),
+        "no boosting": _reference(clip_stub, delta=2, query=query, fraction=0.0),
     }
     for name, ref in wrong.items():
         assert _largest_gap(_run_reference(ref, stream), right) > 500 * LOGIT_ATOL, name
     assert _labels(_run_reference(wrong["other query"], stream)) != _labels(right)
 
 
-def test_temporary_cache_does_not_persist(tiny_clip):
+def test_temporary_cache_does_not_persist(clip_stub):
     """The boosted copy holds up to 3 + δ entries per class for one image; the persistent cache keeps
     at most 3 and never a boosting view: building the copy leaves it untouched."""
     stream = _stream(30, 16, seed=5)
-    adapter = _adapter(tiny_clip, delta=3, fraction=0.25)
+    adapter = _adapter(clip_stub, delta=3, fraction=0.25)
     for feats in stream:
         adapter.adapt_features(feats)
     before = {cls: list(items) for cls, items in adapter.positive.entries.items()}
@@ -265,13 +282,13 @@ def test_fifo_negative_cache_drops_the_oldest():
 
 
 @pytest.mark.parametrize("query", ["view0", "selected"])
-def test_one_view_is_tda_with_fifo_negatives(tiny_clip, query):
+def test_one_view_is_tda_with_fifo_negatives(clip_stub, query):
     """With one view nothing boosts (int(1 · 0.1) = 0) and both queries are view 0: BoostAdapter is
     TDA with a FIFO negative cache. Against TDA itself, the first image where they part is one
     whose negative list was full and whose entropy order differs from arrival order."""
     stream = _stream(50, 1, seed=11)
-    adapter, tda = _adapter(tiny_clip, delta=3, query=query), TDAAdapter(tiny_clip.model, _classes(), ALPHA, BETA)
-    ref = _reference(tiny_clip, delta=3, query=query)
+    adapter, tda = _adapter(clip_stub, delta=3, query=query), TDAAdapter(clip_stub.model, _classes(), ALPHA, BETA)
+    ref = _reference(clip_stub, delta=3, query=query)
     results = []
     for feats in stream:
         got = adapter.adapt_features(feats)
@@ -282,7 +299,7 @@ def test_one_view_is_tda_with_fifo_negatives(tiny_clip, query):
     assert ref.largest_boosted_list == 3 and ref.neg_out_of_entropy_order
     agree = [torch.equal(a, b) for a, b in results]
     assert agree[0] and not all(agree)
-    tda_order = _run_reference(_reference(tiny_clip, delta=3, query=query, negatives="entropy"), stream)
+    tda_order = _run_reference(_reference(clip_stub, delta=3, query=query, negatives="entropy"), stream)
     assert _largest_gap(tda_order, [r[0].tolist() for r in results]) > 500 * LOGIT_ATOL
 
 
@@ -317,22 +334,22 @@ def test_end_to_end_on_tiny_clip(tiny_clip):
     assert adapter.online and adapter.seen == 6
 
 
-def test_state_dict_resumes_the_stream(tiny_clip):
+def test_state_dict_resumes_the_stream(clip_stub):
     """Saved midway (through a file's bytes) and loaded into a fresh adapter, the remaining images
     get the same logits bit for bit. The negative lists at the cut are in arrival order, not entropy
     order, so a state that lost that order would drop the wrong entry next."""
     stream = _stream(50, 16, seed=2)  # a negative list is out of entropy order from image 22 on
     settings = dict(delta=2, fraction=0.25, query="selected")
-    whole = _adapter(tiny_clip, **settings)
+    whole = _adapter(clip_stub, **settings)
     want = [whole.adapt_features(feats).logits for feats in stream]
-    first = _adapter(tiny_clip, **settings)
+    first = _adapter(clip_stub, **settings)
     for feats in stream[:25]:
         first.adapt_features(feats)
     assert any(items[0].entropy > items[1].entropy for items in first.negative.entries.values() if len(items) == 2)
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed = _adapter(tiny_clip, **settings)
+    resumed = _adapter(clip_stub, **settings)
     resumed.load_state_dict(torch.load(buffer))
     assert isinstance(resumed.negative, FIFOCache)
     for feats, expected in zip(stream[25:], want[25:]):
@@ -348,14 +365,53 @@ def test_timings_per_phase(tiny_clip, monkeypatch):
     assert _adapter(tiny_clip).adapt(views).timings == {"images": 8.0, "cache": 8.0}
 
 
-@pytest.mark.parametrize("kwargs", [dict(query="mean"), dict(delta=-1), dict(delta=1.0), dict(delta=True)])
-def test_bad_settings_are_refused(tiny_clip, kwargs):
-    with pytest.raises(ValueError):
-        _adapter(tiny_clip, **kwargs)
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [(dict(query="mean"), "^BoostAdapter query must be one of"), (dict(delta=-1), "^BoostAdapter delta must be"),
+     (dict(delta=1.0), "^BoostAdapter delta must be"), (dict(delta=True), "^BoostAdapter delta must be")],
+)
+def test_bad_settings_are_refused(clip_stub, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _adapter(clip_stub, **kwargs)
 
 
-def test_tda_single_observation_step_is_refused(tiny_clip):
+def test_band_and_mask_edges_are_excluded(clip_stub):
+    """One-view images scripted at the edges: ``h = H / log2 4`` exactly 0.2 or 0.5 stays out of the
+    negative cache, 0.3 goes in, and there its probabilities exactly 0.03 and 1.0 (and 0) mark no
+    class while 0.5 does. The image's own negative entry already counts in its logits."""
+    adapter = _adapter(clip_stub)
+    f = F.normalize(torch.arange(1.0, D + 1.0), dim=0)
+    z = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    probs = torch.tensor([0.03, 1.0, 0.5, 0.0])
+    for entropy in (0.4, 1.0):
+        adapter.boost_step(Observation(f, z, probs, entropy), f[None], z[None])
+        assert not adapter.negative
+    got = adapter.boost_step(Observation(f, z, probs, 0.6), f[None], z[None])
+    assert [e.entropy for e in adapter.negative.entries[1]] == [0.6]
+    # three copies of f in the positive cache (class 1), one in the negative cache; f·f = 1
+    want = z + torch.tensor([0.0, 3 * ALPHA, 0.0, 0.0]) - torch.tensor([0.0, 0.0, 0.117, 0.0])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_tda_single_observation_step_is_refused(clip_stub):
     """TDA's ``step(obs)`` sees no views to boost with; calling it on BoostAdapter is a mistake."""
-    adapter = _adapter(tiny_clip)
-    with pytest.raises(TypeError, match="adapt_features"):
+    adapter = _adapter(clip_stub)
+    with pytest.raises(TypeError, match="^BoostAdapter adapts from all of an image's views"):
         adapter.step(None)
+
+
+def test_bf16_image_encoding_reaches_the_image_tower(tiny_clip):
+    """``image_dtype`` bf16 reads a bf16 copy of the image tower: the logits follow the reference on
+    those features, and are far from what the fp32 features would give."""
+    model = tiny_clip.model
+    views = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(71))
+    adapter = _adapter(tiny_clip, delta=1, fraction=0.25, image_dtype=torch.bfloat16)
+    visual = copy.deepcopy(model.visual).to(torch.bfloat16)
+    with torch.no_grad():
+        bf16 = F.normalize(visual(views.to(torch.bfloat16)).float(), dim=-1)
+        fp32 = F.normalize(model.encode_image(views), dim=-1)
+    got = adapter.adapt(views).logits
+    want = torch.tensor(_reference(tiny_clip, delta=1, fraction=0.25).step(bf16.tolist()), dtype=torch.float32)
+    torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+    other = torch.tensor(_reference(tiny_clip, delta=1, fraction=0.25).step(fp32.tolist()), dtype=torch.float32)
+    assert float((want - other).abs().max()) > 20 * LOGIT_ATOL
