@@ -86,7 +86,7 @@ def _tta_flags(parser: argparse.ArgumentParser) -> None:
 
     tta = parser.add_argument_group("test-time adaptation (unset options take the method's published defaults)")
     methods = ", ".join(f"{name} ({registry.get(name).title})" for name in TTA_METHODS)
-    tta.add_argument("--tta", default=None, choices=TTA_METHODS, metavar="METHOD", help=f"Adapt to each test image: {methods}.")
+    tta.add_argument("--tta", default=None, type=_tta_methods, metavar="METHOD[,METHOD...]", help=f"Adapt to each test image: {methods}. Several methods that read view features (not the prompt tuners) can share one pass: --tta zero,tda,mta encodes each image's views once per view recipe and writes one result per method, each equal to its own run.")
     _old(tta, "--tpt", "tta", "--tta tpt", nargs=0, value="tpt")
     tta.add_argument("--tta-init", default=None, choices=TTA_INITS, help="Prompts the prompt tuners (tpt, ctpt, otpt) start from: handcrafted ('a photo of a'), prompts (a protext checkpoint) or coop (a CoOp .pth). [from --method]")
     _old(tta, "--tpt-init", "tta_init", "--tta-init", choices=TTA_INITS)
@@ -100,6 +100,16 @@ def _tta_flags(parser: argparse.ArgumentParser) -> None:
                 groups[users[0]] = parser.add_argument_group(f"--tta {users[0]}: {registry.get(users[0]).title}")
             group = groups[users[0]]
         _add_option(group, flag, opt, users)
+
+
+def _tta_methods(text: str) -> str:
+    """``--tta``'s value: one method, or several separated by commas (argparse reports a bad name)."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in TTA_METHODS]
+    if unknown or not all(names):
+        raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from {', '.join(TTA_METHODS)}, or several "
+                                         "of them separated by commas)")
+    return ",".join(names)
 
 
 def _add_option(group, flag: str, opt, users: tuple[str, ...]) -> None:
@@ -191,6 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .results import markdown_table, result_files, summary_row
 
         finished = False
+        if config.tta and "," in config.tta:
+            return _many(config, args)
         try:
             payload = evaluate(config, command="python -m protext.eval " + shlex.join(args))
             finished = True
@@ -211,6 +223,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     return run_command(body, resume_hint=f"the finished images are kept in the log beside {config.output_path()}; rerun the same command to continue")
+
+
+def _many(config: EvalConfig, args: list[str]) -> int:
+    """Several methods in one pass: one results file per method, one table row each."""
+    from .evaluation.multi import evaluate_many, single_config
+    from .results import markdown_table, result_files, summary_row
+
+    payloads = evaluate_many(config, command="python -m protext.eval " + shlex.join(args))
+    print(markdown_table([summary_row(p) for p in payloads.values()]))
+    for name in payloads:
+        files = result_files(single_config(config, name).output_path())
+        print(f"--tta {name}: results written to {files['json']} (+ {files['markdown'].name}, {files['reliability'].name})")
+    return 0
 
 
 def _is_main() -> bool:

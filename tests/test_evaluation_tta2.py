@@ -160,3 +160,25 @@ def test_a_published_default_missing_for_the_dataset_names_the_flags(tmp_path):
     assert (boost.tda_alpha, boost.tda_beta, boost.boost_delta, boost.boost_query, boost.views) == (1.0, 8.0, 3, "selected", 64)
     assert registry.resolve("boost", {}, registry.context("imagenet")).views == 1
     assert registry.resolve("otpt", {}, registry.context("imagenet_v2")).otpt_lambda == 2.0
+
+
+def test_one_pass_gives_every_method_its_own_run(tiny_clip, folder, descriptions, tmp_path):
+    """zero, tda, mta, dmn and boost share one encoding per view recipe (dmn's crops differ): each
+    method's predictions equal its single-method run's, and each result says it was shared."""
+    from conftest import assert_same_results
+    from protext.evaluation import evaluate_many
+
+    base = dict(dataset="folder", root=str(folder), model="tiny-clip", pretrained="random", workers=0, progress=False,
+                save_logits=True, tta_views=8, method="template+cupl", descriptions=descriptions)
+    many = evaluate_many(EvalConfig(**base, tta="zero,tda,mta,dmn,boost", out=str(tmp_path / "pass.json"), tda_alpha=2.0,
+                                    tda_beta=5.0, tta_options={"boost_delta": 1, "dmn_memory": 4}), clip=tiny_clip)
+    assert list(many) == ["zero", "tda", "mta", "dmn", "boost"]
+    for name, shared in many.items():
+        assert (tmp_path / f"pass-{name}.json").exists() and shared["tta"]["shared_pass"]["methods"] == list(many)
+        options = {"boost": {"boost_delta": 1}, "dmn": {"dmn_memory": 4}}.get(name)
+        pair = {"tda_alpha": 2.0, "tda_beta": 5.0} if name in ("tda", "boost") else {}
+        alone = evaluate(EvalConfig(**base, **pair, tta=name, out=str(tmp_path / f"alone-{name}.json"), tta_options=options),
+                         clip=tiny_clip)
+        assert alone["tta"]["settings"] == shared["tta"]["settings"]
+        assert alone["predictions"]["topk"] == shared["predictions"]["topk"], name
+        assert_same_results(shared["predictions"]["logits"], alone["predictions"]["logits"], where=name)

@@ -34,7 +34,16 @@ from typing import Any, Optional
 
 from .config import METHODS, PRECISIONS, SPLITS, TEMPLATE_RULES, TTA_METHODS, EvalConfig, EvalError
 
-__all__ = ["EvalConfig", "EvalError", "METHODS", "PRECISIONS", "SPLITS", "TEMPLATE_RULES", "TTA_METHODS", "evaluate"]
+__all__ = ["EvalConfig", "EvalError", "METHODS", "PRECISIONS", "SPLITS", "TEMPLATE_RULES", "TTA_METHODS", "evaluate",
+           "evaluate_many"]
+
+
+def evaluate_many(config: EvalConfig, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """Several view-feature methods (``config.tta = "zero,tda,mta"``) over one encoding of each
+    image's views; ``{method: results payload}`` (see :mod:`.multi`)."""
+    from .multi import evaluate_many as run
+
+    return run(config, **kwargs)
 
 
 def evaluate(config: EvalConfig, *, clip: Any = None, progress: bool = True, command: Optional[str] = None) -> dict[str, Any]:
@@ -73,6 +82,12 @@ def evaluate(config: EvalConfig, *, clip: Any = None, progress: bool = True, com
     from .resume import remove_logs
 
     from .preflight import AlreadyDone
+
+    if config.tta and "," in config.tta:
+        from .config import EvalError
+
+        raise EvalError(f"--tta {config.tta} names several methods: call protext.evaluation.evaluate_many, which returns "
+                        "one result per method.")
 
     start = time.perf_counter()
     try:

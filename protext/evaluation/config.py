@@ -198,6 +198,9 @@ class EvalConfig:
             for flag in run + ["--" + key.replace("_", "-") for key in values]:
                 raise EvalError(f"{flag} is a test-time adaptation option; add --tta {{{','.join(TTA_METHODS)}}} or drop it.")
             return
+        if "," in self.tta:
+            self._validate_pass(values)
+            return
         _choice("--tta", self.tta, TTA_METHODS)
         for name, (flag, methods) in _RUN_OPTIONS.items():
             if _is_set(getattr(self, name)) and self.tta not in methods:
@@ -219,6 +222,39 @@ class EvalConfig:
                                 f"dataset; at most {MAX_STREAM_SEEDS}.")
             for seed in self.stream_seeds:
                 _count("--stream-seeds", seed, 0, MAX_SEED)
+
+    def _validate_pass(self, values: dict[str, Any]) -> None:
+        """Several methods in one pass (``--tta zero,tda,mta``): each reads view features (no prompt
+        tuner), each option belongs to at least one of them, and each is valid for those it belongs to."""
+        names = [name.strip() for name in self.tta.split(",")]
+        for name in names:
+            _choice("--tta", name, TTA_METHODS)
+            if _registry.get(name).tunes_prompts:
+                raise EvalError(f"--tta {self.tta}: {name} tunes prompts through the text tower, so it cannot share one "
+                                "encoding of the views with other methods; run it on its own.")
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise EvalError(f"--tta {self.tta}: name each method once, at least two of them.")
+        for flag, value in (("--tta-batch", self.tta_batch), ("--stream-seeds", self.stream_seeds),
+                            ("--tta-init", self.tta_init)):
+            if value is not None:
+                raise EvalError(f"{flag} is not supported with several methods in one pass (it adapts one image at a "
+                                "time over one stream); run the methods one at a time.")
+        for key in values:
+            takers = [n for n in names if "--" + key.replace("_", "-") in
+                      {opt.flag for _, opt in _registry.options(_registry.get(n))}]
+            if not takers:
+                raise EvalError(f"--{key.replace('_', '-')} does not apply to any of --tta {self.tta}; drop it.")
+        for name in names:
+            own = {_registry.dest(opt.flag) for _, opt in _registry.options(_registry.get(name))}
+            try:
+                _registry.check_given(name, {k: v for k, v in values.items() if k in own})
+            except _registry.TTAConfigError as err:
+                raise EvalError(str(err)) from None
+
+    @property
+    def tta_methods(self) -> list[str]:
+        """The methods of ``--tta`` (several when comma-separated)."""
+        return [name.strip() for name in self.tta.split(",")] if self.tta else []
 
     # ----------------------------------------------------------------------------------------------
     def resolved_tta_init(self) -> str:

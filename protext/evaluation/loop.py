@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..results import Prediction, merge_predictions, predictions_from_logits
 from ..templates import TEMPLATE_ENSEMBLES
 from . import adapters, features
+from .cost import CostMeter, FlopSample
 from .config import ONLINE_METHODS, EvalConfig, EvalError, uses_descriptions
 from .data import Preprocess, SeededViews, batches, input_identity, open_dataset, progress_bar
 from .preflight import check_classes, check_inputs, check_outputs
@@ -67,6 +68,7 @@ class ShardResult:
     phases: dict[str, float] = field(default_factory=dict)
     stream: Optional[dict[str, Any]] = None
     peak_memory: Optional[dict[str, Any]] = None  # this rank's, measured when its images are done
+    flops: Optional[FlopSample] = None  # FLOPs counted on this rank's (stream's) real calls (.cost)
     error: Optional[str] = None
 
 
@@ -212,15 +214,16 @@ def zeroshot_shard(setup: Setup) -> ShardResult:
     from ..zeroshot import ImageEncoder, logit_scale
 
     config = setup.config
-    text = class_features(setup)
+    meter = CostMeter()
+    text = meter.once(class_features, setup)
     scale = logit_scale(setup.clip.model).to(setup.runtime.device)
     encoder = ImageEncoder(setup.clip.model, setup.runtime.image_dtype)
-    result = ShardResult()
+    result = ShardResult(flops=meter.sample)
 
     def predict(images, labels, idx) -> list[Prediction]:
         return _zeroshot_batch(encoder, images, text, scale, config, idx, labels)
 
-    return _logged_batches(setup, Preprocess(setup.clip.preprocess), config.batch_size, config.method, predict, result)
+    return _logged_batches(setup, Preprocess(setup.clip.preprocess), config.batch_size, config.method, meter.counting(predict), result)
 
 
 def _logged_batches(setup: Setup, make, size: int, label: str, predict, result: ShardResult) -> ShardResult:
@@ -242,13 +245,16 @@ def _logged_batches(setup: Setup, make, size: int, label: str, predict, result: 
     return _finish(indices, done, result)
 
 
-def build_adapter(setup: Setup, tta_cfg):
-    """The TTA method on ``--method``'s class features, or on the prompts TPT/C-TPT tune."""
+def build_adapter(setup: Setup, tta_cfg, text_features: Optional[torch.Tensor] = None):
+    """The TTA method on ``--method``'s class features (``text_features`` when already computed),
+    or on the prompts the prompt tuners tune."""
     config = setup.config
     if config.tunes_prompts:
         encoder = features.prompt_encoder(config, setup.clip, setup.classnames, setup.template.template, setup.checkpoint)
         return adapters.build_adapter(tta_cfg, setup.clip, setup.dataset.name, encoder=encoder)
-    return adapters.build_adapter(tta_cfg, setup.clip, setup.dataset.name, text_features=class_features(setup))
+    if text_features is None:
+        text_features = class_features(setup)
+    return adapters.build_adapter(tta_cfg, setup.clip, setup.dataset.name, text_features=text_features)
 
 
 def _adapt(adapter, views: torch.Tensor, setup: Setup, idx, labels, result: ShardResult) -> list[Prediction]:
@@ -273,14 +279,15 @@ def episodic_shard(setup: Setup) -> ShardResult:
     """An episodic TTA method (each image on its own) over this rank's images."""
     config = setup.config
     tta_cfg = adapters.tta_config(config, setup.runtime)
-    adapter = build_adapter(setup, tta_cfg)
+    meter = CostMeter()
+    adapter = meter.once(build_adapter, setup, tta_cfg)
     views = SeededViews(adapters.view_maker(tta_cfg, setup.dataset.name, setup.clip), config.seed)
-    result = ShardResult()
+    result = ShardResult(flops=meter.sample)
 
     def predict(image_views, labels, idx) -> list[Prediction]:
         return _adapt(adapter, image_views, setup, idx, labels, result)
 
-    return _logged_batches(setup, views, config.tta_batch or 1, config.tta, predict, result)
+    return _logged_batches(setup, views, config.tta_batch or 1, config.tta, meter.counting(predict), result)
 
 
 def stream_order(n_images: int, seed: int) -> list[int]:
@@ -289,12 +296,19 @@ def stream_order(n_images: int, seed: int) -> list[int]:
     return torch.randperm(n_images, generator=generator).tolist()
 
 
+def stream_record(seed: int, order: list[int], position: int) -> dict[str, Any]:
+    """What a result says about one stream: its seed, how the order is drawn, where it resumed."""
+    return {"seed": seed, "order": "torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))",
+            "first_indices": order[:10], "resumed_at": position}
+
+
 def stream_shard(setup: Setup, seed: int) -> ShardResult:
     """An online method over one seeded stream, its state saved every :data:`STATE_EVERY` images so a
     rerun continues with the caches it had (images after the saved position are redone)."""
     config = setup.config
     tta_cfg = adapters.tta_config(config, setup.runtime)
-    adapter = build_adapter(setup, tta_cfg)
+    meter = CostMeter()
+    adapter = meter.once(build_adapter, setup, tta_cfg)
     views = SeededViews(adapters.view_maker(tta_cfg, setup.dataset.name, setup.clip), config.seed)
     order = stream_order(setup.n_images, seed)
     log, done = _open_log(setup, stream=seed)
@@ -303,12 +317,11 @@ def stream_shard(setup: Setup, seed: int) -> ShardResult:
     if saved is not None and all(i in done for i in order[: saved[0]]):
         position = saved[0]
         adapter.load_state_dict(saved[1])
-    result = ShardResult(stream={"seed": seed, "order": "torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))",
-                                 "first_indices": order[:10], "resumed_at": position})
+    result = ShardResult(stream=stream_record(seed, order, position))
     with progress_bar(len(order) - position, setup.progress, f"{setup.dataset.name} {config.tta} stream {seed}") as bar:
         for step, (image_views, labels, idx) in enumerate(batches(setup.dataset, order[position:], views, 1, config.workers), start=position + 1):
             start = time.perf_counter()
-            batch = _adapt(adapter, image_views, setup, idx, labels, result)
+            batch = meter.batch(_adapt, adapter, image_views, setup, idx, labels, result)
             seconds = time.perf_counter() - start
             log.append(batch, seconds)
             result.predictions += batch
@@ -317,6 +330,7 @@ def stream_shard(setup: Setup, seed: int) -> ShardResult:
                 log.save_state(step, adapter.state_dict())
             bar.update(1)
     result = _finish(order[:position], done, result)
+    result.flops = meter.sample
     if setup.oracle:
         result.predictions, result.stream["oracle"] = choose_on_test_labels(result.predictions, config.save_logits)
     return result
