@@ -570,11 +570,16 @@ _PROTOCOLS: tuple[Protocol, ...] = (
                 note="the cross_dataset prompts, ProText templates (Table 4's protocol; variants: `a photo of a {}.`)"),
             Row("ProText + TPT", "prompts", "protext", preset="cross_dataset", tta=TTASpec(init="prompts"),
                 note="TPT (published defaults) starting from the cross_dataset prompts, context and deep prompts tuned"),
+            Row("ProText + O-TPT", "prompts", "protext", preset="cross_dataset", tta=replace(OTPT, init="prompts"),
+                note="O-TPT (published λ) starting from the cross_dataset prompts, context and deep prompts tuned"),
+            *(Row(f"ProText + {label}", "prompts", "protext", preset="cross_dataset", tta=spec,
+                  note=f"{label} (published defaults per dataset) on the class features of the cross_dataset prompts")
+              for label, spec in (("DMN-ZS (beta2 = 1)", DMN), ("DPE", DPE), ("BoostAdapter", BOOST), ("TPS", TPS))),
         ),
         (Average("avg (10 targets)", CROSS_TARGETS), Average("avg (4 variants)", VARIANTS)),
         _row_numbers("ProText", _CROSS_ORDER, _PROTEXT_CROSS),
         {("ProText", "avg (10 targets)", "top1"): 67.23},
-        ("No paper reports TPT started from ProText prompts; the ProText + TPT row has no published numbers.",),
+        ("No paper reports test-time adaptation of ProText prompts; the ProText + method rows have no published numbers.",),
     ),
     Protocol(
         "tta-ood",
