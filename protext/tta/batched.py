@@ -1,4 +1,4 @@
-"""TPT and C-TPT on several images at once (``--tta-batch B``), each image with its own prompts.
+"""TPT, C-TPT and O-TPT on several images at once (``--tta-batch B``), each image with its own prompts.
 
 Every image gets its own copy of the prompts and its own optimiser state: the copies are stacked
 into one ``(B, …)`` tensor per prompt kind, so one text forward runs ``B × classes`` prompts and
@@ -25,21 +25,50 @@ from ..shared_prefix import prompt_copies_features, supports_shared_prefix
 from ..zeroshot import length_chunks
 from .base import AdaptResult, Adapter
 from .ctpt import CTPTTuner
+from .otpt import OTPTTuner
 from .selection import select_confident
 from .tpt import PromptTuner, TPTAdapter, TPTConfig
 
-__all__ = ["BatchedTPTAdapter"]
+__all__ = ["REGULARISED", "BatchedTPTAdapter"]
+
+REGULARISED: dict[str, type[PromptTuner]] = {"ctpt": CTPTTuner, "otpt": OTPTTuner}
+"""The tuners whose loss adds a λ-weighted term of the class features to TPT's, by regulariser name."""
 
 
 class BatchedTPTAdapter(Adapter):
-    """TPT (``lam`` None) or C-TPT (``lam`` = λ) whose ``adapt_batch`` tunes B prompt copies at once.
+    """TPT, or TPT plus a regulariser, whose ``adapt_batch`` tunes B prompt copies at once.
 
-    ``adapt`` is the one-image tuner; text towers the shared-prefix path cannot run fall back to
-    one image at a time.
+    Args:
+        model, encoder, config: as for :class:`PromptTuner`.
+        lam: λ; None is plain TPT.
+        regulariser: with ``lam``, the loss's regulariser, a key of :data:`REGULARISED`: ``ctpt``
+            (``− λ·ATFD``, the default, so ``(model, encoder, config, λ)`` stays C-TPT) or ``otpt``
+            (``+ λ·O``).
+
+    ``adapt`` is the one-image tuner, and ``adapt_batch`` uses that same tuner's loss for every copy,
+    so each image's result equals its own ``adapt``; text towers the shared-prefix path cannot run
+    (and fp16) fall back to one image at a time.
+
+    Raises:
+        ValueError: an unknown ``regulariser``, or one given without ``lam``.
     """
 
-    def __init__(self, model: nn.Module, encoder: PromptedTextEncoder, config: TPTConfig, lam: Optional[float] = None) -> None:
-        self.tuner = CTPTTuner(model, encoder, config, lam) if lam is not None else PromptTuner(model, encoder, config)
+    def __init__(
+        self,
+        model: nn.Module,
+        encoder: PromptedTextEncoder,
+        config: TPTConfig,
+        lam: Optional[float] = None,
+        regulariser: Optional[str] = None,
+    ) -> None:
+        if regulariser is not None and regulariser not in REGULARISED:
+            raise ValueError(f"regulariser must be one of {', '.join(REGULARISED)}, got '{regulariser}'.")
+        if lam is None:
+            if regulariser is not None:
+                raise ValueError(f"regulariser '{regulariser}' needs its weight lam (λ); lam=None is plain TPT.")
+            self.tuner = PromptTuner(model, encoder, config)
+        else:
+            self.tuner = REGULARISED[regulariser or "ctpt"](model, encoder, config, lam)
         self.single = TPTAdapter(self.tuner)
         self.encoder, self.config = encoder, config
         self.batchable = supports_shared_prefix(encoder) and not config.amp
