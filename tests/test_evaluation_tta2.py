@@ -182,3 +182,29 @@ def test_one_pass_gives_every_method_its_own_run(tiny_clip, folder, descriptions
         assert alone["tta"]["settings"] == shared["tta"]["settings"]
         assert alone["predictions"]["topk"] == shared["predictions"]["topk"], name
         assert_same_results(shared["predictions"]["logits"], alone["predictions"]["logits"], where=name)
+
+
+@pytest.mark.parametrize("tta", ["dmn", "dmn-oracle", "dpe", "boost"])
+def test_online_methods_and_the_oracle_are_refused_under_torchrun(folder, tmp_path, no_model, tta):
+    """One ordered stream cannot be split over ranks; the oracle's choice needs the whole stream too."""
+    import protext.evaluation.loop as loop
+    from protext.distributed import DistContext
+    from protext.errors import UserError
+
+    options = NEEDS.get(tta)
+    config = EvalConfig(dataset="folder", root=str(folder), tta=tta, out=str(tmp_path / "r.json"), tta_options=options)
+    with pytest.raises(UserError, match=f"--tta {tta} adapts online.*one process"):
+        loop.prepare(config, DistContext(rank=0, world_size=2))
+
+
+def test_a_pass_of_several_methods_refuses_what_it_cannot_do(folder, tmp_path):
+    from protext.errors import UserError
+
+    base = dict(dataset="folder", root=str(folder), out=str(tmp_path / "r.json"))
+    for tta, extra, flag in [("zero,otpt", {}, "otpt tunes prompts"), ("zero,zero", {}, "name each method once"),
+                             ("zero,mta", {"tta_batch": 2}, "--tta-batch"), ("zero,tda", {"stream_seeds": [1, 2]}, "--stream-seeds"),
+                             ("zero,mta", {"tta_options": {"dpe_align": 0.1}}, "--dpe-align")]:
+        with pytest.raises(UserError, match=flag):
+            EvalConfig(**base, tta=tta, **extra).validate()
+    with pytest.raises(UserError, match="evaluate_many"):
+        evaluate(EvalConfig(**base, tta="zero,mta"))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from protext.tta.batched import REGULARISED, BatchedTPTAdapter
 from protext.tta.ctpt import CTPTTuner as ProductionCTPTTuner
 from protext.tta.otpt import OTPTTuner as ProductionOTPTTuner
-from protext.tta.otpt import batched_adapter, orthogonality
+from protext.tta.otpt import orthogonality
 from protext.tta.tpt import PromptTuner as ProductionPromptTuner
 from tests.reference.tpt_reference import PromptTuner, TPTConfig, _NaivePath
 from tests.test_tta_tpt import deep_encoder, twin
@@ -199,8 +199,6 @@ def test_batched_otpt_equals_one_at_a_time(tiny_clip, views, steps):
     assert float((alone[0] - tpt).abs().max()) > 1e-3  # O-TPT is not TPT here
     batched = BatchedTPTAdapter(tiny_clip.model, encoder, config, 18.0, regulariser="otpt")
     assert batched.batchable and type(batched.tuner) is ProductionOTPTTuner and batched.tuner.lam == 18.0
-    via_registry = batched_adapter(tiny_clip.model, encoder, config, 18.0)  # what the method registry builds
-    assert type(via_registry.tuner) is ProductionOTPTTuner and via_registry.tuner.lam == 18.0
     results = batched.adapt_batch(batch)
     assert len(results) == len(batch)
     for got, expected in zip(results, alone):

@@ -35,7 +35,7 @@ from .tpt import PromptTuner, TPTConfig
 if TYPE_CHECKING:
     from .batched import BatchedTPTAdapter
 
-__all__ = ["OTPTTuner", "batched_adapter", "orthogonality"]
+__all__ = ["OTPTTuner", "orthogonality"]
 
 
 def orthogonality(text_features: torch.Tensor) -> torch.Tensor:
@@ -64,11 +64,3 @@ class OTPTTuner(PromptTuner):
 
     def _loss(self, selected_logits: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return marginal_entropy(selected_logits) + self.lam * orthogonality(text_features)
-
-
-def batched_adapter(model: nn.Module, encoder: PromptedTextEncoder, config: TPTConfig, lam: float) -> "BatchedTPTAdapter":
-    """O-TPT behind :class:`~protext.tta.batched.BatchedTPTAdapter` (``--tta-batch B``): B images'
-    prompt copies tuned at once, each image's result that of :class:`OTPTTuner` alone."""
-    from .batched import BatchedTPTAdapter  # batched imports this module
-
-    return BatchedTPTAdapter(model, encoder, config, lam, regulariser="otpt")

@@ -49,8 +49,7 @@ def build_prompt_tuner(settings: Any, model: Any, *, encoder: Any = None, fp16: 
     if settings.batch > 1:
         from ..batched import BatchedTPTAdapter
 
-        return BatchedTPTAdapter(model, encoder, config, lam if kind == "ctpt" else None) if kind != "otpt" else \
-            _batched_otpt(model, encoder, config, lam)
+        return BatchedTPTAdapter(model, encoder, config, lam, regulariser=kind)
     if kind == "ctpt":
         from ..ctpt import CTPTTuner
 
@@ -60,12 +59,6 @@ def build_prompt_tuner(settings: Any, model: Any, *, encoder: Any = None, fp16: 
 
         return TPTAdapter(OTPTTuner(model, encoder, config, lam))
     return TPTAdapter(PromptTuner(model, encoder, config))
-
-
-def _batched_otpt(model: Any, encoder: Any, config: Any, lam: float) -> Any:
-    from ..otpt import batched_adapter
-
-    return batched_adapter(model, encoder, config, lam)
 
 
 def _build(settings: TPTSettings, model: Any, **kwargs: Any) -> Any:
