@@ -91,6 +91,8 @@ def _tta_flags(parser: argparse.ArgumentParser) -> None:
     tta.add_argument("--tta-init", default=None, choices=TTA_INITS, help="Prompts the prompt tuners (tpt, ctpt, otpt) start from: handcrafted ('a photo of a'), prompts (a protext checkpoint) or coop (a CoOp .pth). [from --method]")
     _old(tta, "--tpt-init", "tta_init", "--tta-init", choices=TTA_INITS)
     tta.add_argument("--stream-seeds", type=parse_stream_seeds, default=None, metavar="S,S,...", help=f"Online methods ({', '.join(ONLINE_METHODS)}): run one stream per seed (a seeded permutation of the images) and report mean and spread. [--seed]")
+    tta.add_argument("--stream-runs", type=int, default=None, metavar="N", help=f"Online methods: N seeded stream orders (OGA's protocol; 100 published), each with a fresh adapter, replayed from one encoding of the images; reports every run's top-1 and ECE with mean, spread and the Expected Tail Accuracy (mean of the worst 10%% of runs). (between 1 and 10000)")
+    tta.add_argument("--stream-seed", type=int, default=None, metavar="S", help="Master seed of --stream-runs's orders (OGA: the same (S, N) gives the same N orders for every method). [42]")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag, (opt, users) in registry.shared_flags().items():
         if len(users) > 1:
@@ -214,6 +216,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutdown_all(meet=finished)
         if payload["runtime"]["world_size"] == 1 or _is_main():
             print(markdown_table([summary_row(payload)]))
+            if payload.get("runs"):
+                top1 = payload["runs"]["summary"]["top1"]
+                print(f"{top1['n_runs']} stream orders: top-1 {top1['mean']:.2f} ± {top1['std']:.2f} (ETA, worst "
+                      f"{top1['tail_runs']}: {top1['eta']:.2f}; min {top1['min']:.2f}, max {top1['max']:.2f})")
             if payload.get("streams"):
                 top1 = payload["streams"]["summary"]["top1"]
                 print(f"stream seeds {payload['streams']['seeds']}: top-1 {top1['mean']:.2f} ± {top1['std']:.2f} "

@@ -48,6 +48,8 @@ PROMPT_TUNERS: tuple[str, ...] = tuple(name for name in TTA_METHODS if _registry
 _RUN_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tta_init": ("--tta-init", PROMPT_TUNERS),
     "stream_seeds": ("--stream-seeds", ONLINE_METHODS),
+    "stream_runs": ("--stream-runs", ONLINE_METHODS),
+    "stream_seed": ("--stream-seed", ONLINE_METHODS),
 }
 
 #: settings that do not change any image's result: left out of the resume fingerprint, so a rerun
@@ -74,6 +76,8 @@ MAX_VIEWS_IN_FLIGHT = _common.MAX_VIEWS_IN_FLIGHT
 MAX_BATCH_SIZE = 8192
 #: streams of an online method, each a full pass over the dataset
 MAX_STREAM_SEEDS = 100
+#: orders replayed from one encoding (OGA: 100); each is a pass of the method's own arithmetic
+MAX_STREAM_RUNS = 10_000
 #: seeds key torch and numpy generators: numpy refuses negative seeds, torch those of 2**64 and more
 MAX_SEED = 2**63 - 1
 #: DataLoader processes per available CPU core: more only compete for the cores (and each holds a
@@ -127,6 +131,8 @@ class EvalConfig:
     augmix: Optional[bool] = None
     tta_options: Optional[dict[str, Any]] = None
     stream_seeds: Optional[list[int]] = None
+    stream_runs: Optional[int] = None
+    stream_seed: Optional[int] = None
     batch_size: int = 64
     workers: int = 2
     seed: int = 0
@@ -202,6 +208,9 @@ class EvalConfig:
             self._validate_pass(values)
             return
         _choice("--tta", self.tta, TTA_METHODS)
+        if self.stream_runs is not None and self.tta not in ONLINE_METHODS:
+            raise EvalError(f"--stream-runs: --tta {self.tta} treats every image on its own, so its result does not depend "
+                            "on the stream order; one run is all there is (drop --stream-runs).")
         for name, (flag, methods) in _RUN_OPTIONS.items():
             if _is_set(getattr(self, name)) and self.tta not in methods:
                 raise EvalError(f"{flag} does not apply to --tta {self.tta} (it is for --tta {', '.join(methods)}); drop it.")
@@ -222,6 +231,13 @@ class EvalConfig:
                                 f"dataset; at most {MAX_STREAM_SEEDS}.")
             for seed in self.stream_seeds:
                 _count("--stream-seeds", seed, 0, MAX_SEED)
+        if self.stream_seed is not None and self.stream_runs is None:
+            raise EvalError("--stream-seed seeds the orders of --stream-runs; add --stream-runs N or drop it.")
+        if self.stream_runs is not None:
+            _count("--stream-runs", self.stream_runs, 1, MAX_STREAM_RUNS)
+            _count("--stream-seed", self.stream_seed_or_default, 0, MAX_SEED)
+            if self.stream_seeds is not None:
+                raise EvalError("--stream-runs and --stream-seeds are two ways to draw stream orders; use one.")
 
     def _validate_pass(self, values: dict[str, Any]) -> None:
         """Several methods in one pass (``--tta zero,tda,mta``): each reads view features (no prompt
@@ -235,7 +251,7 @@ class EvalConfig:
         if len(set(names)) != len(names) or len(names) < 2:
             raise EvalError(f"--tta {self.tta}: name each method once, at least two of them.")
         for flag, value in (("--tta-batch", self.tta_batch), ("--stream-seeds", self.stream_seeds),
-                            ("--tta-init", self.tta_init)):
+                            ("--tta-init", self.tta_init), ("--stream-runs", self.stream_runs)):
             if value is not None:
                 raise EvalError(f"{flag} is not supported with several methods in one pass (it adapts one image at a "
                                 "time over one stream); run the methods one at a time.")
@@ -250,6 +266,11 @@ class EvalConfig:
                 _registry.check_given(name, {k: v for k, v in values.items() if k in own})
             except _registry.TTAConfigError as err:
                 raise EvalError(str(err)) from None
+
+    @property
+    def stream_seed_or_default(self) -> int:
+        """The master seed of ``--stream-runs``'s orders: ``--stream-seed``, or OGA's 42."""
+        return 42 if self.stream_seed is None else self.stream_seed
 
     @property
     def tta_methods(self) -> list[str]:

@@ -34,7 +34,8 @@ def view_maker(config: TTAConfig, dataset_name: str, preprocess_cfg: Any = None)
     return views_for_recipe(recipe, preprocess_cfg)
 
 
-def _image_dtype(config: TTAConfig) -> Optional[torch.dtype]:
+def image_dtype(config: TTAConfig) -> Optional[torch.dtype]:
+    """The precision the image tower encodes views in: fp16 under ``--precision fp16``, else the config's."""
     return torch.float16 if config.fp16 else config.image_dtype
 
 
@@ -68,5 +69,5 @@ def build_adapter(
         if encoder is None:
             raise ValueError(f"--tta {method.name} needs class features: pass text_features=(C, D) or encoder=.")
         text_features = prompt_text_features(encoder)
-    return method.build(settings, model, text_features=text_features, fp16=config.fp16, image_dtype=_image_dtype(config),
+    return method.build(settings, model, text_features=text_features, fp16=config.fp16, image_dtype=image_dtype(config),
                         dataset=registry.dataset_key(dataset_name))
