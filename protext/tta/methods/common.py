@@ -61,17 +61,17 @@ def augmix(default: Callable[[Context], bool], shown: str) -> Any:
 
 def batch() -> Any:
     return option("--tta-batch", "Images adapted at once (episodic methods; results equal one at a time).", type=int,
-                  default=1, shown="1", low=1, high=MAX_BATCH, aliases=("--tpt-batch",), metavar="B")
+                  default=1, shown="1", low=1, high=MAX_BATCH, metavar="B")
 
 
 def tune() -> Any:
     return option("--tta-tune", "all: tune the context and the deep prompts; shallow: the context only.", type=str,
-                  default="all", shown="all", choices=("all", "shallow"))
+                  default="all", shown="all", choices=("all", "shallow"), aliases=("--tpt-tune",))
 
 
 def naive() -> Any:
     return option("--tta-naive", "Gone: the published-style TPT path is a test reference now.", type=bool,
-                  default=False, shown="off")
+                  default=False, shown="off", aliases=("--tpt-naive",))
 
 
 def check_views_in_flight(given: dict, flag_views: int = 64) -> None:
