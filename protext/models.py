@@ -24,9 +24,10 @@ import pickle
 import socket
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 from urllib.parse import urlparse
 
 import open_clip
@@ -209,25 +210,77 @@ def _host_resolves(cfg: dict) -> bool:
         return False
 
 
-def _download(cfg: dict, cache_dir: Optional[str]) -> str:
-    """Fetch (or find in the cache) a tag's weights without a minute of hub retries when offline."""
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)
-    offline = not _host_resolves(cfg)
-    try:
-        if offline:
-            # the hub reads this flag on every call: cached weights still load, the rest fails at once
-            import huggingface_hub.constants as hub_constants
+class _DropPackageRecords(logging.Filter):
+    """Drops the records logged from one package's files at or below ``level``; lets every other through."""
 
-            saved, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
-            try:
-                return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
-            finally:
-                hub_constants.HF_HUB_OFFLINE = saved
-        return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+    def __init__(self, package_dir: str, level: int) -> None:
+        super().__init__()
+        self.package_dir = package_dir
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= self.level and record.pathname.startswith(self.package_dir))
+
+
+@contextmanager
+def _open_clip_quiet(level: int = logging.WARNING) -> Iterator[None]:
+    """Silence open_clip's own log lines up to ``level`` inside the block, and nothing else.
+
+    open_clip logs through the root logger (``logging.warning``), so ``logging.disable`` would be the
+    blunt tool; but it is process-wide (every thread, every library) and cannot be put back to what the
+    caller had. A filter on the root logger that matches open_clip's files only is removed on exit,
+    error or not, and leaves the caller's ``logging.disable`` level and other records alone.
+    """
+    quiet = _DropPackageRecords(os.path.dirname(open_clip.__file__), level)
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
     finally:
-        hub_log.setLevel(level)
+        root.removeFilter(quiet)
+
+
+@contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    """Set logger ``name``'s own level for the block, restoring the level it had (error or not)."""
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode for the block, its previous mode restored on exit (error or not).
+
+    The hub reads ``constants.HF_HUB_OFFLINE`` on every call, so cached weights still load and the rest
+    fails at once instead of a minute of retries. The ``HF_HUB_OFFLINE`` environment variable is never
+    written: it is read once at import and is the user's, not ours.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _download(cfg: dict, cache_dir: Optional[str]) -> str:
+    """Fetch (or find in the cache) a tag's weights without a minute of hub retries when offline.
+
+    Every change to shared state (the hub logger's level, the hub's offline mode) is scoped to the
+    call and undone on the way out, failure included.
+    """
+    with _logger_level("huggingface_hub", logging.ERROR):
+        if _host_resolves(cfg):
+            return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
+        with _hub_offline():
+            return open_clip.download_pretrained(cfg, cache_dir=cache_dir)
 
 
 def load_clip(
@@ -280,11 +333,8 @@ def _random_model(model: str, tokenizer, device, precision: str, seed: int) -> L
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        logging.disable(logging.WARNING)  # open_clip's own "no pretrained weights" line repeats ours
-        try:
+        with _open_clip_quiet():  # open_clip's own "no pretrained weights" line repeats our warning
             net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, precision=precision)
-        finally:
-            logging.disable(logging.NOTSET)
     return LoadedClip(_freeze(net.to(device)), preprocess, tokenizer, model, "random")
 
 

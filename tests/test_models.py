@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import socket
 import warnings
 
@@ -193,3 +195,72 @@ def test_length_batched_encoding_returns_input_order(tiny_clip):
         expected = tiny_clip.model.encode_text(tokens)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert [len(b) for b in seen] == [4, 2] and seen[0] == sorted(seen[0]) and max(seen[0]) <= min(seen[1])
+
+
+def test_random_load_leaves_process_logging_as_it_was(monkeypatch, caplog):
+    """Loading silences open_clip's own line only; the caller's logging.disable level and filters survive."""
+    root = logging.getLogger()
+    filters = list(root.filters)
+    logging.disable(logging.DEBUG)  # a caller's choice that a process-wide logging.disable(NOTSET) would undo
+    try:
+        with pytest.warns(UserWarning, match="RANDOM weights"):
+            load_clip("tiny-clip", "random")
+        assert root.manager.disable == logging.DEBUG and root.filters == filters
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("open_clip failed")
+
+        monkeypatch.setattr(open_clip, "create_model_and_transforms", broken)
+        with pytest.raises(RuntimeError, match="open_clip failed"), pytest.warns(UserWarning):
+            load_clip("tiny-clip", "random")
+        assert root.manager.disable == logging.DEBUG and root.filters == filters  # restored on error too
+    finally:
+        logging.disable(logging.NOTSET)
+    # caplog.at_level lifts logging.disable itself (and restores it), so the quiet line is checked apart
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="RANDOM weights"):
+        load_clip("tiny-clip", "random")
+    assert caplog.records and not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+
+
+def test_open_clip_quiet_drops_only_open_clip_records(caplog):
+    """The scoped filter matches open_clip's files: other root-logger records in the block still pass."""
+    root = logging.getLogger()
+    inside = os.path.join(os.path.dirname(open_clip.__file__), "factory.py")
+
+    def record(msg: str, pathname: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.makeLogRecord({"msg": msg, "pathname": pathname, "levelno": level, "name": "root"})
+
+    with caplog.at_level(logging.INFO):
+        with models._open_clip_quiet():
+            root.handle(record("from the caller", __file__))
+            root.handle(record("from open_clip", inside))
+            root.handle(record("open_clip error", inside, logging.ERROR))  # above the quiet level
+        root.handle(record("open_clip after", inside))
+    assert [r.getMessage() for r in caplog.records] == ["from the caller", "open_clip error", "open_clip after"]
+
+
+def test_offline_download_restores_the_hub_mode_and_logger(monkeypatch):
+    """Offline, the hub runs in offline mode for the download only; its flag, env var and logger are put back."""
+    import huggingface_hub.constants as hub_constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    seen = []
+
+    def download(cfg, cache_dir=None):
+        seen.append((hub_constants.HF_HUB_OFFLINE, logging.getLogger("huggingface_hub").level))
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(open_clip, "download_pretrained", download)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub_log = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hub_log, "level", logging.INFO)
+    with pytest.raises(PretrainedUnavailableError):
+        load_clip("ViT-B-16", "openai", cache_dir="/nonexistent-protext-cache")
+    assert seen == [(True, logging.ERROR)]  # scoped inside the call
+    assert hub_constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ
+    assert hub_log.level == logging.INFO
