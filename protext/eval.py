@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from .errors import UserError, run_command
 from .evaluation.config import (
-    METHODS, ONLINE_METHODS, PRECISIONS, SPLITS, TEMPLATE_RULES, TTA_INITS, TTA_METHODS, EvalConfig, parse_stream_seeds,
+    METHODS, ONLINE_METHODS, PRECISIONS, SCENARIOS, SPLITS, TEMPLATE_RULES, TTA_INITS, TTA_METHODS, EvalConfig, parse_stream_seeds,
 )
 
 _DEPRECATED = {"--classnames": "--classes", "--tpt": "--tta tpt", "--precision amp": "--precision fp16"}
@@ -92,7 +92,9 @@ def _tta_flags(parser: argparse.ArgumentParser) -> None:
     _old(tta, "--tpt-init", "tta_init", "--tta-init", choices=TTA_INITS)
     tta.add_argument("--stream-seeds", type=parse_stream_seeds, default=None, metavar="S,S,...", help=f"Online methods ({', '.join(ONLINE_METHODS)}): run one stream per seed (a seeded permutation of the images) and report mean and spread. [--seed]")
     tta.add_argument("--stream-runs", type=int, default=None, metavar="N", help=f"Online methods: N seeded stream orders (OGA's protocol; 100 published), each with a fresh adapter, replayed from one encoding of the images; reports every run's top-1 and ECE with mean, spread and the Expected Tail Accuracy (mean of the worst 10%% of runs). (between 1 and 10000)")
-    tta.add_argument("--stream-seed", type=int, default=None, metavar="S", help="Master seed of --stream-runs's orders (OGA: the same (S, N) gives the same N orders for every method). [42]")
+    tta.add_argument("--stream-seed", type=int, default=None, metavar="S", help="Master seed of --stream-runs's orders (OGA: the same (S, N) gives the same N orders for every method), or the seed of every --scenario draw. [42; --scenario: 1]")
+    tta.add_argument("--scenario", default=None, choices=SCENARIOS, help="StatA's realistic protocols (any method but the prompt tuners), replayed from one encoding: very_low, low, medium_64 (batches of 64 with 1-4, 2-10, 5-25 active classes), medium_1000, high, very_high (batches of 1000 with 5-25, 25-50, 50-100), all (the whole set reshuffled): a fresh adapter per task; online-low/-medium/-high/-separate: correlated streams of batches of 128 (Dirichlet gamma 0.1, 0.01, 0.001, one class after another), a fresh adapter per stream. Reports the mean over tasks of the per-batch accuracy, with spread and tail.")
+    tta.add_argument("--tasks", type=int, default=None, metavar="N", help="Tasks (batch scenarios) or streams (online) of --scenario. [1000; online: 100]")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag, (opt, users) in registry.shared_flags().items():
         if len(users) > 1:
@@ -218,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(markdown_table([summary_row(payload)]))
             if payload.get("runs"):
                 top1 = payload["runs"]["summary"]["top1"]
-                print(f"{top1['n_runs']} stream orders: top-1 {top1['mean']:.2f} ± {top1['std']:.2f} (ETA, worst "
+                print(f"{top1['n_runs']} {payload['runs']['kind']}: top-1 {top1['mean']:.2f} ± {top1['std']:.2f} (ETA, worst "
                       f"{top1['tail_runs']}: {top1['eta']:.2f}; min {top1['min']:.2f}, max {top1['max']:.2f})")
             if payload.get("streams"):
                 top1 = payload["streams"]["summary"]["top1"]

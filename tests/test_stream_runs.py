@@ -83,12 +83,12 @@ def test_a_killed_job_keeps_its_finished_runs(tiny_clip, folder, tmp_path, monke
     computed: list[int] = []
     real = orders._one_run
 
-    def counting(setup, tta_cfg, text, encoded, labels, r, seed, done):
+    def counting(setup, tta_cfg, text, encoded, labels, r, seed, batches, done):
         if done is None or r == 0:
             computed.append(r)
         if r == 2 and len(computed) == 3 and computed == [0, 1, 2]:
             raise KeyboardInterrupt  # killed during run 2
-        return real(setup, tta_cfg, text, encoded, labels, r, seed, done)
+        return real(setup, tta_cfg, text, encoded, labels, r, seed, batches, done)
 
     monkeypatch.setattr(orders, "_one_run", counting)
     config = _config(folder, tmp_path / "r.json", stream_runs=3)
@@ -109,6 +109,9 @@ BAD = [
     (["--tta", "tda", "--tda-alpha", "2", "--tda-beta", "5", "--stream-seed", "3"], "--stream-seed"),
     (["--tta", "tda", "--tda-alpha", "2", "--tda-beta", "5", "--stream-runs", "3", "--stream-seeds", "1,2"], "--stream-runs"),
     (["--stream-runs", "3"], "--stream-runs"),
+    (["--tta", "tpt", "--scenario", "low"], "--scenario"),
+    (["--tta", "zero", "--tasks", "0", "--scenario", "low"], "--tasks"),
+    (["--tta", "zero", "--tasks", "3"], "--tasks"),
 ]
 
 
@@ -135,3 +138,42 @@ def test_bad_requests_are_one_line_before_torch(tmp_path):
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], (args, err)
         assert not torch_loaded, args
+
+
+def test_a_batch_scenario_replays_each_task_with_a_fresh_adapter(tiny_clip, folder, tmp_path):
+    """StatA's very-low setting on 16 images: every task's score is the accuracy of a fresh TDA over
+    its images in the drawn order (checked by hand on views made afresh), the mean over tasks is the
+    headline, and the draws are seeded (the same seed, the same tasks)."""
+    from protext import streams
+    from protext.datasets import build_dataset
+    from protext.evaluation.data import SeededViews
+    from protext.tta import TTAConfig, build_adapter
+    from protext.tta.api import views_for_recipe
+    from protext.tta.registry import ViewRecipe
+    from protext.tta.views import model_preprocess_cfg
+    from protext.zeroshot import clip_text_features
+
+    result = evaluate(_config(folder, tmp_path / "s.json", scenario="very_low", tasks=3), clip=tiny_clip)
+    runs = result["runs"]
+    assert runs["kind"] == "tasks" and runs["seed"] == 1 and (runs["batch_size"], runs["k_min"], runs["k_max"]) == (64, 1, 4)
+    dataset = build_dataset("folder", str(folder), split="all", partition="test")
+    labels = [dataset[i][1] for i in range(len(dataset))]
+    tasks = streams.batch_tasks(labels, 1, 4, 64, 3, np.random.default_rng(1))
+    text = clip_text_features(tiny_clip.model, tiny_clip.tokenizer, list(dataset.classnames), "a photo of a {}.")
+    maker = SeededViews(views_for_recipe(ViewRecipe(4, False), model_preprocess_cfg(tiny_clip.model)), 0)
+    want = []
+    for task in tasks:
+        adapter = build_adapter(TTAConfig(method="tda", tda_alpha=2.0, tda_beta=5.0, views=4), tiny_clip.model, "folder",
+                                text_features=text)
+        right = sum(int(adapter.adapt(maker(dataset[i][0], int(i))).logits.argmax()) == labels[i] for i in task)
+        want.append(100.0 * right / len(task))
+    assert [r["top1"] for r in runs["per_run"]] == pytest.approx(want, abs=1e-9)
+    assert [r["images"] for r in runs["per_run"]] == [len(t) for t in tasks]
+    assert result["metrics"]["top1_mean_over_runs"] == pytest.approx(sum(want) / 3)
+
+
+def test_an_online_scenario_needs_a_full_batch_before_the_model_loads(folder, tmp_path, no_model):
+    from protext.errors import UserError
+
+    with pytest.raises(UserError, match="batches of 128"):
+        evaluate(_config(folder, tmp_path / "o.json", scenario="online-medium"))

@@ -89,7 +89,7 @@ def evaluate(config: EvalConfig, *, clip: Any = None, progress: bool = True, com
         raise EvalError(f"--tta {config.tta} names several methods: call protext.evaluation.evaluate_many, which returns "
                         "one result per method.")
 
-    if config.stream_runs is not None:
+    if config.stream_runs is not None or config.scenario is not None:
         from .orders import evaluate_orders
 
         return evaluate_orders(config, clip=clip, progress=progress, command=command)

@@ -49,7 +49,6 @@ _RUN_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tta_init": ("--tta-init", PROMPT_TUNERS),
     "stream_seeds": ("--stream-seeds", ONLINE_METHODS),
     "stream_runs": ("--stream-runs", ONLINE_METHODS),
-    "stream_seed": ("--stream-seed", ONLINE_METHODS),
 }
 
 #: settings that do not change any image's result: left out of the resume fingerprint, so a rerun
@@ -76,8 +75,12 @@ MAX_VIEWS_IN_FLIGHT = _common.MAX_VIEWS_IN_FLIGHT
 MAX_BATCH_SIZE = 8192
 #: streams of an online method, each a full pass over the dataset
 MAX_STREAM_SEEDS = 100
-#: orders replayed from one encoding (OGA: 100); each is a pass of the method's own arithmetic
+#: orders replayed from one encoding (OGA: 100), or tasks of a scenario (StatA: 1000); each is a pass
+#: of the method's own arithmetic
 MAX_STREAM_RUNS = 10_000
+#: StatA's named scenarios (protext.streams holds their settings; repeated so --help needs no import)
+SCENARIOS = ("very_low", "low", "medium_64", "medium_1000", "high", "very_high", "all",
+             "online-low", "online-medium", "online-high", "online-separate")
 #: seeds key torch and numpy generators: numpy refuses negative seeds, torch those of 2**64 and more
 MAX_SEED = 2**63 - 1
 #: DataLoader processes per available CPU core: more only compete for the cores (and each holds a
@@ -133,6 +136,8 @@ class EvalConfig:
     stream_seeds: Optional[list[int]] = None
     stream_runs: Optional[int] = None
     stream_seed: Optional[int] = None
+    scenario: Optional[str] = None
+    tasks: Optional[int] = None
     batch_size: int = 64
     workers: int = 2
     seed: int = 0
@@ -201,6 +206,8 @@ class EvalConfig:
         values = self.tta_values()
         if self.tta is None:
             run = [flag for name, (flag, _) in _RUN_OPTIONS.items() if _is_set(getattr(self, name))]
+            run += [flag for flag, value in (("--stream-seed", self.stream_seed), ("--scenario", self.scenario),
+                                             ("--tasks", self.tasks)) if value is not None]
             for flag in run + ["--" + key.replace("_", "-") for key in values]:
                 raise EvalError(f"{flag} is a test-time adaptation option; add --tta {{{','.join(TTA_METHODS)}}} or drop it.")
             return
@@ -231,8 +238,20 @@ class EvalConfig:
                                 f"dataset; at most {MAX_STREAM_SEEDS}.")
             for seed in self.stream_seeds:
                 _count("--stream-seeds", seed, 0, MAX_SEED)
-        if self.stream_seed is not None and self.stream_runs is None:
-            raise EvalError("--stream-seed seeds the orders of --stream-runs; add --stream-runs N or drop it.")
+        if self.stream_seed is not None and self.stream_runs is None and self.scenario is None:
+            raise EvalError("--stream-seed seeds the orders of --stream-runs or the draws of --scenario; add one or drop it.")
+        if self.tasks is not None and self.scenario is None:
+            raise EvalError("--tasks counts the tasks or streams of --scenario; add --scenario NAME or drop it.")
+        if self.scenario is not None:
+            _choice("--scenario", self.scenario, SCENARIOS)
+            if self.tunes_prompts:
+                raise EvalError(f"--scenario replays each image's encoded views, and --tta {self.tta} tunes prompts through "
+                                "the text tower from the views themselves; run it without --scenario.")
+            if self.stream_runs is not None or self.stream_seeds is not None:
+                raise EvalError("--scenario draws its own tasks and streams; drop --stream-runs/--stream-seeds.")
+            if self.tasks is not None:
+                _count("--tasks", self.tasks, 1, MAX_STREAM_RUNS)
+            _count("--stream-seed", self.scenario_seed, 0, MAX_SEED)
         if self.stream_runs is not None:
             _count("--stream-runs", self.stream_runs, 1, MAX_STREAM_RUNS)
             _count("--stream-seed", self.stream_seed_or_default, 0, MAX_SEED)
@@ -251,7 +270,8 @@ class EvalConfig:
         if len(set(names)) != len(names) or len(names) < 2:
             raise EvalError(f"--tta {self.tta}: name each method once, at least two of them.")
         for flag, value in (("--tta-batch", self.tta_batch), ("--stream-seeds", self.stream_seeds),
-                            ("--tta-init", self.tta_init), ("--stream-runs", self.stream_runs)):
+                            ("--tta-init", self.tta_init), ("--stream-runs", self.stream_runs),
+                            ("--scenario", self.scenario)):
             if value is not None:
                 raise EvalError(f"{flag} is not supported with several methods in one pass (it adapts one image at a "
                                 "time over one stream); run the methods one at a time.")
@@ -266,6 +286,11 @@ class EvalConfig:
                 _registry.check_given(name, {k: v for k, v in values.items() if k in own})
             except _registry.TTAConfigError as err:
                 raise EvalError(str(err)) from None
+
+    @property
+    def scenario_seed(self) -> int:
+        """The seed of ``--scenario``'s draws: ``--stream-seed``, or StatA's 1."""
+        return 1 if self.stream_seed is None else self.stream_seed
 
     @property
     def stream_seed_or_default(self) -> int:

@@ -1,4 +1,5 @@
-"""An online method over many stream orders from one encoding: ``eval --tta tda --stream-runs 100``.
+"""A method over many streams or tasks from one encoding: ``eval --tta tda --stream-runs 100`` (OGA)
+and ``eval --tta tda --scenario online-medium`` (StatA).
 
 The published gains of online methods are about the size of the effect of the stream order (OGA,
 TTA2.md §11.1). This runs the method over N seeded permutations of the test set, exactly OGA's
@@ -10,6 +11,13 @@ The views of an image do not depend on the order (they are keyed by the seed and
 index), so each image is encoded once and the N orders are replayed from those features: 100 orders
 cost one pass over the images plus the method's own arithmetic. Finished runs are logged one line
 each; a killed job re-encodes the images and continues with the first unfinished run.
+
+StatA's scenarios (TTA2.md §11.2) replay the same features in realistic batches: ``--scenario
+very_low`` … ``all`` draws tasks of a few active classes (each task its own fresh adapter, the images
+of its batch in turn), ``--scenario online-low|medium|high|separate`` correlated streams of batches
+of 128 (a fresh adapter per stream, state kept across its batches). Every draw comes from one
+Generator seeded by ``--stream-seed`` (StatA: 1), recorded, including the Dirichlet draw the original
+leaves unseeded. A run's accuracy is the mean of its per-batch accuracies, as OGA and StatA score.
 """
 
 from __future__ import annotations
@@ -45,32 +53,36 @@ def evaluate_orders(config: EvalConfig, *, clip: Any = None, progress: bool = Tr
     Raises:
         protext.errors.UserError: bad flags or inputs, before any model loads.
     """
-    from ..streams import oga_seeds, summarize_runs
+    from ..streams import summarize_runs
     from .payload import build_payload
     from .resume import remove_logs
 
     started = time.perf_counter()
     ctx = init_distributed(use_cuda=config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
+    if ctx.active:
+        raise EvalError("--stream-runs/--scenario replay one encoding in one process; run them without torchrun.")
     try:
+        if config.scenario is not None and config.scenario.startswith("online-"):
+            _check_stream_size(config, ctx)  # before the model loads
         setup = build_setup(config, ctx, clip, progress and config.progress)
     except AlreadyDone as done:
         print(f"note: {done.path} already holds this run's result; nothing to do (--overwrite recomputes it).", file=sys.stderr)
         return done.payload
     out = config.output_path()
-    seeds = oga_seeds(config.stream_seed_or_default, config.stream_runs)
     if config.overwrite:
         runs_log_path(out).unlink(missing_ok=True)
     log = _RunsLog(runs_log_path(out), setup.fingerprint)
     finished = log.read()
     reset_peak_memory(setup.runtime.device)
     encoded, labels, encode_seconds = _encode_once(setup, progress and config.progress)
+    plan, described = plan_runs(config, labels)
     text = class_features(setup)
     tta_cfg = adapters.tta_config(config, setup.runtime)
     runs: list[dict[str, Any]] = []
     first: Optional[ShardResult] = None
-    with progress_bar(len(seeds), setup.progress, f"{setup.dataset.name} {config.tta} orders") as bar:
-        for r, seed in enumerate(seeds):
-            result, record = _one_run(setup, tta_cfg, text, encoded, labels, r, seed, finished.get(r))
+    with progress_bar(len(plan), setup.progress, f"{setup.dataset.name} {config.tta} {described['kind']}") as bar:
+        for r, (seed, run_batches) in enumerate(plan):
+            result, record = _one_run(setup, tta_cfg, text, encoded, labels, r, seed, run_batches, finished.get(r))
             if r not in finished:
                 log.append(record)
             if first is None:
@@ -85,14 +97,9 @@ def evaluate_orders(config: EvalConfig, *, clip: Any = None, progress: bool = Tr
     # the tail is of accuracy; ECE gets its spread only (its "worst" runs are its highest)
     summary["ece"] = {k: v for k, v in summarize_runs([run["ece"] for run in runs]).to_dict().items()
                       if k not in ("eta", "tail_runs")}
-    payload["runs"] = {
-        "protocol": "OGA (TTA2.md §11.1): N seeded permutations, a fresh adapter per run; views and their "
-                    "features shared by every run (encoded once)",
-        "master_seed": config.stream_seed_or_default, "n_runs": len(seeds), "seeds": seeds,
-        "order": "np.random.default_rng(seed).choice(range(N), N, replace=False)",
-        "per_run": runs, "summary": summary,
-        "note": "ETA = mean top-1 of the worst 10% of runs; the predictions above are run 0's",
-    }
+    payload["runs"] = {**described, "n_runs": len(plan), "per_run": runs, "summary": summary,
+                       "note": "a run's top-1 is the mean of its per-batch accuracies; ETA = mean top-1 of the worst "
+                               "10% of runs; the predictions above are run 0's"}
     payload["metrics"]["top1_mean_over_runs"] = summary["top1"]["mean"]
     payload["metrics"]["top1_eta"] = summary["top1"]["eta"]
     payload["timing"]["encode_seconds"] = encode_seconds
@@ -128,28 +135,77 @@ def _encode_once(setup, progress: bool) -> tuple[list[torch.Tensor], list[int], 
     return features, labels, time.perf_counter() - began
 
 
-def _one_run(setup, tta_cfg, text: torch.Tensor, encoded: list[torch.Tensor], labels: list[int], r: int, seed: int,
-             done: Optional[dict[str, Any]]) -> tuple[ShardResult, dict[str, Any]]:
-    """Run ``r``: a fresh adapter over the features in order ``seed``; its metrics (from the log
-    when an earlier job finished it, except run 0, whose predictions the results keep)."""
-    from ..streams import oga_order
+def _check_stream_size(config: EvalConfig, ctx) -> None:
+    """An online scenario needs at least one full batch of 128 images."""
+    from .. import streams
+    from .loop import prepare
 
-    result = ShardResult(stream={"seed": seed, "order": "oga", "run": r})
+    dataset = prepare(config, ctx)[0]
+    n = len(dataset) if config.limit is None else min(config.limit, len(dataset))
+    if n < streams.STATA_ONLINE_BATCH_SIZE:
+        raise EvalError(f"--scenario {config.scenario} streams batches of {streams.STATA_ONLINE_BATCH_SIZE} images and drops "
+                        f"an incomplete one; this dataset has {n} (--limit included): use a batch scenario.")
+
+
+def plan_runs(config: EvalConfig, labels: list[int]) -> tuple[list[tuple[int, list[list[int]]]], dict[str, Any]]:
+    """The runs to replay, each ``(seed, batches of dataset indices)``, and how they were drawn."""
+    import numpy as np
+
+    from .. import streams
+
+    if config.stream_runs is not None:
+        master = config.stream_seed_or_default
+        seeds = streams.oga_seeds(master, config.stream_runs)
+        runs = [(seed, streams.chunk(streams.oga_order(seed, len(labels)), streams.OGA_BATCH_SIZE)) for seed in seeds]
+        return runs, {"kind": "orders", "protocol": "OGA (TTA2.md §11.1): seeded permutations of the test set, a fresh "
+                      "adapter per run, batches of 32 for the score (the last one shorter)", "master_seed": master,
+                      "seeds": seeds, "order": "np.random.default_rng(seed).choice(range(N), N, replace=False)"}
+    name = config.scenario
+    seed = config.scenario_seed
+    rng = np.random.default_rng(seed)
+    if name.startswith("online-"):
+        gamma = streams.online_setting(name[len("online-"):])
+        n = config.tasks or streams.STATA_ONLINE_STREAMS
+        runs = [(r, streams.online_stream(labels, gamma, streams.STATA_ONLINE_BATCH_SIZE, rng)) for r in range(n)]
+        return runs, {"kind": "streams", "protocol": "StatA online (TTA2.md §11.2): correlated streams, batches of 128 "
+                      "(the last incomplete one dropped), a fresh adapter per stream", "scenario": name, "gamma": gamma,
+                      "seed": seed, "generator": "numpy.random.default_rng(seed), every draw including the Dirichlet's"}
+    batch_size, k_min, k_max = streams.batch_setting(name)
+    n = config.tasks or streams.STATA_BATCH_TASKS
+    tasks = streams.batch_tasks(labels, k_min, k_max, batch_size, n, rng)
+    runs = [(r, [list(map(int, task))]) for r, task in enumerate(tasks)]
+    return runs, {"kind": "tasks", "protocol": "StatA realistic batches (TTA2.md §11.2): each task a batch of its "
+                  "active classes' images, a fresh adapter per task", "scenario": name, "batch_size": batch_size,
+                  "k_min": k_min, "k_max": k_max, "seed": seed,
+                  "generator": "numpy.random.default_rng(seed), every draw"}
+
+
+def _one_run(setup, tta_cfg, text: torch.Tensor, encoded: list[torch.Tensor], labels: list[int], r: int, seed: int,
+             run_batches: list[list[int]], done: Optional[dict[str, Any]]) -> tuple[ShardResult, dict[str, Any]]:
+    """Run ``r``: a fresh adapter over its batches' images in turn; its metrics (from the log when an
+    earlier job finished it, except run 0, whose predictions the results keep)."""
+    result = ShardResult(stream={"seed": seed, "run": r})
     if done is not None and r > 0:
         return result, done
     adapter = build_adapter(setup, tta_cfg, text_features=text)
-    order = oga_order(seed, len(encoded))
     predictions: list[Prediction] = []
+    batch_accuracy: list[float] = []
     began = time.perf_counter()
-    for index in order:
-        out = adapter.adapt_features(encoded[index])
-        predictions += predictions_from_logits([index], [labels[index]], out.logits.float().cpu()[None],
-                                               keep_logits=setup.config.save_logits,
-                                               calibration_logits=out.calibration_logits.float().cpu()[None])
+    for batch in run_batches:
+        right = 0
+        for index in batch:
+            out = adapter.adapt_features(encoded[index])
+            prediction = predictions_from_logits([index], [labels[index]], out.logits.float().cpu()[None],
+                                                 keep_logits=setup.config.save_logits,
+                                                 calibration_logits=out.calibration_logits.float().cpu()[None])[0]
+            predictions.append(prediction)
+            right += prediction.pred == prediction.label
+        batch_accuracy.append(100.0 * right / len(batch))
     result.seconds = time.perf_counter() - began
     result.predictions = sorted(predictions, key=lambda p: p.index)
     metrics = compute_metrics(result.predictions, setup.classnames)
-    record = {"run": r, "seed": seed, "top1": metrics.top1, "ece": metrics.ece, "first_indices": order[:10],
+    record = {"run": r, "seed": seed, "top1": sum(batch_accuracy) / len(batch_accuracy), "ece": metrics.ece,
+              "images": len(predictions), "batches": len(run_batches), "first_indices": run_batches[0][:10],
               "seconds": result.seconds}
     return result, record
 
@@ -186,4 +242,4 @@ class _RunsLog:
             handle.flush()
 
 
-__all__ = ["evaluate_orders", "runs_log_path"]
+__all__ = ["evaluate_orders", "plan_runs", "runs_log_path"]
