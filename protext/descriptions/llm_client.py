@@ -1,10 +1,15 @@
 """Asking an OpenAI-compatible chat server for class descriptions, whatever the server's quirks.
 
-Transport failures (429, 5xx, timeouts, dropped connections) are retried with backoff by the
-``openai`` client itself (``max_retries``, ``timeout``). This module adds what the client cannot know:
+One loop sends every request of a unit and counts each one it sends (:class:`ClientStats`), so the
+reported counts are the requests the server got, not an estimate:
 
+* transport failures (429, 408, 409, 5xx, timeouts, dropped connections) are sent again with the
+  ``openai`` client's backoff (``Retry-After`` honoured up to a minute), up to the client's
+  ``max_retries`` times per request; the client itself is used with its own retries off, so no
+  retry happens that this loop does not see;
 * answers that arrive but are unusable (body not JSON, empty ``choices``, nothing left after
-  cleaning) are asked again, up to ``attempts`` times;
+  cleaning) are asked again, ``attempts`` asks per unit in all (one budget shared by every request
+  of the unit, never ``attempts`` asks for each of ``attempts`` rounds);
 * servers that refuse ``n > 1`` (llama.cpp) or ignore it (Ollama) are switched to single-choice
   requests, with ``seed + i`` per sample when a seed is set so the samples still differ;
 * reasoning models that reject ``max_tokens`` or a non-default ``temperature`` get
@@ -26,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import random
 import re
 import socket
 from dataclasses import dataclass, field
@@ -80,6 +87,63 @@ class ServerUnreachable(UserError):
     """The server's host cannot be resolved or its port refuses connections."""
 
 
+#: backoff between transport retries, as the openai client does it: 0.5 s doubling to 8 s, 0-25 % jitter
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+#: a server's Retry-After is honoured up to this many seconds (longer ones get the plain backoff)
+MAX_RETRY_AFTER = 60.0
+#: statuses a request is sent again for (the openai client's own rule; 5xx too)
+_RETRY_STATUSES = (408, 409, 429)
+
+
+def _retry_after(err: openai.APIStatusError) -> Optional[float]:
+    """Seconds the server asked us to wait (``retry-after-ms`` or ``retry-after``), if usable."""
+    headers = err.response.headers
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers.get(name, "")) * scale
+        except ValueError:  # absent, or an HTTP date: fall back to the plain backoff
+            continue
+        if math.isfinite(seconds) and 0 < seconds <= MAX_RETRY_AFTER:
+            return seconds
+    return None
+
+
+def _transport_failure(err: openai.APIError) -> bool:
+    """Whether sending the same request again may succeed (the openai client's rule)."""
+    if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    if not isinstance(err, openai.APIStatusError):
+        return False
+    verdict = err.response.headers.get("x-should-retry")
+    if verdict in ("true", "false"):  # the server says: obey
+        return verdict == "true"
+    return err.status_code in _RETRY_STATUSES or err.status_code >= 500
+
+
+def backoff_seconds(retry: int, err: openai.APIError) -> float:
+    """Wait before transport retry number ``retry`` (0-based): the server's Retry-After, else exponential."""
+    if isinstance(err, openai.APIStatusError):
+        asked = _retry_after(err)
+        if asked is not None:
+            return asked
+    return min(INITIAL_RETRY_DELAY * 2.0 ** min(retry, 30), MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
+
+
+class _Asks:
+    """The unusable-answer budget of one unit: ``attempts`` asks in all, shared by its requests."""
+
+    def __init__(self, attempts: int) -> None:
+        self.left = attempts - 1  # re-asks after the first ask
+
+    def take(self) -> bool:
+        """Spend one re-ask; False when none is left."""
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+
 class _NChoicesRefused(Exception):
     """Internal: the server rejected ``n > 1``."""
 
@@ -99,10 +163,10 @@ class SamplingSettings:
 class ClientStats:
     """Counters for the progress bar and the end-of-run summary."""
 
-    requests: int = 0
+    requests: int = 0  # HTTP requests sent, every retry and re-ask included
     in_flight: int = 0
-    retries: int = 0  # transport retries done by the openai client
-    reasked: int = 0  # unusable answers asked again by us
+    retries: int = 0  # of those, re-sent after a transport failure (429/5xx/timeout/connection)
+    reasked: int = 0  # of those, asked again after an unusable answer
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tokens_reported: bool = False
@@ -268,6 +332,9 @@ class DescriptionSampler:
         if concurrency < 1 or attempts < 1 or stall_after < 1:
             raise ValueError("concurrency, attempts and stall_after must be >= 1")
         self.client = client
+        self.max_retries = client.max_retries
+        # Our loop does every retry, so that it can count them: the copy sends each request once.
+        self._send_once = client.with_options(max_retries=0).chat.completions.with_raw_response.create
         self.settings = settings
         self.attempts = attempts
         self.redact = redact
@@ -306,7 +373,7 @@ class DescriptionSampler:
         RuntimeError. Both name the URL.
         """
         self.timeouts_in_a_row += 1
-        tries = self.client.max_retries + 1
+        tries = self.max_retries + 1
         timeout = self.client.timeout
         limit = self.stall_after if self.answered == 0 else self.stall_after_answers
         if self.timeouts_in_a_row >= limit:
@@ -364,78 +431,94 @@ class DescriptionSampler:
             raise _NChoicesRefused()
         return False
 
-    async def _request(self, prompt: str, n: int, seed: Optional[int]) -> list[str]:
-        """Send one chat request; return the choices' texts (at least one)."""
-        create = self.client.chat.completions.with_raw_response.create
-        bad: Optional[str] = None
-        for attempt in range(self.attempts):
-            if attempt:
-                self.stats.reasked += 1
-            for _ in range(4):  # each known parameter quirk can be learned once
-                args = self._request_args(prompt, n, seed)
-                async with self._slots:
-                    self.stats.in_flight += 1
-                    self.stats.requests += 1
-                    try:
-                        raw = await create(**args)
-                    except openai.BadRequestError as err:
-                        self._answered()
-                        if self._learn_from_400(err, args):
-                            continue
+    def _given_up(self, err: openai.APIError) -> RuntimeError:
+        """The error to raise for a request whose transport failure is not (or no longer) retried."""
+        if isinstance(err, openai.APITimeoutError):  # before APIConnectionError: it is one
+            return self._timed_out(err)
+        if isinstance(err, openai.APIConnectionError):
+            # Not a slow answer but no connection at all, after every retry: every other request
+            # would fail the same way, so stop the run and name the URL.
+            return FatalAPIError(self.redact(
+                f"cannot connect to {self.client.base_url} ({_error_text(err)}); "
+                "is the server running, and is --base-url right?"
+            ))
+        return RuntimeError(self.redact(f"{_error_text(err)} (from {self.client.base_url})"))
+
+    async def _request(self, prompt: str, n: int, seed: Optional[int], asks: _Asks) -> list[str]:
+        """Ask until one chat request yields text; return the choices' texts (at least one).
+
+        The module's one retry loop: each pass sends exactly one HTTP request and counts it in
+        ``stats.requests``. A pass is repeated for a parameter quirk just learned (each is learned
+        once), for a transport failure (``max_retries`` times per request, counted in
+        ``stats.retries``) and for an unusable answer (while the unit's ``asks`` last, counted in
+        ``stats.reasked``). Nothing else sends: the client's own retries are off.
+        """
+        transport_retries = 0
+        quirks = 0
+        while True:
+            args = self._request_args(prompt, n, seed)
+            async with self._slots:
+                self.stats.in_flight += 1
+                self.stats.requests += 1
+                try:
+                    raw = await self._send_once(**args)
+                except openai.BadRequestError as err:
+                    self._answered()
+                    if not self._learn_from_400(err, args):
                         raise RuntimeError(self.redact(_error_text(err))) from None
-                    except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
-                        raise FatalAPIError(self.redact(_error_text(err))) from None
-                    except openai.APITimeoutError as err:
-                        self.stats.retries += self.client.max_retries  # all spent before giving up
-                        raise self._timed_out(err) from None
-                    except openai.APIConnectionError as err:
-                        # Not a slow answer but no connection at all, after every retry: every other
-                        # request would fail the same way, so stop the run and name the URL.
-                        raise FatalAPIError(self.redact(
-                            f"cannot connect to {self.client.base_url} ({_error_text(err)}); "
-                            "is the server running, and is --base-url right?"
-                        )) from None
-                    except (openai.InternalServerError, openai.RateLimitError) as err:
+                    quirks += 1
+                    if quirks > 3:  # three quirks are known; a fourth rejection is not one of them
+                        raise RuntimeError(f"server keeps rejecting the request parameters: {sorted(args)}") from None
+                    continue
+                except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
+                    raise FatalAPIError(self.redact(_error_text(err))) from None
+                except openai.APIError as err:
+                    if isinstance(err, openai.APIStatusError):
                         self._answered()
-                        self.stats.retries += self.client.max_retries  # all spent before giving up
-                        raise RuntimeError(self.redact(f"{_error_text(err)} (from {self.client.base_url})")) from None
-                    except openai.APIError as err:
-                        if isinstance(err, openai.APIStatusError):
-                            self._answered()
-                        raise RuntimeError(self.redact(f"{_error_text(err)} (from {self.client.base_url})")) from None
-                    finally:
-                        self.stats.in_flight -= 1
-                break
-            else:
-                raise RuntimeError(f"server keeps rejecting the request parameters: {sorted(args)}")
+                    if not _transport_failure(err) or transport_retries >= self.max_retries:
+                        raise self._given_up(err) from None
+                    # The wait holds the slot, as the client's own backoff did: a rate-limited
+                    # server wants fewer requests in flight, not the same number sooner.
+                    await asyncio.sleep(backoff_seconds(transport_retries, err))
+                    transport_retries += 1
+                    self.stats.retries += 1
+                    continue
+                finally:
+                    self.stats.in_flight -= 1
             self._answered()
-            self.stats.retries += raw.retries_taken
-            try:
-                completion = raw.parse()
-            except (ValueError, openai.APIResponseValidationError) as err:  # JSONDecodeError is a ValueError
-                bad = f"unparsable response body ({type(err).__name__})"
-                continue
-            if completion.usage is not None:
-                self.stats.tokens_reported = True
-                self.stats.prompt_tokens += completion.usage.prompt_tokens or 0
-                self.stats.completion_tokens += completion.usage.completion_tokens or 0
-            choices = sorted(completion.choices or [], key=lambda c: c.index)
-            texts = [c.message.content for c in choices if c.message and c.message.content]
-            if not texts:
-                reasons = {str(c.finish_reason) for c in choices}
-                bad = "empty choices list" if not choices else f"no text in the answer (finish_reason {', '.join(sorted(reasons))})"
-                if "length" in reasons:
-                    bad += "; raise --max-tokens (reasoning models spend tokens before answering)"
-                continue
-            return texts
-        raise BadResponseError(f"{bad} after {self.attempts} attempts")
+            texts, bad = self._texts(raw)
+            if texts:
+                return texts
+            if not asks.take():
+                raise BadResponseError(f"{bad} after {self.attempts} attempts")
+            self.stats.reasked += 1
+
+    def _texts(self, raw: Any) -> tuple[list[str], str]:
+        """The answer's choice texts in index order, or none and why the answer is unusable."""
+        try:
+            completion = raw.parse()
+        except (ValueError, openai.APIResponseValidationError) as err:  # JSONDecodeError is a ValueError
+            return [], f"unparsable response body ({type(err).__name__})"
+        if completion.usage is not None:
+            self.stats.tokens_reported = True
+            self.stats.prompt_tokens += completion.usage.prompt_tokens or 0
+            self.stats.completion_tokens += completion.usage.completion_tokens or 0
+        choices = sorted(completion.choices or [], key=lambda c: c.index)
+        texts = [c.message.content for c in choices if c.message and c.message.content]
+        if texts:
+            return texts, ""
+        reasons = {str(c.finish_reason) for c in choices}
+        bad = "empty choices list" if not choices else f"no text in the answer (finish_reason {', '.join(sorted(reasons))})"
+        if "length" in reasons:
+            bad += "; raise --max-tokens (reasoning models spend tokens before answering)"
+        return [], bad
 
     # -- samples of one prompt -------------------------------------------------------------------------
 
-    async def _singles(self, prompt: str, indices: Sequence[int]) -> list[str]:
+    async def _singles(self, prompt: str, indices: Sequence[int], asks: _Asks) -> list[str]:
         base = self.settings.seed
         results = await asyncio.gather(
-            *(self._request(prompt, 1, None if base is None else base + i) for i in indices),
+            *(self._request(prompt, 1, None if base is None else base + i, asks) for i in indices),
             return_exceptions=True,
         )
         # An error that stops the run outranks a per-unit failure of a sibling request.
@@ -449,20 +532,20 @@ class DescriptionSampler:
             texts.extend(result[:1])
         return texts
 
-    async def _sample(self, prompt: str, n: int) -> list[str]:
+    async def _sample(self, prompt: str, n: int, asks: _Asks) -> list[str]:
         if n == 1 or self.single_choice:
-            return await self._singles(prompt, range(n))
+            return await self._singles(prompt, range(n), asks)
         try:
-            texts = await self._request(prompt, n, self.settings.seed)
+            texts = await self._request(prompt, n, self.settings.seed, asks)
         except _NChoicesRefused:
             self.single_choice = True
             self._adapt(f"server refuses n={n}: sending {n} single-choice requests per prompt instead")
-            return await self._singles(prompt, range(n))
+            return await self._singles(prompt, range(n), asks)
         if len(texts) < n:
             # Ollama answers one choice whatever n is: keep it, ask for the rest one by one.
             self.single_choice = True
             self._adapt(f"server ignored n={n} (returned {len(texts)}): sending single-choice requests instead")
-            texts = texts + await self._singles(prompt, range(len(texts), n))
+            texts = texts + await self._singles(prompt, range(len(texts), n), asks)
         return texts
 
     async def __call__(self, prompt: str, n: int) -> list[str]:
@@ -472,14 +555,16 @@ class DescriptionSampler:
             FatalAPIError: no request can succeed (authentication, permission, model, URL, no
                 connection to the server at all, or :class:`ServerStalled`: requests keep timing out).
             BadResponseError: answers kept arriving unusable.
-            RuntimeError: a transport error the client's own retries did not overcome.
+            RuntimeError: a transport error that its retries (``max_retries``) did not overcome.
         """
-        for attempt in range(self.attempts):
-            if attempt:
-                self.stats.reasked += 1
-            descriptions = clean_descriptions(await self._sample(prompt, n))
+        asks = _Asks(self.attempts)  # one budget for the unit: its requests' re-asks and ours
+        while True:
+            descriptions = clean_descriptions(await self._sample(prompt, n, asks))
             if descriptions:
                 return descriptions
+            if not asks.take():
+                break
+            self.stats.reasked += 1
         raise BadResponseError(
             f"no usable description in {self.attempts} attempts (answers were empty, refusals or filler)"
         )
