@@ -172,8 +172,11 @@ def encode_in_length_batches(
     features of those items (rows in the order given), typically cut at their longest EOT, so
     sorting by length wastes little padding. Rows are scattered back to input order, as fp32 on the
     device ``encode`` returned them on. ``on_batch(n)`` is called after each batch (progress bars).
-    The one length-batched encoder: description targets, zero-shot class features and TPT's text
-    features all go through it.
+
+    Batches hold a fixed number of rows (``batch_size``); description targets
+    (:func:`protext.targets.encode_texts`) are encoded with it. Zero-shot class features and the
+    prompt tuners' text features are batched by :func:`protext.zeroshot.length_chunks` instead: the
+    same stable sort by length, cut by a token budget (rows x padded length) rather than a row count.
     """
     lengths = torch.as_tensor(lengths)
     if batch_size < 1:

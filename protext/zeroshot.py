@@ -48,6 +48,11 @@ def length_chunks(eot: torch.Tensor, token_budget: int = DEFAULT_TOKEN_BUDGET) -
     batch is then run only up to its own longest EOT, so short names do not pay for long ones.
 
     Returns a list of index tensors (on ``eot``'s device) that together cover every index once.
+
+    Zero-shot class features (:func:`encode_texts`, :func:`prompt_features`) and the prompt tuners
+    (TPT and its batched form) batch with it. Description targets use
+    :func:`protext.text_tower.encode_in_length_batches`, which visits rows in the same sorted order
+    but cuts it every ``batch_size`` rows.
     """
     if eot.numel() == 0:
         return []

@@ -37,6 +37,26 @@ def test_length_chunks_cover_every_index_once_within_budget():
         assert len(chunk) * (int(eot[chunk].max()) + 1) <= 40 or len(chunk) == 1
 
 
+
+def test_the_two_text_batchings_share_one_order_and_differ_in_the_cut():
+    """What both docstrings state: zeroshot.length_chunks and text_tower.encode_in_length_batches visit
+    rows in the same stable order by length; one cuts by a token budget, the other every batch_size rows."""
+    from protext.text_tower import encode_in_length_batches
+
+    eot = torch.tensor([9, 3, 12, 3, 30, 7, 7, 5, 3, 12])
+    visited: list[torch.Tensor] = []
+
+    def encode(rows: torch.Tensor) -> torch.Tensor:
+        visited.append(rows)
+        return eot[rows, None].float()
+
+    by_rows = encode_in_length_batches(eot, encode, batch_size=4)
+    assert by_rows[:, 0].tolist() == eot.float().tolist()  # rows come back in input order
+    by_budget = length_chunks(eot, token_budget=40)
+    assert torch.cat(visited).tolist() == torch.cat(by_budget).tolist()  # one order
+    assert [len(rows) for rows in visited] == [4, 4, 2]  # cut by row count
+    assert [len(rows) for rows in by_budget] != [4, 4, 2]  # cut by tokens: 4 x (12 + 1) > 40
+
 def test_clip_features_equal_encode_text(tiny_clip):
     model, tok = tiny_clip.model, tiny_clip.tokenizer
     got = clip_text_features(model, tok, NAMES, "a photo of a {}, a type of pet.", token_budget=30)
