@@ -312,6 +312,33 @@ def write_reliability_diagram(path: str | os.PathLike, calibration: Mapping[str,
         plt.close(fig)
 
 
+def write_runs_plot(path: str | os.PathLike, runs: Mapping[str, Any], title: str) -> None:
+    """The distribution of per-run accuracies (stream orders, tasks or streams) with the worst
+    tenth marked and the mean and ETA drawn: what a spread of runs says at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sorted(run["top1"] for run in runs["per_run"])
+    summary = runs["summary"]["top1"]
+    tail = summary["tail_runs"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = max(5, min(30, len(values) // 3))
+    ax.hist(values, bins=bins, color="#4c72b0", edgecolor="black", alpha=0.8, label=f"{len(values)} {runs['kind']}")
+    ax.hist(values[:tail], bins=bins, range=(min(values), max(values)), color="#c44e52", edgecolor="black",
+            label=f"worst {tail} (tail)")
+    ax.axvline(summary["mean"], color="black", linestyle="-", label=f"mean {summary['mean']:.2f}")
+    ax.axvline(summary["eta"], color="#c44e52", linestyle="--", label=f"ETA {summary['eta']:.2f}")
+    ax.set(xlabel="top-1 accuracy of a run (%)", ylabel="runs", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
 def write_results(payload: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Path]:
     """Write the results JSON, its markdown summary and its reliability diagram; returns the paths.
 
@@ -326,5 +353,9 @@ def write_results(payload: Mapping[str, Any], path: str | os.PathLike) -> dict[s
     drawn = 100.0 * sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins) if total else 0.0
     title = f"{row['dataset']} {row['method']}: ECE {drawn:.2f}%"
     write_reliability_diagram(files["reliability"], payload["calibration"], title)
+    if payload.get("runs"):  # several orders, tasks or streams: their spread, beside the JSON
+        runs_png = Path(files["json"]).with_suffix(".runs.png")
+        write_runs_plot(runs_png, payload["runs"], f"{row['dataset']} {row['method']}: {payload['runs']['kind']}")
+        files["runs"] = runs_png
     write_json(files["json"], payload)
     return files

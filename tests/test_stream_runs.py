@@ -75,6 +75,10 @@ def test_replayed_orders_equal_full_runs_and_the_tail_is_the_worst_tenth(tiny_cl
     assert top1["mean"] == pytest.approx(sum(want) / 4) and result["metrics"]["top1_eta"] == top1["eta"]
     assert "eta" not in runs["summary"]["ece"]
     assert not (tmp_path / "r.json.runs.jsonl").exists()  # the log goes once the results are written
+    from PIL import Image as PILImage
+
+    with PILImage.open(tmp_path / "r.runs.png") as picture:  # the spread of runs, tail marked
+        assert picture.size[0] > 100
 
 
 def test_a_killed_job_keeps_its_finished_runs(tiny_clip, folder, tmp_path, monkeypatch):
