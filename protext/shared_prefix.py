@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .flops import counted_as
 from .prompts import PromptedTextEncoder, splice_context
 
 
@@ -56,6 +57,7 @@ def shared_prefix_features(encoder: PromptedTextEncoder, classes: torch.Tensor) 
     return prompt_copies_features(encoder, encoder.ctx[None], deep, classes)[0]
 
 
+@counted_as("text")
 def prompt_copies_features(
     encoder: PromptedTextEncoder, ctx: torch.Tensor, deep: Optional[torch.Tensor], classes: torch.Tensor
 ) -> torch.Tensor:

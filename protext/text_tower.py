@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .flops import counted_as
 
 
 class UnsupportedTextTowerError(UserError, ValueError):
@@ -59,6 +60,7 @@ class TextTower:
         """Token embeddings ``E[tokens]`` in the tower's compute dtype, shape (n, L, width)."""
         return self.token_embedding(tokens).to(self.dtype)
 
+    @counted_as("text")  # every full text forward goes through here (the shared-prefix one is marked too)
     def run(
         self,
         x: torch.Tensor,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .amp import autocast
 from .descriptions import match_classnames
 from .errors import UserError
+from .flops import counted_as
 from .prompts import PromptedTextEncoder, clean_classname
 from .text_tower import encode_tokens, eot_positions
 
@@ -266,6 +267,7 @@ class ImageEncoder:
             return memo.features(self.model, str(self.dtype), images, self._encode)
         return self._encode(images)
 
+    @counted_as("image_tower")  # every image encoding of every method goes through here
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.visual is None:
             return encode_images(self.model, images, autocast_dtype=self.dtype)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from ..results import calibration_dict, compute_metrics, metrics_dict, predictions_table
 from . import adapters
+from .cost import flops_record
 from .loop import STATE_EVERY, Setup, ShardResult, merged
 from ..hardware import cpu_capability
 from .runtime import device_name, versions
@@ -64,6 +65,14 @@ def _peak(parts: list[list[ShardResult]]) -> dict[str, Any]:
     return {"kind": peaks[0]["kind"], "mib": max(p["mib"] for p in peaks), "per_rank_mib": [p["mib"] for p in peaks]}
 
 
+def _flops(setup: Setup, parts: list[list[ShardResult]]) -> dict[str, Any]:
+    """GFLOPs per image from every rank's and stream's counts (:mod:`.cost`); the reused work is
+    spread over every image of every stream."""
+    results = [r for part in parts for r in part]
+    processed = sum(len(r.predictions) for r in results)
+    return flops_record([r.flops for r in results], processed, setup.clip.model, setup.clip.name)
+
+
 def build_payload(setup: Setup, parts: list[list[ShardResult]], command: str, wall_seconds: float) -> dict[str, Any]:
     """The results dict written as JSON (first stream's predictions; every stream under ``streams``)."""
     config = setup.config
@@ -71,6 +80,7 @@ def build_payload(setup: Setup, parts: list[list[ShardResult]], command: str, wa
     metrics = compute_metrics(predictions, setup.classnames)
     n = metrics.n_images
     streams = _streams(setup, parts)
+    flops = _flops(setup, parts)  # before the result is assembled: it runs one view and one prompt apart
     metrics_out = metrics_dict(metrics)
     if streams:
         for name in _STREAM_METRICS:  # the headline numbers are the mean over stream seeds
@@ -97,6 +107,8 @@ def build_payload(setup: Setup, parts: list[list[ShardResult]], command: str, wa
         "metrics": metrics_out,
         "calibration": calibration_dict(predictions),
         "timing": {"wall_seconds": wall_seconds, "eval_seconds": seconds, "seconds_per_image": seconds / n if n else 0.0,
-                   "images_per_second": n / seconds if seconds > 0 else 0.0, "peak_memory": _peak(parts)},
+                   "images_per_second": n / seconds if seconds > 0 else 0.0, "peak_memory": _peak(parts),
+                   "gflops_per_image": flops["gflops_per_image"], "device": device_name(setup.runtime.device),
+                   "flops": flops},
         "predictions": predictions_table(predictions),
     }

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..amp import autocast, make_scaler
+from ..flops import once_per_run
 from ..prompts import PromptedTextEncoder
 from ..shared_prefix import shared_prefix_features, supports_shared_prefix
 from ..zeroshot import DEFAULT_TOKEN_BUDGET, ImageEncoder, length_chunks, logit_scale
@@ -181,6 +182,7 @@ class PromptTuner:
                 out[chunk] = feats
         return out
 
+    @once_per_run  # the first image computes them for all: a cost of the run, not of that image
     def initial_text_features(self) -> torch.Tensor:
         """Raw class features at the initialisation: the same for every image, so computed once."""
         if self._initial_text is None:
