@@ -219,10 +219,14 @@ def test_torchvision_augmix_severity1_never_rotates():
     space = tv._augmentation_space(tv._PARAMETER_MAX, (SIDE, SIDE))
     for op in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"):
         assert float(space[op][0][0]) == 0.0  # the only bin randint(severity=1) can pick
-    torch.manual_seed(0)
-    assert set(torch.randint(1, (1000,)).tolist()) == {0}
-    lo = AugMix(severity=1).magnitude_range("rotate", SIDE)[0]
-    assert lo == pytest.approx(0.3)  # ours: never below 0.3 degrees
+    # ours draws a continuous level: a thousand severity-1 rotations, none of them a no-op
+    ours = AugMix(severity=1)
+    lo, hi = ours.magnitude_range("rotate", SIDE)
+    assert lo == pytest.approx(0.3)  # never below 0.3 degrees
+    g = torch.Generator().manual_seed(0)
+    angles = [ours.sample_op("rotate", SIDE, generator=g).magnitude for _ in range(1000)]
+    assert all(lo - 1e-9 <= abs(a) <= hi + 1e-9 for a in angles) and len(set(angles)) == 1000
+    assert any(a < 0 for a in angles) and any(a > 0 for a in angles)  # both directions
 
 
 def _tf_reference(x: torch.Tensor, op: AugOp) -> torch.Tensor:
