@@ -40,10 +40,11 @@ sys.path.insert(0, str(REPO))
 
 DATASET = {47: "dtd", 1000: "imagenet"}
 METHODS = ("tpt", "ctpt", "zero", "tda", "tda-64", "mta")
-"""The first five methods (and TDA's 64-view setting); ``benchmarks/device_check.py`` times these."""
+"""The first five methods (and TDA's 64-view setting)."""
 NEWER = ("otpt", "dmn", "dmn-oracle", "dpe", "boost", "tps")
 """Issue 19's methods: O-TPT, DMN-ZS (fixed β₂, and the oracle variant), DPE, BoostAdapter, TPS."""
 ALL_METHODS = METHODS + NEWER
+"""Every method; ``benchmarks/device_check.py`` times these."""
 EPISODIC = ("tpt", "ctpt", "otpt", "zero", "mta", "tps")
 SHARED_PASS = ("zero", "tda", "mta", "dmn", "boost")
 """The backprop-free methods the multi-method pass feeds from one encoding of each image's views."""

@@ -117,3 +117,41 @@ def reap(proc) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def eval_cli_errors(tmp_path: Path, cases: list[list[str]]) -> list[tuple[int, str, bool]]:
+    """``python -m protext.eval --dataset folder --root EMPTY ARGS`` for each case, in one fresh
+    interpreter: (exit code, stderr, whether torch was imported) per case."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import io, json, sys, contextlib\n"
+        "from protext import eval as cli\n"
+        "out = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            code = cli.main(['--dataset', 'folder', '--root', sys.argv[2], '--no-progress', *args])\n"
+        "        except SystemExit as exit:\n"
+        "            code = exit.code\n"
+        "    out.append([code, err.getvalue(), 'torch' in sys.modules])\n"
+        "print(json.dumps(out))\n"
+    )
+    root = tmp_path / "no-images"
+    root.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases), str(root)],
+                          capture_output=True, text=True, timeout=TEST_TIMEOUT, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return [tuple(case) for case in json.loads(proc.stdout)]
+
+
+def assert_one_error_line_before_torch(tmp_path: Path, bad: list[tuple[list[str], str]]) -> None:
+    """Each ``(args, text)``: exit 2, one ``error:`` line holding ``text``, and torch never imported."""
+    for (args, text), (code, err, torch_loaded) in zip(bad, eval_cli_errors(tmp_path, [a for a, _ in bad])):
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], (args, err)
+        assert not torch_loaded, args
+

@@ -4,15 +4,13 @@ N full runs; finished runs survive a kill; the tail accuracy; bad requests refus
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TEST_TIMEOUT
+from conftest import assert_one_error_line_before_torch
 from protext.evaluation import EvalConfig, evaluate
 
 NAMES = ["ant", "bee", "cow", "doe"]
@@ -120,28 +118,7 @@ BAD = [
 
 
 def test_bad_requests_are_one_line_before_torch(tmp_path):
-    script = (
-        "import io, json, sys, contextlib\n"
-        "from protext import eval as cli\n"
-        "out = []\n"
-        "for args in json.loads(sys.argv[1]):\n"
-        "    err = io.StringIO()\n"
-        "    with contextlib.redirect_stderr(err):\n"
-        "        try:\n"
-        "            code = cli.main(['--dataset', 'folder', '--root', sys.argv[2], '--no-progress', *args])\n"
-        "        except SystemExit as exit:\n"
-        "            code = exit.code\n"
-        "    out.append([code, err.getvalue(), 'torch' in sys.modules])\n"
-        "print(json.dumps(out))\n"
-    )
-    (tmp_path / "imgs").mkdir()
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps([a for a, _ in BAD]), str(tmp_path / "imgs")],
-                          capture_output=True, text=True, timeout=TEST_TIMEOUT, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    for (args, text), (code, err, torch_loaded) in zip(BAD, json.loads(proc.stdout)):
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], (args, err)
-        assert not torch_loaded, args
+    assert_one_error_line_before_torch(tmp_path, BAD)
 
 
 def test_a_batch_scenario_replays_each_task_with_a_fresh_adapter(tiny_clip, folder, tmp_path):

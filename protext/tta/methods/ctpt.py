@@ -7,22 +7,16 @@ from typing import Any
 
 from ..registry import Method, option, register
 from . import common
-from .tpt import build_prompt_tuner, check_prompt_tuner, prompt_tuner_views
+from .tpt import TPTSettings, build_prompt_tuner, check_prompt_tuner, prompt_tuner_views
 
 CTPT_LAMBDA = {"default": 50.0, "natural_shift": 20.0}
 """C-TPT's λ: 50 on ImageNet and the fine-grained sets, 20 on the natural shifts (TTA.md §2)."""
 
 
 @dataclass(frozen=True)
-class CTPTSettings:
-    views: int = common.views(64)
-    selection: float = common.selection(0.1)
-    steps: int = common.steps()
-    lr: float = common.lr()
-    tune: str = common.tune()
-    augmix: bool = common.augmix(common.fine_grained, "on outside the ImageNet family")
-    batch: int = common.batch()
-    naive: bool = common.naive()
+class CTPTSettings(TPTSettings):
+    """TPT's settings and λ."""
+
     ctpt_lambda: float = option(
         "--ctpt-lambda", "C-TPT's weight of the feature dispersion.", low=0.0, metavar="L",
         default=lambda c: CTPT_LAMBDA["natural_shift" if common.natural_shift(c) else "default"],

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..registry import Context, Method, option, register
 from . import common
-from .tpt import build_prompt_tuner, check_prompt_tuner, prompt_tuner_views
+from .tpt import TPTSettings, build_prompt_tuner, check_prompt_tuner, prompt_tuner_views
 
 OTPT_LAMBDA = {"default": 18.0, "natural_shift": 2.0}
 """λ: 18 on ImageNet and the fine-grained sets, 2 on A/V2/R/Sketch [otpt scripts/test_tpt_otpt_{fg,ds}.sh]."""
@@ -20,14 +20,10 @@ def _augmix(context: Context) -> bool:
 
 
 @dataclass(frozen=True)
-class OTPTSettings:
-    views: int = common.views(64)
-    selection: float = common.selection(0.1)
-    steps: int = common.steps()
-    lr: float = common.lr()
-    tune: str = common.tune()
+class OTPTSettings(TPTSettings):
+    """TPT's settings, O-TPT's AugMix rule and λ."""
+
     augmix: bool = common.augmix(_augmix, "on everywhere but ImageNet itself")
-    batch: int = common.batch()
     otpt_lambda: float = option(
         "--otpt-lambda", "O-TPT's weight of the orthogonality term.", low=0.0, metavar="L",
         default=lambda c: OTPT_LAMBDA["natural_shift" if common.natural_shift(c) else "default"],
