@@ -200,7 +200,7 @@ def test_scripted_writes_follow_the_reference():
         assert memory.entropies[c, : len(ref.mem[c])].tolist() == [e for _, e in ref.mem[c]]
         for j, (key, _) in enumerate(ref.mem[c]):
             torch.testing.assert_close(memory.keys[c, j].double(), torch.tensor(_norm(key), dtype=torch.float64), rtol=RTOL, atol=ATOL)
-    assert memory.counts.tolist() == [3, 3, 3, 0]
+    assert memory.counts.tolist() == [3, 3, 3, 0] and memory.counts.dtype == torch.long
     assert not memory.keys[3].any()
 
 
@@ -329,10 +329,16 @@ def test_fused_logits_stay_finite_when_a_score_underflows():
     t[0, 0], t[1, 0], t[2, 1] = 1.0, -1.0, 1.0
     feats = torch.zeros(2, D)
     feats[:, 0] = 1.0
-    out = DMNAdapter(ScaleOnly(100.0), t, memory_size=2).adapt_features(feats)
+    adapter = DMNAdapter(ScaleOnly(100.0), t, memory_size=2)
+    out = adapter.adapt_features(feats)
     assert float(out.extras["p_text"][1]) == 0.0 and float(out.extras["p_mem"][1]) == 0.0
     assert float(out.logits[1]) == torch.finfo(torch.float32).min and torch.isfinite(out.logits).all()
     assert int(out.logits.argmax()) == 0
+    # the stored entropy −Σ p̄ log(p̄ + 1e-8) is finite with a zero probability in p̄ (the ε is what keeps it so)
+    ref = ReferenceDMN(t, 100.0, 2)
+    r = ref.step(feats.tolist())
+    assert r.label == 0 and adapter.memory.counts.tolist() == [1, 0, 0]
+    assert float(adapter.memory.entropies[0, 0]) == pytest.approx(r.h, rel=RTOL, abs=ATOL)
 
 
 def test_timings_and_extras(monkeypatch):
@@ -341,6 +347,20 @@ def test_timings_and_extras(monkeypatch):
     out = _adapter().adapt_features(_image(0, _classes(), 4))
     assert out.timings == {"memory": 8.0}
     assert set(out.extras) == {"p_text", "p_mem"} and all(v.shape == (C,) and v.device.type == "cpu" for v in out.extras.values())
+
+
+def test_state_lives_on_the_model_device():
+    """Class features, temperature and memory go to the model's device (the meta device stands in
+    for a GPU)."""
+    adapter = DMNAdapter(ScaleOnly(10.0).to("meta"), _classes(), memory_size=2)
+    tensors = (adapter.classes, adapter.scale, adapter.memory.keys, adapter.memory.entropies)
+    assert all(t.device.type == "meta" for t in tensors)
+
+
+def test_image_dtype_reaches_the_image_encoder(tiny_clip):
+    adapter = DMNAdapter(tiny_clip.model, _classes(dim=32), image_dtype=torch.bfloat16)
+    assert adapter.image_encoder.dtype == torch.bfloat16 and adapter.image_encoder.visual is not None
+    assert DMNAdapter(tiny_clip.model, _classes(dim=32)).image_encoder.dtype is None
 
 
 def test_defaults_are_the_published_ones():
