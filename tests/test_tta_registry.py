@@ -48,6 +48,21 @@ def test_ranges_in_words():
         Option("--n", "", type=int, low=1, high=4).check(9)
 
 
+def test_messages_list_the_choices():
+    with pytest.raises(TTAConfigError, match=r"^--s must be one of a, b, got 'c'\.$"):
+        Option("--s", "", type=str, choices=("a", "b")).check("c")
+    with pytest.raises(TTAConfigError, match=r"^--tta must be one of tpt, ctpt, otpt, zero, tda, mta, dmn, "):
+        registry.get("nope")
+
+
+def test_a_settings_field_is_not_given_until_resolved_and_has_help():
+    for name in registry.names():
+        method = registry.get(name)
+        empty = method.settings()  # every field defaults to None: "not given"
+        assert all(getattr(empty, f.name) is None for f in dataclasses.fields(empty))
+        assert all(opt.help and opt.flag.startswith("--") for _, opt in registry.options(method)), name
+
+
 def test_defaults_constant_callable_and_per_dataset():
     ctx = Context("dtd", "DTD")
     assert Option("--a", "", default=3.0).resolve(ctx) == 3.0
@@ -61,6 +76,7 @@ def test_defaults_constant_callable_and_per_dataset():
 def test_dest_and_dataset_keys():
     assert registry.dest("--tda-alpha") == "tda_alpha" and registry.dest("--augmix") == "augmix"
     assert registry.dataset_key("ImageNet-A") == "imagenet_a" and registry.dataset_key("My Folder") == "my_folder"
+    assert registry.dataset_key(" My-Own-Set ") == "my_own_set"
     ctx = registry.context("Oxford-Pets", fp16=True)
     assert (ctx.dataset, ctx.dataset_name, ctx.fp16) == ("oxford_pets", "Oxford-Pets", True)
 
@@ -121,6 +137,33 @@ def test_one_flag_means_one_thing_everywhere():
     with pytest.raises(ValueError, match="--tta-views"):
         registry.register(Method("renamed", "", Renamed, online=False, views=lambda s: ViewRecipe(1, False),
                                  build=lambda *a, **k: None))
+
+
+def test_a_new_method_registers_and_shares_a_flag_that_means_the_same():
+    @dataclasses.dataclass(frozen=True)
+    class Fresh:
+        views: int = option("--tta-views", "same meaning", type=int, low=1, high=1024)
+        fresh_k: int = option("--fresh-k", "its own", type=int, default=2, low=0)
+
+    fresh = Method("fresh", "", Fresh, online=False, views=lambda s: ViewRecipe(s.views, False), build=lambda *a, **k: None)
+    try:
+        assert registry.register(fresh) is fresh and registry.get("fresh") is fresh
+        assert registry.shared_flags()["--fresh-k"][1] == ("fresh",) and "fresh" in registry.shared_flags()["--tta-views"][1]
+        settings = registry.resolve("fresh", {"tta_views": 3}, registry.context("dtd"))
+        assert (settings.views, settings.fresh_k) == (3, 2) and registry.record("fresh", settings) == {"views": 3, "fresh_k": 2, "augmix": False}
+
+        @dataclasses.dataclass(frozen=True)
+        class OtherRange:
+            views: int = option("--tta-views", "same name and type, other range", type=int, low=1, high=8)
+
+        with pytest.raises(ValueError, match="--tta-views"):
+            registry.register(Method("other-range", "", OtherRange, online=False, views=lambda s: ViewRecipe(1, False),
+                                     build=lambda *a, **k: None))
+    finally:
+        registry._REGISTRY.pop("fresh", None)
+    assert "fresh" not in registry.names()
+    dmn = registry.record("dmn", registry.resolve("dmn", {}, registry.context("dtd")))
+    assert dmn["crop_scale"] == [0.5, 1.0] and dmn["views"] == 32
 
 
 def test_shared_flags_list_every_user_in_declaration_order():

@@ -228,13 +228,13 @@ _REGISTRY: dict[str, Method] = {}
 def register(method: Method) -> Method:
     """Add ``method`` to the registry (declarations call this once, at import)."""
     for name, opt in options(method):
-        if opt.flag in _conflicts(method, name, opt):
+        if opt.flag in _conflicts(name, opt):
             raise ValueError(f"{method.name}.{name}: {opt.flag} is declared with another type or range elsewhere")
     _REGISTRY[method.name] = method
     return method
 
 
-def _conflicts(method: Method, name: str, opt: Option) -> set[str]:
+def _conflicts(name: str, opt: Option) -> set[str]:
     """Flags this option shares with an earlier method under another field name, type or range:
     a shared flag must mean one thing (``--tta-views`` is views everywhere)."""
     clashes = set()
