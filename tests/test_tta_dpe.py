@@ -82,12 +82,12 @@ def argmax_first(z: torch.Tensor) -> int:
 class ReferenceDPE:
     """TTA2 §7 steps 1-9, float64, with a plain dict of per-class lists ``[(f, h), ...]``."""
 
-    def __init__(self, classes, scale, alpha, beta, lr_text, lr_image, align, reselect=False, threshold=0.1):
+    def __init__(self, classes, scale, alpha, beta, lr_text, lr_image, align, reselect=False, threshold=0.1, temperature=0.01):
         t = classes.double()
         self.W = (t / torch.sqrt((t * t).sum(dim=1, keepdim=True))).t().clone()
         self.scale, self.alpha, self.beta = scale, alpha, beta
         self.lr_text, self.lr_image, self.align = lr_text, lr_image, align
-        self.reselect, self.threshold = reselect, threshold
+        self.reselect, self.threshold, self.temperature = reselect, threshold, temperature
         self.m = 0
         self.queue: dict[int, list] = {}
         self.events: dict[str, int] = {"append": 0, "replace": 0, "reject": 0, "evolve": 0, "keep": 0,
@@ -142,7 +142,7 @@ class ReferenceDPE:
         K1 = colnorm(K + r_v)
         # 6
         final = z + self.cache_term(f.detach(), K1, classes)
-        loss = entropy_of_mean(final.unsqueeze(0)) + self.align * reference_info_nce(K1.t(), W1[:, classes].t())
+        loss = entropy_of_mean(final.unsqueeze(0)) + self.align * reference_info_nce(K1.t(), W1[:, classes].t(), self.temperature)
         self.events["several_classes"] += int(len(classes) > 1)
         # 7
         g_t, g_v = torch.autograd.grad(loss, [r_t, r_v])
@@ -322,6 +322,21 @@ def test_text_prototypes_are_a_running_mean_never_renormalised():
     assert float((ref.W.norm(dim=0) - 1).abs().min()) > 1e-3
 
 
+def test_infonce_temperature_reaches_the_loss():
+    """A temperature other than the published 0.01 changes the step, as the reference's does."""
+    kw = dict(alpha=2.0, beta=5.0, lr_text=1e-3, lr_image=2e-3, align=2.5)
+    adapter = DPEAdapter(ScaleOnly(), class_features(), temperature=0.2, **kw)
+    ref = ReferenceDPE(class_features(), 100.0, temperature=0.2, **kw)
+    published = DPEAdapter(ScaleOnly(), class_features(), **kw)
+    gaps = []
+    for f in stream(8, 1, seed=8):
+        got = adapter.adapt_features(f).logits
+        torch.testing.assert_close(got.double(), ref.step(f)[0], atol=LOGIT_ATOL, rtol=0)
+        gaps.append(float((got - published.adapt_features(f).logits).abs().max()))
+    assert max(gaps) > 10 * LOGIT_ATOL
+    assert_state_matches(adapter, ref)
+
+
 def test_info_nce():
     """m = 1: exactly 0 (the only logit is the target's). m = 3: the hand-written mean cross-entropy,
     and the temperature divides the cosines."""
@@ -465,3 +480,82 @@ def test_image_dtype_reaches_the_encoder(tiny_clip):
     adapter = DPEAdapter(tiny_clip.model, torch.randn(C, 32), alpha=1.0, beta=1.0, lr_text=0.0, lr_image=0.0, align=0.0,
                          image_dtype=torch.bfloat16)
     assert adapter.image_encoder.dtype == torch.bfloat16
+
+
+def test_restored_state_lives_on_the_adapters_device_in_fp32():
+    """A state saved from the CPU goes back onto the adapter's device (the meta device stands in
+    for a GPU: it shows where each restored tensor is put without needing one), and a W saved in
+    another precision is restored as fp32, the precision every step runs in."""
+    source, _, _ = make_pair("one_view")
+    for f in stream(8, 1, seed=3):
+        source.adapt_features(f)
+    state = source.state_dict()
+    target, _, _ = make_pair("one_view")
+    target.initial = target.initial.to("meta")
+    target.load_state_dict(state)
+    assert target.text.device.type == "meta"
+    features = [e.feature for items in target.queue.entries.values() for e in items]
+    assert features and all(t.device.type == "meta" for t in features)
+    widened, _, _ = make_pair("one_view")
+    widened.load_state_dict({**state, "W": state["W"].double()})
+    assert widened.text.dtype == torch.float32 and torch.equal(widened.text, state["W"])
+
+
+def test_evolution_needs_an_entropy_strictly_below_the_threshold():
+    """[dpe main_dpe.py:288] ``e < 0.1``: a threshold equal to the image's own ``e`` does not evolve."""
+    from protext.tta.selection import marginal_entropy
+
+    f = stream(1, 1, seed=1)[0]
+    probe, _, _ = make_pair("one_view")
+    e = float(marginal_entropy(probe.adapt_features(f).logits.unsqueeze(0))) / math.log2(C)
+    at, _, _ = make_pair("one_view")
+    at.threshold = e
+    at.adapt_features(f)
+    above, _, _ = make_pair("one_view")
+    above.threshold = math.nextafter(e, math.inf)
+    above.adapt_features(f)
+    assert (at.state_dict()["m"], above.state_dict()["m"]) == (0, 1)
+
+
+def test_visual_prototypes_follow_the_query_feature():
+    """Each class's prototype is ``Σ f_i / n_c`` over its queue, in the query feature's dtype and on
+    its device (the meta device stands in for a GPU), classes ascending, with one-hot values."""
+    from protext.tta.dpe import visual_prototypes
+    from protext.tta.tda import CacheEntry, TDACache
+
+    g = torch.Generator().manual_seed(11)
+    queue = TDACache(3)
+    for label, h in [(2, 0.3), (0, 0.2), (2, 0.1), (2, 0.2)]:
+        queue.update(label, CacheEntry(torch.randn(D, generator=g), h))
+    keys, values, classes = visual_prototypes(queue, C, torch.zeros(D, dtype=torch.float64))
+    assert classes == [0, 2] and keys.dtype == torch.float64 and keys.shape == (D, 2)
+    for j, label in enumerate(classes):
+        items = [e.feature.double() for e in queue.entries[label]]
+        want = sum(items) / len(items)
+        torch.testing.assert_close(keys[:, j], want, atol=1e-12, rtol=0)
+    assert values.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]] and values.dtype == torch.float64
+    keys, values, _ = visual_prototypes(queue, C, torch.zeros(D, device="meta"))
+    assert keys.device.type == "meta" and values.device.type == "meta"
+
+
+def test_info_nce_labels_follow_the_prototypes_device():
+    """The target indices are made on the prototypes' device (meta stands in for a GPU, where CPU
+    targets would be refused)."""
+    q = torch.randn(3, D, device="meta")
+    assert info_nce(q, q).device.type == "meta"
+
+
+def test_text_prototypes_live_on_the_models_device():
+    """W is put where the model's first parameter is (meta stands in for a GPU; the temperature
+    stays readable on the CPU)."""
+
+    class OnMeta(ScaleOnly):
+        def __init__(self) -> None:
+            super().__init__()
+            del self.logit_scale
+            self.anchor = nn.Parameter(torch.empty(1, device="meta"))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))
+
+    adapter = DPEAdapter(OnMeta(), class_features(), alpha=1.0, beta=1.0, lr_text=0.0, lr_image=0.0, align=0.0)
+    assert adapter.initial.device.type == "meta" and adapter.text.device.type == "meta"
+    assert adapter.scale == pytest.approx(100.0, rel=1e-6)
