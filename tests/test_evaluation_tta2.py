@@ -158,6 +158,7 @@ def test_one_pass_gives_every_method_its_own_run(tiny_clip, folder, descriptions
                          clip=tiny_clip)
         assert alone["tta"]["settings"] == shared["tta"]["settings"]
         assert alone["predictions"]["topk"] == shared["predictions"]["topk"], name
+        assert shared["timing"]["flops"]["per_image"] == pytest.approx(alone["timing"]["flops"]["per_image"]), name
         assert_same_results(shared["predictions"]["logits"], alone["predictions"]["logits"], where=name)
 
 

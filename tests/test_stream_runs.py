@@ -72,6 +72,8 @@ def test_replayed_orders_equal_full_runs_and_the_tail_is_the_worst_tenth(tiny_cl
     assert top1["tail_runs"] == 1 and top1["eta"] == pytest.approx(min(want))  # ceil(0.1 * 4) = 1 run
     assert top1["mean"] == pytest.approx(sum(want) / 4) and result["metrics"]["top1_eta"] == top1["eta"]
     assert "eta" not in runs["summary"]["ece"]
+    flops = result["timing"]["flops"]  # the image tower on 4 views and TDA's own arithmetic, counted on real calls
+    assert result["timing"]["gflops_per_image"] > 0 and flops["per_image"]["image_tower"] > 0 and flops["images_counted"] == 1
     assert not (tmp_path / "r.json.runs.jsonl").exists()  # the log goes once the results are written
     from PIL import Image as PILImage
 
@@ -85,12 +87,12 @@ def test_a_killed_job_keeps_its_finished_runs(tiny_clip, folder, tmp_path, monke
     computed: list[int] = []
     real = orders._one_run
 
-    def counting(setup, tta_cfg, text, encoded, labels, r, seed, batches, done):
+    def counting(setup, tta_cfg, text, encoded, labels, r, seed, batches, done, *rest):
         if done is None or r == 0:
             computed.append(r)
         if r == 2 and len(computed) == 3 and computed == [0, 1, 2]:
             raise KeyboardInterrupt  # killed during run 2
-        return real(setup, tta_cfg, text, encoded, labels, r, seed, batches, done)
+        return real(setup, tta_cfg, text, encoded, labels, r, seed, batches, done, *rest)
 
     monkeypatch.setattr(orders, "_one_run", counting)
     config = _config(folder, tmp_path / "r.json", stream_runs=3)

@@ -27,6 +27,7 @@ from ..distributed import init_distributed
 from ..results import Prediction, predictions_from_logits, write_results
 from . import adapters, features
 from .config import EvalConfig, EvalError
+from .cost import CostMeter
 from .data import SeededViews, batches, progress_bar
 from .loop import (
     STATE_EVERY, Setup, ShardResult, build_adapter, build_setup, choose_on_test_labels, class_features, stream_order,
@@ -71,7 +72,7 @@ class _Member:
     done: dict[int, tuple[Prediction, float]] = field(default_factory=dict)
     start: int = 0  # online: the stream position its saved state resumes at
     result: ShardResult = field(default_factory=ShardResult)
-    step: int = 0
+    meter: Any = None  # its CostMeter
 
     @property
     def online(self) -> bool:
@@ -135,11 +136,16 @@ def _run(members: list[_Member], config: EvalConfig) -> None:
 
     first = members[0].setup
     reset_peak_memory(first.runtime.device)
-    shared_features = class_features(first)  # every method of the pass reads --method's class features
+    # every method of the pass reads --method's class features: computed (and counted) once, and
+    # each method's cost record carries that once-per-run work as its own run would
+    once = CostMeter()
+    shared_features = once.once(class_features, first)
     seed = config.seed
     online = any(registry.get(m.name).online for m in members)
     order = stream_order(first.n_images, seed) if online else list(range(first.n_images))
     for m in members:
+        m.meter = CostMeter()
+        m.meter.sample.once = dict(once.sample.once)
         tta_cfg = adapters.tta_config(m.setup.config, m.setup.runtime)
         m.adapter = build_adapter(m.setup, tta_cfg, text_features=shared_features)
         m.recipe = registry.get(m.name).views(tta_cfg.settings(m.setup.dataset.name))
@@ -168,11 +174,12 @@ def _run(members: list[_Member], config: EvalConfig) -> None:
                 encoding = time.perf_counter() - began
                 for m in members:
                     if m.recipe == recipe and m.needs(index, position):
-                        _step(m, encoded, encoding, labels, idx, position, len(order))
+                        _step(m, part, encoded, encoding, labels, idx, position, len(order))
             bar.update(1)
     for m in members:
         m.result = _finished(m, order)
         m.result.peak_memory = peak_memory(first.runtime.device)
+        m.result.flops = m.meter.sample
 
 
 class _AllRecipes:
@@ -185,10 +192,16 @@ class _AllRecipes:
         return torch.cat([make(image, index) for make in self.makers])
 
 
-def _step(m: _Member, encoded: torch.Tensor, encoding: float, labels, idx, position: int, n: int) -> None:
-    """One method on one image's features; logged as its single run would log it."""
+def _step(m: _Member, views: torch.Tensor, encoded: torch.Tensor, encoding: float, labels, idx, position: int,
+          n: int) -> None:
+    """One method on one image's features; logged as its single run would log it. The method's
+    first image is encoded again under its FLOP counter (the same features: encoding is
+    deterministic), so its cost record counts what its own run would."""
     began = time.perf_counter()
-    out = m.adapter.adapt_features(encoded)
+    if m.meter.sample.images == 0:
+        out = m.meter.batch(lambda: [m.adapter.adapt_features(m.adapter.image_encoder(views))])[0]
+    else:
+        out = m.adapter.adapt_features(encoded)
     seconds = encoding + time.perf_counter() - began  # what this method's own run would have spent
     logits = out.logits.float().cpu()[None]
     features.check_finite(logits, m.setup.config)

@@ -34,7 +34,9 @@ from ..atomic import atomic_write
 from ..distributed import init_distributed
 from ..results import Prediction, compute_metrics, predictions_from_logits, write_results
 from . import adapters
+from ..flops import PartCounter
 from .config import EvalConfig, EvalError
+from .cost import FlopSample
 from .data import SeededViews, batches, progress_bar
 from .loop import ShardResult, build_adapter, build_setup, class_features
 from .preflight import AlreadyDone
@@ -74,15 +76,19 @@ def evaluate_orders(config: EvalConfig, *, clip: Any = None, progress: bool = Tr
     log = _RunsLog(runs_log_path(out), setup.fingerprint)
     finished = log.read()
     reset_peak_memory(setup.runtime.device)
-    encoded, labels, encode_seconds = _encode_once(setup, progress and config.progress)
+    sample = FlopSample()  # the first image's encoding and run 0's first step, on the real calls
+    encoded, labels, encode_seconds = _encode_once(setup, progress and config.progress, sample)
     plan, described = plan_runs(config, labels)
-    text = class_features(setup)
+    with PartCounter(all_once=True) as counter:
+        text = class_features(setup)
+    _add(sample.once, counter.once)
     tta_cfg = adapters.tta_config(config, setup.runtime)
     runs: list[dict[str, Any]] = []
     first: Optional[ShardResult] = None
     with progress_bar(len(plan), setup.progress, f"{setup.dataset.name} {config.tta} {described['kind']}") as bar:
         for r, (seed, run_batches) in enumerate(plan):
-            result, record = _one_run(setup, tta_cfg, text, encoded, labels, r, seed, run_batches, finished.get(r))
+            result, record = _one_run(setup, tta_cfg, text, encoded, labels, r, seed, run_batches, finished.get(r),
+                                      sample if r == 0 else None)
             if r not in finished:
                 log.append(record)
             if first is None:
@@ -90,6 +96,7 @@ def evaluate_orders(config: EvalConfig, *, clip: Any = None, progress: bool = Tr
             runs.append(record)
             bar.update(1)
     first.peak_memory = peak_memory(setup.runtime.device)
+    first.flops = sample
     first.seconds = encode_seconds + first.seconds
     payload = build_payload(setup, [[first]], command or f"protext.evaluation.evaluate_orders({config!r})",
                             time.perf_counter() - started)
@@ -110,8 +117,9 @@ def evaluate_orders(config: EvalConfig, *, clip: Any = None, progress: bool = Tr
     return payload
 
 
-def _encode_once(setup, progress: bool) -> tuple[list[torch.Tensor], list[int], float]:
-    """Every image's view features, in dataset order (the views keyed by seed and index)."""
+def _encode_once(setup, progress: bool, sample: FlopSample) -> tuple[list[torch.Tensor], list[int], float]:
+    """Every image's view features, in dataset order (the views keyed by seed and index); the first
+    image's encoding counted into ``sample``."""
     from ..tta import registry
     from ..tta.api import views_for_recipe
     from ..tta.views import model_preprocess_cfg
@@ -129,7 +137,12 @@ def _encode_once(setup, progress: bool) -> tuple[list[torch.Tensor], list[int], 
     began = time.perf_counter()
     with progress_bar(setup.n_images, progress, f"{setup.dataset.name} encode once") as bar:
         for views, batch_labels, _ in batches(setup.dataset, list(range(setup.n_images)), maker, 1, config.workers):
-            features.append(encoder(views[0]))
+            if features:
+                features.append(encoder(views[0]))
+            else:
+                with PartCounter() as counter:
+                    features.append(encoder(views[0]))
+                _add(sample.per_images, counter.per_call)
             labels += list(batch_labels)
             bar.update(1)
     return features, labels, time.perf_counter() - began
@@ -181,7 +194,8 @@ def plan_runs(config: EvalConfig, labels: list[int]) -> tuple[list[tuple[int, li
 
 
 def _one_run(setup, tta_cfg, text: torch.Tensor, encoded: list[torch.Tensor], labels: list[int], r: int, seed: int,
-             run_batches: list[list[int]], done: Optional[dict[str, Any]]) -> tuple[ShardResult, dict[str, Any]]:
+             run_batches: list[list[int]], done: Optional[dict[str, Any]],
+             sample: Optional[FlopSample] = None) -> tuple[ShardResult, dict[str, Any]]:
     """Run ``r``: a fresh adapter over its batches' images in turn; its metrics (from the log when an
     earlier job finished it, except run 0, whose predictions the results keep)."""
     result = ShardResult(stream={"seed": seed, "run": r})
@@ -194,7 +208,13 @@ def _one_run(setup, tta_cfg, text: torch.Tensor, encoded: list[torch.Tensor], la
     for batch in run_batches:
         right = 0
         for index in batch:
-            out = adapter.adapt_features(encoded[index])
+            if sample is not None and sample.images == 0:  # the method's own work on one image, counted
+                with PartCounter() as counter:
+                    out = adapter.adapt_features(encoded[index])
+                _add(sample.per_images, counter.per_call)
+                sample.images = 1
+            else:
+                out = adapter.adapt_features(encoded[index])
             prediction = predictions_from_logits([index], [labels[index]], out.logits.float().cpu()[None],
                                                  keep_logits=setup.config.save_logits,
                                                  calibration_logits=out.calibration_logits.float().cpu()[None])[0]
@@ -208,6 +228,11 @@ def _one_run(setup, tta_cfg, text: torch.Tensor, encoded: list[torch.Tensor], la
               "images": len(predictions), "batches": len(run_batches), "first_indices": run_batches[0][:10],
               "seconds": result.seconds}
     return result, record
+
+
+def _add(into: dict[str, int], counts: dict[str, int]) -> None:
+    for part, flops in counts.items():
+        into[part] += flops
 
 
 class _RunsLog:
