@@ -186,3 +186,32 @@ def test_a_pass_of_several_methods_refuses_what_it_cannot_do(folder, tmp_path):
             EvalConfig(**base, tta=tta, **extra).validate()
     with pytest.raises(UserError, match="evaluate_many"):
         evaluate(EvalConfig(**base, tta="zero,mta"))
+
+
+def test_tps_prototypes_are_the_two_means_averaged(tiny_clip, folder, tmp_path):
+    """TPS's published prototypes by hand: the mean of the 80 templates' normalised features and the
+    mean of the descriptor sentences' (TPS's rule written out here), averaged, then normalised."""
+    import open_clip
+
+    from protext.evaluation import features as feats
+
+    descriptors = {"ant": ["antennae", "has six legs"], "bee": ["used for honey", "stripes"], "cow": ["a large mammal"],
+                   "doe": ["often brown"], "elk": ["can be huge", "spots"]}
+    sentence = {"antennae": "which is antennae", "has six legs": "which has six legs", "used for honey": "which is used for honey",
+                "stripes": "which has stripes", "a large mammal": "which is a large mammal", "often brown": "which often brown",
+                "can be huge": "which can be huge", "spots": "which has spots"}
+    config = EvalConfig(dataset="folder", root=str(folder), model="tiny-clip", pretrained="random",
+                        method="ensemble80+descriptors", descriptions="d.json")
+    got = feats.class_features(config, tiny_clip, NAMES, "a photo of a {}.", None, descriptors)
+    model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
+
+    def mean(texts):
+        with torch.no_grad():
+            return torch.cat([F.normalize(model.encode_text(tokenizer([t])).float(), dim=-1) for t in texts]).mean(0)
+
+    for label, name in enumerate(NAMES):
+        a = mean([t(name) if callable(t) else t.format(name) for t in open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES])
+        d = mean([f"{name}, {sentence[x]}" for x in descriptors[name]])
+        torch.testing.assert_close(got[label].cpu(), F.normalize((a + d) / 2, dim=-1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="no descriptors for 1 of 5"):
+        feats.class_features(config, tiny_clip, NAMES, "a photo of a {}.", None, {**descriptors, "elk": []})

@@ -25,16 +25,22 @@ SPLITS = ("all", "base", "novel")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: how the class features are built: one template, CuPL descriptions, learned prompts, or the
 #: 7-template ensemble of ZERO+Ensemble (TTA.md §1.6)
-METHODS = ("clip", "cupl", "prompts", "ensemble", "ensemble80", "template+cupl", "ensemble+cupl", "ensemble80+cupl")
+METHODS = ("clip", "cupl", "prompts", "ensemble", "ensemble80", "template+cupl", "ensemble+cupl", "ensemble80+cupl",
+           "ensemble80+descriptors")
 #: class features that pool templates and CuPL descriptions in one mean, as DMN-ZS's and DPE's
 #: published ``tip_cupl`` features do (TTA2.md §6, §7): the prompts of a class are its templates
 #: (the run's one template, or an ensemble) followed by its descriptions
 MIXED_FEATURES = ("template+cupl", "ensemble+cupl", "ensemble80+cupl")
 
 
+#: TPS's published prototypes (TTA2.md §10): the mean of CLIP's 80 templates and the mean of
+#: "{class}, which … {descriptor}" sentences, averaged ("micro" pooling)
+TPS_FEATURES = "ensemble80+descriptors"
+
+
 def uses_descriptions(method: str) -> bool:
     """Whether ``--method`` builds class features from ``--descriptions``."""
-    return method == "cupl" or method in MIXED_FEATURES
+    return method == "cupl" or method in MIXED_FEATURES or method == TPS_FEATURES
 #: must equal ``protext.templates.TEMPLATE_RULES`` (tested); repeated here so --help needs no import
 TEMPLATE_RULES = ("protext", "coop", "tpt")
 TTA_INITS = ("handcrafted", "prompts", "coop")

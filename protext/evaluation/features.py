@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import PromptCheckpoint, check_weights, class_encoder, load_coop, load_prompts
 from ..digests import file_sha256
 from ..templates import FROM_TRAINING, TEMPLATE_ENSEMBLES, choose_template
-from .config import COOP_SUFFIXES, MIXED_FEATURES, EvalConfig
+from .config import COOP_SUFFIXES, MIXED_FEATURES, TPS_FEATURES, EvalConfig
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -140,6 +140,8 @@ def class_features(config: EvalConfig, clip, classnames: Sequence[str], template
         return clip_text_features(model, tokenizer, classnames, template)
     if config.method == "cupl":
         return cupl_text_features(model, tokenizer, classnames, descriptions, source=config.descriptions)
+    if config.method == TPS_FEATURES:
+        return template_descriptor_prototypes(model, tokenizer, classnames, descriptions, config.descriptions)
     if config.method in TEMPLATE_ENSEMBLES or config.method in MIXED_FEATURES:
         from ..classlists import clean_classname
 
@@ -153,6 +155,38 @@ def class_features(config: EvalConfig, clip, classnames: Sequence[str], template
             texts = {name: texts[name] + list(descriptions[found[name]]) if name in found else [] for name in classnames}
         return cupl_text_features(model, tokenizer, classnames, texts, source=f"the {config.method} prompts")
     return prompt_text_features(prompt_encoder(config, clip, classnames, template, checkpoint))
+
+
+@torch.no_grad()
+def template_descriptor_prototypes(model, tokenizer, classnames: Sequence[str], descriptors, source: str) -> torch.Tensor:
+    """TPS's published prototypes (TTA2.md §10): per class ``(a_c + d_c) / 2``, ``a_c`` the mean of the
+    normalised features of CLIP's 80 templates, ``d_c`` that of ``"{class}, which … {descriptor}"``
+    for each of its descriptors (TPS's sentence rule); returned normalised, as every method reads
+    its class features (TPS normalises its prototypes before shifting them)."""
+    import torch.nn.functional as F
+
+    from ..classlists import clean_classname
+    from ..descriptions import match_classnames
+    from ..tta.tps import descriptor_sentence, prototypes_from_parts
+    from ..zeroshot import encode_texts
+    from .config import EvalError
+
+    found = match_classnames(descriptors.keys(), classnames)
+    lacking = found.missing + [name for name, key in found.mapping.items() if not descriptors[key]]
+    if lacking:
+        raise EvalError(f"--descriptions {source} has no descriptors for {len(lacking)} of {len(classnames)} classes "
+                        f"(first: {lacking[0]!r}); every class needs at least one.")
+    templates = ensemble_templates("ensemble80")
+
+    def mean_feature(texts: list[str]) -> torch.Tensor:
+        return F.normalize(encode_texts(model, tokenizer, texts).float(), dim=-1).mean(0)
+
+    parts_a, parts_d = [], []
+    for name in classnames:
+        clean = clean_classname(name)
+        parts_a.append(mean_feature([t.format(clean) for t in templates]))
+        parts_d.append(mean_feature([descriptor_sentence(clean, d) for d in descriptors[found.mapping[name]]]))
+    return F.normalize(prototypes_from_parts(torch.stack(parts_a), torch.stack(parts_d)), dim=-1)
 
 
 def read_description_source(path: str) -> dict[str, list[str]]:
