@@ -97,6 +97,7 @@ def evaluate_orders(config: EvalConfig, *, clip: Any = None, progress: bool = Tr
             bar.update(1)
     first.peak_memory = peak_memory(setup.runtime.device)
     first.flops = sample
+    first.stream = None  # the runs are reported under "runs", not as stream seeds
     first.seconds = encode_seconds + first.seconds
     payload = build_payload(setup, [[first]], command or f"protext.evaluation.evaluate_orders({config!r})",
                             time.perf_counter() - started)
