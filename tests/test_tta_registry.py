@@ -105,6 +105,10 @@ def test_resolve_checks_what_a_method_takes_and_fills_the_rest():
     assert (settings.views, settings.tda_alpha, settings.tda_beta) == (3, 4.0, 8.0)
     given = registry.check_given("dmn", {"dmn_beta": 2.0, "tta_views": None})
     assert given == {"dmn_beta": 2.0}
+    with pytest.raises(TTAConfigError, match="--dpe-align"):  # a None before it skips only itself
+        registry.check_given("tda", {"tta_views": None, "dpe_align": 0.1})
+    with pytest.raises(TTAConfigError, match=r"\(it is for --tta tda, boost\)"):
+        registry.check_given("zero", {"tda_alpha": 1.0})
     with pytest.raises(TTAConfigError, match="--tta dpe has no published --dpe-alpha for dataset 'Mine'"):
         registry.resolve("dpe", {}, registry.context("Mine"))
 
