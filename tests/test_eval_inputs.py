@@ -261,7 +261,7 @@ IN_FINGERPRINT = (
     "dataset", "root", "split", "classes", "model", "pretrained", "device", "precision", "method", "template",
     "templates", "descriptions", "prompts", "allow_other_weights", "tta", "tta_views", "tta_selection", "tta_steps",
     "tta_lr", "tta_init", "tta_tune", "tta_batch", "tta_naive", "ctpt_lambda", "tda_alpha", "tda_beta", "zero_votes",
-    "augmix", "tta_options", "stream_seeds", "batch_size", "seed", "save_logits",
+    "augmix", "tta_options", "stream_seeds", "stream_runs", "stream_seed", "scenario", "tasks", "batch_size", "seed", "save_logits",
 )
 #: fields left out of the default results name (limit is in it: a smoke run must not take the full run's name)
 NOT_IN_NAME = {k: v for k, v in NOT_IN_FINGERPRINT.items() if k != "limit"}
