@@ -113,7 +113,8 @@ def test_eval_method_ensemble80_uses_clips_80_templates(tmp_path, tiny_clip):
     from protext.evaluation.config import METHODS
     from protext.evaluation.features import class_features
 
-    assert METHODS == ("clip", "cupl", "prompts", *TEMPLATE_ENSEMBLES)
+    assert METHODS[:5] == ("clip", "cupl", "prompts", *TEMPLATE_ENSEMBLES)
+    assert all(m.endswith(("+cupl", "+descriptors")) for m in METHODS[5:])  # the template + description mixes
     names = ["golden_retriever", "tabby_cat"]
     for name, colour in zip(names, ((200, 30, 30), (30, 30, 200))):
         (tmp_path / "imgs" / name).mkdir(parents=True)

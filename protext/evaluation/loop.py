@@ -148,9 +148,10 @@ def build_setup(config: EvalConfig, ctx: DistContext, clip, progress: bool) -> S
         setup.record["model"]["text_tower_fingerprint"] = weights.model
     setup.template = features.resolve_template(config, dataset.name, setup.checkpoint)
     setup.record["template"] = setup.template.record()
-    if config.method in TEMPLATE_ENSEMBLES:
-        rule = {"ensemble": "zero-ensemble", "ensemble80": "clip-80"}[config.method]
-        setup.record["template"] = {"templates": list(features.ensemble_templates(config.method)),
+    ensemble = config.method.split("+")[0]  # ensemble+cupl, ensemble80+descriptors: a list, then descriptions
+    if ensemble in TEMPLATE_ENSEMBLES:
+        rule = {"ensemble": "zero-ensemble", "ensemble80": "clip-80"}[ensemble]
+        setup.record["template"] = {"templates": list(features.ensemble_templates(ensemble)),
                                     "source": f"--method {config.method}", "rule": rule}
     return setup
 
