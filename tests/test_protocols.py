@@ -90,9 +90,13 @@ def _split_cell(text: str, measures: tuple[str, ...]) -> dict[str, float]:
     return {m: _number(p) for m, p in zip(measures, parts)}
 
 
+#: tables whose numbers come from TTA2.md §6-§10 (checked below against that text), not PUBLISHED.md
+TTA2_TABLES = {"tta2-xd", "tta2-ood"}
+
+
 def test_every_typed_number_equals_published_md(published_md):
     expected = _expected(published_md)
-    assert set(expected) == set(PROTOCOLS)
+    assert set(expected) == set(PROTOCOLS) - TTA2_TABLES
     for name, cells in expected.items():
         p = get_protocol(name)
         averages = {a.name for a in p.averages}
@@ -108,6 +112,23 @@ def test_every_typed_number_equals_published_md(published_md):
                     seen_cells[(method, column, measure)] = value
         assert dict(p.published) == seen_cells, name
         assert dict(p.published_averages) == seen_averages, name
+
+
+def test_every_tta2_number_is_printed_in_its_methods_section(shared_dir):
+    """Each published cell of the tta2 tables appears, as printed, in its method's section of TTA2.md
+    (a mistyped number is found nowhere there)."""
+    text = (shared_dir / "design" / "TTA2.md").read_text(encoding="utf-8")
+    sections = {m.group(1): m.group(2) for m in re.finditer(r"\n## (\d+)\. (.*?)(?=\n## \d+\. |\Z)", text, re.S)}
+    where = {"DMN-ZS": "6", "DPE": "7", "BoostAdapter": "8", "O-TPT": "9", "TPS": "10"}
+    seen = 0
+    for name in TTA2_TABLES:
+        p = get_protocol(name)
+        for (row, _, _), value in {**p.published, **p.published_averages}.items():
+            section = sections[next(v for k, v in where.items() if row.startswith(k))]
+            printed = f"{value:.2f}" if value != int(value) else f"{value:.1f}"
+            assert printed in section or f"{value:.2f}" in section, (name, row, value)
+            seen += 1
+    assert seen > 60
 
 
 def test_paper_text_only_clip_average_is_not_the_mean_of_its_row():
@@ -179,11 +200,15 @@ def test_cell_settings_follow_the_protocol_text(name, published_md, presets_md, 
     for c in cells:
         total = _n_classes(shared_dir, c.dataset)
         assert c.n_classes == {"all": total, "base": math.ceil(total / 2), "novel": total // 2}[c.split]
-        if c.features == "ensemble":  # ZERO+Ensemble (and TDA on its datasets): the seven templates
-            assert c.row in ("ZERO + Ensemble", "TDA") and c.template == "ensemble of 7 templates"
-        elif c.features == "ensemble80":  # TDA on R and Sketch: CLIP's 80 templates
-            assert c.row == "TDA" and c.template == "ensemble of CLIP's 80 templates"
-        elif c.row.startswith(("CLIP (", "TPT", "CoOp", "ZERO", "C-TPT")):
+        if c.features == "ensemble":  # ZERO+Ensemble (and TDA's features on its datasets): the seven templates
+            assert c.row in ("ZERO + Ensemble", "TDA", "BoostAdapter") and c.template == "ensemble of 7 templates"
+        elif c.features == "ensemble80":  # TDA's features on R and Sketch, TPS's prototypes: CLIP's 80 templates
+            assert c.row in ("TDA", "BoostAdapter", "TPS") and c.template == "ensemble of CLIP's 80 templates"
+        elif c.features in ("ensemble+cupl", "ensemble80+cupl"):  # DMN-ZS's and DPE's tip_cupl
+            assert c.row.startswith(("DMN-ZS", "DPE")) and c.template.endswith(" + CuPL descriptions")
+        elif c.features == "template+cupl":  # one dataset template (CoOp's) and the descriptions
+            assert c.template == coop.get(c.dataset, default) and c.template_rule == "coop"
+        elif c.row.startswith(("CLIP (", "TPT", "CoOp", "ZERO", "C-TPT", "O-TPT")):
             assert c.template == "a photo of a {}." and c.template_rule == "tpt"  # TPT: one template everywhere
         elif c.features == "clip" or c.row == "CuPL":
             assert c.template == coop.get(c.dataset, default) and c.template_rule == "coop"
@@ -222,7 +247,9 @@ def test_rows_use_the_presets_the_paper_names():
     xd = plan_cells(get_protocol("protext-cross-dataset"), ReproduceConfig("protext-cross-dataset", "x"))
     assert {c.preset for c in xd if c.row == "ProText"} == {"cross_dataset"}
     tpt = plan_cells(get_protocol("protext-tpt"), ReproduceConfig("protext-tpt", "x"))
-    assert {c.tta["init"] for c in tpt if c.tta} == {"prompts"} and {c.preset for c in tpt} == {"cross_dataset"}
+    tuned = [c for c in tpt if c.tta and c.tta["method"] in ("tpt", "otpt")]  # the prompt tuners start from ProText's
+    assert {c.tta["init"] for c in tuned} == {"prompts"} and {c.preset for c in tpt} == {"cross_dataset"}
+    assert {c.tta["init"] for c in tpt if c.tta and c not in tuned} == {None}  # the others read its class features
     ood = plan_cells(get_protocol("tpt-ood"), ReproduceConfig("tpt-ood", "x"))
     assert {c.tta["init"] for c in ood if c.tta} == {"handcrafted", "coop"}
     assert {c.n_ctx for c in ood if c.tta and c.tta["init"] == "handcrafted"} == {4}
@@ -243,8 +270,14 @@ def _published_augmix(table: str, method: str, dataset: str) -> bool:
         return fine_grained
     if method == "ctpt":
         return fine_grained or (table == "tta-ood" and dataset in _SHIFTS)
-    if method == "zero":
+    if method in ("zero", "boost"):  # BoostAdapter's views: crops and flips only (TTA2.md §8)
         return False
+    if method == "otpt":  # fine-grained script: TPT's rule; natural-shift script: --I_augmix on A/V2/R/K (§9)
+        return fine_grained or dataset in _SHIFTS
+    if method in ("dmn", "dmn-oracle", "tps"):  # `len(set_id) > 1` (§6, §10)
+        return fine_grained
+    if method == "dpe":  # 64 AugMix views on I/A/V/R/K, one plain view elsewhere (§7)
+        return not fine_grained
     assert method == "tda", method
     return dataset in _SHIFTS
 
@@ -286,7 +319,7 @@ def test_zero_cells_run_the_published_seed(shared_dir):
         assert all(c.tta["seed"] == 1 for c in zero)
         assert all("seed" not in c.tta for c in cells if c.tta and c.tta["method"] != "zero")
         plan = describe_plan(config).splitlines()
-        assert all(",seed:1" in ln for ln in plan if ln.strip().startswith(("zero__", "zero-ensemble__")))
+        assert all(" seed:1" in ln for ln in plan if ln.strip().startswith(("zero__", "zero-ensemble__")))
 
 
 def test_library_runner_passes_the_cell_seed_augmix_and_ensemble(monkeypatch, tmp_path):

@@ -34,9 +34,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ..distributed import DistContext, exchange, from_main, init_distributed, launched_world_size, single_process
 from ..errors import UserError
 from ..evaluation.config import uses_descriptions
 from ..protocols import Protocol, get_protocol
@@ -52,6 +51,16 @@ from .table_math import build_table
 
 #: test hook: SIGKILL this process after that many newly computed cells (the kill-and-rerun test)
 STOP_AFTER_ENV = "PROTEXT_REPRODUCE_KILL_AFTER_CELLS"
+
+if TYPE_CHECKING:  # torch.distributed loads only when a job needs it: plans and bad flags need no torch
+    from ..distributed import DistContext
+
+
+def _dist():
+    """:mod:`protext.distributed`, imported on first use (it imports torch)."""
+    from .. import distributed
+
+    return distributed
 
 
 @dataclass
@@ -99,7 +108,7 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
             Under torchrun, an error every rank raised is a :class:`SharedError` on ranks other than 0.
     """
     protocol = get_protocol(config.table)
-    ranks = launched_world_size()
+    ranks = _dist().launched_world_size()
     if ranks > 1:
         check_torchrun(config)
     checked: Optional[_Preflight] = None
@@ -196,11 +205,11 @@ def _join(config: ReproduceConfig, problem: Optional[UserError], checked: Option
     The ranks also compare the datasets each finds under ``--root``: on several nodes each reads
     its own ``--root``, and a cell is evaluated by all ranks, so all must hold the same datasets.
     """
-    if launched_world_size() == 1:
-        return DistContext()
-    ctx = init_distributed(use_cuda=_uses_cuda(config))
+    if _dist().launched_world_size() == 1:
+        return _dist().DistContext()
+    ctx = _dist().init_distributed(use_cuda=_uses_cuda(config))
     mine = (str(problem) if problem else None, sorted(checked.found.present) if checked else None)
-    reports = exchange(mine, ctx)
+    reports = _dist().exchange(mine, ctx)
     failed = [(rank, message) for rank, (message, _) in enumerate(reports) if message]
     if failed:
         rank, message = failed[0]
@@ -231,7 +240,7 @@ def _alone(runner: CellRunner, request: Optional[EvalRequest]) -> Optional[tuple
         return None
     began = time.perf_counter()
     try:
-        with single_process():
+        with _dist().single_process():
             result = runner.evaluate(request)
     except UserError as err:
         return ("error", f"{request.cell.key}: {err}")
@@ -265,7 +274,7 @@ class _Team:
     def evaluate(self, request: EvalRequest) -> dict[str, Any]:
         """Evaluate a cell, its images shared by every rank."""
         if self.ctx.active:
-            from_main(("evaluate", request), self.ctx)
+            _dist().from_main(("evaluate", request), self.ctx)
             self.listening = False  # an error inside is raised by every rank at once: nobody to tell
         result = self.runner.evaluate(request)
         self.listening = self.ctx.active
@@ -275,8 +284,8 @@ class _Team:
         """Each request evaluated whole by one rank (rank ``i`` takes ``requests[i]``): results and seconds."""
         assert len(requests) <= self.size
         assignments = dict(enumerate(requests))
-        from_main(("alone", assignments), self.ctx)
-        replies = exchange(_alone(self.runner, assignments.get(0)), self.ctx)[: len(requests)]
+        _dist().from_main(("alone", assignments), self.ctx)
+        replies = _dist().exchange(_alone(self.runner, assignments.get(0)), self.ctx)[: len(requests)]
         for reply in replies:
             if reply[0] == "error":
                 raise ReproduceError(reply[1])
@@ -286,8 +295,8 @@ class _Team:
         """After rank 0 created the run folder: every rank must see it (on several nodes, a shared ``--out``)."""
         if not self.ctx.active:
             return
-        from_main(("opened",), self.ctx)
-        for problem in exchange(None, self.ctx):
+        _dist().from_main(("opened",), self.ctx)
+        for problem in _dist().exchange(None, self.ctx):
             if problem:
                 raise ReproduceError(problem)
 
@@ -295,26 +304,26 @@ class _Team:
         """Tell the waiting ranks that rank 0 stops with ``err`` (they exit 2 quietly; rank 0 reports it)."""
         if self.listening:
             self.listening = False
-            from_main(("stop", str(err)), self.ctx)
+            _dist().from_main(("stop", str(err)), self.ctx)
 
     def done(self) -> None:
         """Release the other ranks: the table is written."""
         if self.listening:
             self.listening = False
-            from_main(("done",), self.ctx)
+            _dist().from_main(("done",), self.ctx)
 
     def follow(self, folder: RunFolder, config: ReproduceConfig) -> None:
         """A rank other than 0: do what rank 0 says until it says ``done``."""
         try:
             while True:
-                step = from_main(None, self.ctx)
+                step = _dist().from_main(None, self.ctx)
                 if step[0] == "evaluate":
                     self.runner.evaluate(step[1])
                 elif step[0] == "alone":
-                    exchange(_alone(self.runner, step[1].get(self.ctx.rank)), self.ctx)
+                    _dist().exchange(_alone(self.runner, step[1].get(self.ctx.rank)), self.ctx)
                 elif step[0] == "opened":
                     seen = (folder.path / "run.json").is_file()
-                    exchange(None if seen else (
+                    _dist().exchange(None if seen else (
                         f"--out {config.out or 'reproduction'}: rank {self.ctx.rank} (on {socket.gethostname()}) does not see "
                         f"{folder.path / 'run.json'}, which rank 0 wrote; on several nodes --out must be a folder they all share."), self.ctx)
                 elif step[0] == "stop":
