@@ -25,6 +25,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .launch import launched_world_size  # noqa: F401  (re-exported: one definition, torch-free)
+
 #: collectives run only once all ranks are ready, so they never need long (see :func:`wait_for_peers`)
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 #: how often the watchdog looks at the parent process and :func:`wait_for_peers` at the store
@@ -164,15 +166,6 @@ def shutdown_all(meet: bool = False) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # for commands that run many evaluations in one job (``reproduce``): one process drives, the others follow
-
-
-def launched_world_size() -> int:
-    """How many processes ``torchrun`` started for this job (1 without torchrun); reads only the
-    environment, so a command can check its flags for a multi-process run before importing a model."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
 
 
 @contextmanager

@@ -88,7 +88,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if not args.root:
             raise ReproduceError("--root DATA is required: the folder holding the table's datasets.")
-        from .distributed import shutdown_all
         from .reproduction.table_run import SharedError
 
         finished = False
@@ -98,7 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except SharedError:
             return 2  # under torchrun every rank raised it, and rank 0 alone prints it
         finally:
-            shutdown_all(meet=finished)  # leave the torchrun job's process group, if any
+            if "protext.distributed" in sys.modules:  # a job got that far: leave its process group, if any
+                from .distributed import shutdown_all
+
+                shutdown_all(meet=finished)
         if not run.main:
             return 0  # rank 0 prints the summary of the table it wrote
         done = len(run.computed) + len(run.reused)

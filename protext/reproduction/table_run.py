@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import UserError
 from ..evaluation.config import uses_descriptions
+from ..launch import launched_world_size
 from ..protocols import Protocol, get_protocol
 from .availability import Availability, check_datasets, check_external
 from .backend import LibraryRunner
@@ -108,7 +109,7 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
             Under torchrun, an error every rank raised is a :class:`SharedError` on ranks other than 0.
     """
     protocol = get_protocol(config.table)
-    ranks = _dist().launched_world_size()
+    ranks = launched_world_size()
     if ranks > 1:
         check_torchrun(config)
     checked: Optional[_Preflight] = None
@@ -205,7 +206,7 @@ def _join(config: ReproduceConfig, problem: Optional[UserError], checked: Option
     The ranks also compare the datasets each finds under ``--root``: on several nodes each reads
     its own ``--root``, and a cell is evaluated by all ranks, so all must hold the same datasets.
     """
-    if _dist().launched_world_size() == 1:
+    if launched_world_size() == 1:
         return _dist().DistContext()
     ctx = _dist().init_distributed(use_cuda=_uses_cuda(config))
     mine = (str(problem) if problem else None, sorted(checked.found.present) if checked else None)
