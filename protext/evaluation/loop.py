@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..devices import uses_cuda
 from ..distributed import DistContext, gather, init_distributed, shard
 from ..errors import UserError
 from ..results import Prediction, merge_predictions, predictions_from_logits
@@ -368,8 +369,7 @@ def run_images(setup: Setup) -> list[ShardResult]:
 
 def evaluate_shards(config: EvalConfig, clip=None, progress: bool = True) -> tuple[Optional[Setup], list[list[ShardResult]]]:
     """Run this rank's part and gather every rank's; a user error on any rank is raised on all."""
-    use_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    ctx = init_distributed(use_cuda=use_cuda)
+    ctx = init_distributed(use_cuda=uses_cuda(config.device))
     setup: Optional[Setup] = None
     try:
         setup = build_setup(config, ctx, clip, progress and config.progress)

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..devices import uses_cuda
 from ..distributed import init_distributed
 from ..results import Prediction, predictions_from_logits, write_results
 from . import adapters, features
@@ -95,7 +96,7 @@ def evaluate_many(config: EvalConfig, *, clip: Any = None, progress: bool = True
     from .resume import remove_logs
 
     start_time = time.perf_counter()
-    ctx = init_distributed(use_cuda=config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
+    ctx = init_distributed(use_cuda=uses_cuda(config.device))
     if ctx.active:
         raise EvalError(f"--tta {config.tta}: several methods in one pass run in one process; run them one at a time "
                         "under torchrun.")

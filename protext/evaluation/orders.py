@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from ..atomic import atomic_write
+from ..devices import uses_cuda
 from ..distributed import init_distributed
 from ..results import Prediction, compute_metrics, predictions_from_logits, write_results
 from . import adapters
@@ -60,7 +61,7 @@ def evaluate_orders(config: EvalConfig, *, clip: Any = None, progress: bool = Tr
     from .resume import remove_logs
 
     started = time.perf_counter()
-    ctx = init_distributed(use_cuda=config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
+    ctx = init_distributed(use_cuda=uses_cuda(config.device))
     if ctx.active:
         raise EvalError("--stream-runs/--scenario replay one encoding in one process; run them without torchrun.")
     try:

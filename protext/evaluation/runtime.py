@@ -11,9 +11,10 @@ from typing import Any, Optional
 import torch
 
 from ..amp import fp16_note
+from ..devices import resolve_device
 from ..distributed import DistContext
 from ..hardware import auto_precision, cpu_model_name
-from .config import EvalConfig, EvalError
+from .config import EvalConfig
 
 
 @dataclass
@@ -32,20 +33,13 @@ class Runtime:
 def resolve_runtime(config: EvalConfig, ctx: DistContext) -> Runtime:
     """``--device``/``--precision`` to a device and dtypes.
 
-    ``auto`` is decided by :func:`protext.hardware.auto_precision` (CUDA: fp16; a CPU: bf16 only where
+    The device is :func:`protext.devices.resolve_device`'s (under torchrun, this rank's GPU); a
+    precision of ``auto`` is decided by :func:`protext.hardware.auto_precision` (CUDA: fp16; a CPU: bf16 only where
     it computes bf16 natively, else fp32) and said in one line on stderr by the main process.
     """
-    name = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
-    name = "cpu" if name == "auto" else name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EvalError(f"--device must be auto, cpu, cuda or cuda:N, got '{config.device}'.") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvalError(f"--device {config.device}: CUDA is not available on this machine; use --device cpu.")
-        if ctx.active or device.index is None:
-            device = torch.device("cuda", ctx.local_rank if ctx.active else torch.cuda.current_device())
+    device = resolve_device(config.device)
+    if device.type == "cuda" and (ctx.active or device.index is None):
+        device = torch.device("cuda", ctx.local_rank if ctx.active else torch.cuda.current_device())
     precision = config.precision
     if precision == "auto":
         precision, why = auto_precision(device.type)

@@ -21,6 +21,7 @@ import torch
 from .. import __version__
 from ..architectures import TowerShape
 from ..checkpoint import save_prompts
+from ..devices import resolve_device
 from ..digests import file_sha256
 from ..models import text_fingerprint
 from ..presets import Settings
@@ -61,7 +62,7 @@ def _run_locked(job: TrainJob, settings: Settings, paths: dict[str, Path], clip,
     resuming = check_outputs(job, paths)
     check_resume_inputs(job, paths, resuming)
     check_prompts_fit(job, settings, _tower_shape(clip) if clip is not None else None)
-    device = _resolve_device(job.device)
+    device = resolve_device(job.device)
     config = _config(job, settings, device)
     pairs, selection = read_samples(job, settings, say)
     clip = clip or _seam("_load_model")(job, device)  # through the package: tests refuse loading there
@@ -80,19 +81,6 @@ def _run_locked(job: TrainJob, settings: Settings, paths: dict[str, Path], clip,
 
 # --------------------------------------------------------------------------------------------------
 # device, precision, model
-
-
-def _resolve_device(name: str) -> torch.device:
-    """``--device`` as a torch device; ``auto`` is CUDA when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainJobError(f"--device '{name}': not a torch device (cpu, cuda, cuda:N, auto).") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainJobError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
-    return device
 
 
 def _config(job: TrainJob, settings: Settings, device: torch.device) -> TrainConfig:
