@@ -13,11 +13,12 @@ from typing import Any, Optional
 
 import pytest
 
-from protext.protocols import get_protocol
+from protext.protocols import get_protocol, table_names
 from protext.reproduction.availability import Availability
 from protext.reproduction.config import ReproduceConfig
 from protext.reproduction.figures import (
     cell_gflops,
+    cell_runs,
     cost_panels,
     draw_cost_figure,
     draw_runs_figure,
@@ -268,8 +269,10 @@ def _with_runs(cell):
     record = _ood(cell)
     if cell.row == "TDA" and cell.dataset == "imagenet_a":
         record["runs"] = _runs(TDA_A)
-    if cell.row == "ZERO + Ensemble" and cell.dataset == "imagenet_v2":  # as an evaluation's details would keep it
-        record["evaluation"] = {"runs": _runs(TDA_V2)}
+    if cell.row == "ZERO + Ensemble" and cell.dataset == "imagenet_v2":  # as a protocol table's cell keeps them
+        record["evaluation"] = {"runs": {"kind": "streams", "summary": {}, "per_run_top1": TDA_V2}}
+    if cell.row == "ZERO":
+        record["evaluation"] = {"runs": {"kind": "order-free", "note": "one run"}}
     return record
 
 
@@ -288,7 +291,7 @@ def test_run_strips_have_the_tail_and_eta_by_hand():
     protocol = get_protocol("tta-ood")
     assert tda.published == protocol.published.get(("TDA", "imagenet_a", "top1"))
     v2 = {s.row: s for s in strips["imagenet_v2"]}["ZERO + Ensemble"]
-    assert v2.tail == 1 and v2.eta == 58.0 and v2.mean == pytest.approx(60.5)
+    assert v2.tail == 1 and v2.eta == 58.0 and v2.mean == pytest.approx(60.5) and v2.kind == "streams"
     assert list(run_strips(table, ["imagenet_v2", "imagenet_r"])) == ["imagenet_v2"]
     assert run_strips(_table("tta-ood", _ood)) == {}
 
@@ -337,3 +340,54 @@ def test_the_pngs_are_written_beside_the_markdown(tmp_path):
     assert "--limit 20" in draw_cost_figure(table)._suptitle.get_text()
     assert write_table_figures(_table("tta-ood", _ood), tmp_path / "x" / "t.md") == {"cost": tmp_path / "x" / "t.cost.png"}
     assert math.isclose(_png_size(write_cost_figure(table, tmp_path / "c.png"))[0], _png_size(written["cost"])[0])
+
+
+def test_cell_runs_reads_both_formats_and_order_free_cells_ran_once():
+    assert cell_runs({"evaluation": {"runs": {"kind": "orders", "per_run_top1": [3, 1.5]}}}) == ("orders", [3.0, 1.5])
+    assert cell_runs({"runs": {"kind": "tasks", "per_run": [{"top1": 2}, {"top1": 4}]}}) == ("tasks", [2.0, 4.0])
+    assert cell_runs({"runs": {"per_run": [{"top1": 2}]}}) == ("runs", [2.0])
+    assert cell_runs({"evaluation": {"runs": {"kind": "order-free", "note": "one run"}}}) is None
+    assert cell_runs({"evaluation": {}, "metrics": {"top1": 50.0}}) is None
+
+
+@pytest.mark.skipif("oga-runs" not in table_names(), reason="the oga-runs table is not registered in this tree")
+def test_oga_runs_table_mean_over_the_runs_against_gflops_and_one_panel_per_dataset():
+    datasets = get_protocol("oga-runs").datasets
+    assert len(datasets) == 11
+
+    def numbers(cell):
+        i = datasets.index(cell.dataset)
+        if cell.row == "Zero-shot CLIP":
+            record = _record(cell, 60.0 + i, ece=4.0, gflops=35.25)
+            record["metrics"].update(eta=60.0 + i, spread=0.0, runs=1)
+            record["evaluation"] = {"runs": {"kind": "order-free"}}
+            return record
+        if cell.row == "DPE" and cell.dataset == "dtd":
+            return None
+        shift = {"TDA": 2.0, "DMN-ZS": 1.0, "DPE": 3.0}[cell.row]
+        runs = [60.0 + i + shift + d for d in (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 0.0, -0.5, 0.5, 0.0)]
+        record = _record(cell, sum(runs) / 10, ece=3.0 + shift, gflops=35.5 + shift)
+        record["metrics"].update(eta=min(runs), spread=1.0, runs=10)
+        record["evaluation"] = {"runs": {"kind": "orders", "per_run_top1": runs, "per_run_ece": [1.0] * 10}}
+        return record
+
+    table = _table("oga-runs", numbers)
+    top1, ece = cost_panels(table)
+    assert (top1.average, top1.datasets) == ("avg (11)", datasets)
+    mean_i = sum(range(11)) / 11  # 5
+    got = _points(top1)
+    assert got["Zero-shot CLIP"] == pytest.approx((35.25, 60.0 + mean_i, 65.3))
+    # each run list's mean is 60 + i + shift + 0.0 (the offsets sum to 0)
+    assert got["TDA"] == pytest.approx((37.5, 62.0 + mean_i, 67.7))
+    assert got["DMN-ZS"] == pytest.approx((36.5, 61.0 + mean_i, 67.5))
+    assert top1.left_out == {"DPE": "10 of 11 cells"}
+    assert _points(ece)["TDA"][1] == pytest.approx(5.0)
+    strips = run_strips(table)
+    assert list(strips) == list(datasets)
+    tda = {s.row: s for s in strips["dtd"]}["TDA"]
+    i = datasets.index("dtd")
+    assert tda.tail == 1 and tda.eta == pytest.approx(60.0 + i + 2.0 - 2.0) and tda.mean == pytest.approx(62.0 + i)
+    assert [s.row for s in strips["dtd"]] == ["Zero-shot CLIP", "TDA", "DMN-ZS"]  # DPE has no dtd cell
+    assert {s.row: s for s in strips["dtd"]}["Zero-shot CLIP"].kind == "once"
+    fig = draw_runs_figure(table)
+    assert len([ax for ax in fig.axes if ax.has_data()]) == 11

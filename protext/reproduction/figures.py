@@ -268,12 +268,20 @@ def cost_panels(table: Mapping[str, Any]) -> list[CostPanel]:
     return [p for p in panels if p.points or p.measure != "ece"]
 
 
-def _cell_runs(record: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
-    """The multi-run block of a cell record (``runs``, or ``evaluation.runs``), if it ran several times."""
-    runs = record.get("runs") or (record.get("evaluation") or {}).get("runs")
-    if runs and runs.get("per_run"):
-        return runs
-    return None
+def cell_runs(record: Mapping[str, Any]) -> Optional[tuple[str, list[float]]]:
+    """``(kind, per-run top-1 accuracies)`` of a cell that ran several times, else None.
+
+    The runs are looked up under ``evaluation.runs`` (a protocol table's cell: ``per_run_top1``)
+    or ``runs`` (an evaluation's results: ``per_run``, one dict per run); an ``order-free`` cell,
+    or one without per-run accuracies, ran once.
+    """
+    runs = (record.get("evaluation") or {}).get("runs") or record.get("runs") or {}
+    values = runs.get("per_run_top1")
+    if values is None:
+        values = [run["top1"] for run in runs.get("per_run") or ()]
+    if not values:
+        return None
+    return str(runs.get("kind", "runs")), [float(v) for v in values]
 
 
 def run_strips(table: Mapping[str, Any], datasets: Optional[Sequence[str]] = None) -> dict[str, list[RunStrip]]:
@@ -295,16 +303,16 @@ def run_strips(table: Mapping[str, Any], datasets: Optional[Sequence[str]] = Non
                 continue
             cell = row["cells"].get(dataset, {}).get("top1", {})
             published = cell.get("published")
-            runs = _cell_runs(record)
+            runs = cell_runs(record)
             if runs is None:
                 top1 = record.get("metrics", {}).get("top1")
                 if top1 is not None:
                     strips.append(RunStrip(row["name"], dataset, (), float(top1), None, 0, "once", published))
                 continue
-            values = sorted(float(run["top1"]) for run in runs["per_run"])
+            kind, values = runs
             summary = summarize_runs(values)
-            strips.append(RunStrip(row["name"], dataset, tuple(values), summary.mean, summary.eta, summary.tail_runs,
-                                   str(runs.get("kind", "runs")), published))
+            strips.append(RunStrip(row["name"], dataset, tuple(sorted(values)), summary.mean, summary.eta,
+                                   summary.tail_runs, kind, published))
         if any(s.runs for s in strips):
             out[dataset] = strips
     return out
@@ -418,7 +426,8 @@ def draw_runs_figure(table: Mapping[str, Any], datasets: Optional[Sequence[str]]
     rows = [r["name"] for r in table["rows"] if any(s.row == r["name"] for strips in panels.values() for s in strips)]
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = _new_figure(4.6 * ncols + 1.2, (0.45 * len(rows) + 1.3) * nrows + 0.8)
+    inches = 0.45 if len(rows) <= 8 else 0.3  # per strip: a 24-row table (stata) stays on a screen or two
+    fig = _new_figure(4.6 * ncols + 1.2, (inches * len(rows) + 1.3) * nrows + 0.8)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
     for index, (dataset, strips) in enumerate(panels.items()):
         ax = axes[index // ncols][index % ncols]
@@ -475,6 +484,6 @@ def write_table_figures(table: Mapping[str, Any], markdown_path: str | os.PathLi
 
 
 __all__ = [
-    "CostPanel", "CostPoint", "RunStrip", "cell_gflops", "cost_panels", "draw_cost_figure", "draw_runs_figure",
+    "CostPanel", "CostPoint", "RunStrip", "cell_gflops", "cell_runs", "cost_panels", "draw_cost_figure", "draw_runs_figure",
     "run_strips", "write_cost_figure", "write_runs_figure", "write_table_figures",
 ]
