@@ -3,10 +3,14 @@
 A training run asks for ``depth`` prompted blocks and ``n_ctx`` context tokens. Whether the model's
 text tower has room for them is written in the architecture's config (``text_cfg.layers`` and
 ``text_cfg.context_length``), which open_clip ships beside its code and protext beside its own
-(``protext/model_configs``, e.g. ``tiny-clip``). Reading that file lets ``train`` refuse a preset's
-depth 9 on a two-block tower in its pre-flight, before torch is imported or any weights load, instead
-of after minutes of loading. The loaded tower is checked again with the same rule
-(:func:`check_prompt_fits`), for architectures whose config is not a file here.
+(``protext/model_configs``, e.g. ``tiny-clip``). Reading that file lets ``train`` decide in its
+pre-flight, before torch is imported or any weights load, instead of after minutes of loading.
+
+One rule, :func:`fit_prompts`, for ``train``, ``reproduce``, the quickstart and the library's
+``TrainJob``: a depth the user gave (``--depth``, ``depth=``) above the tower's blocks is refused
+in one line naming ``--depth``; a preset's depth (9) above them becomes the tower's depth, said in
+one line (:func:`depth_note`) that the run prints and records. The loaded tower is fitted again by
+the same rule, for architectures whose config is not a file here.
 """
 
 from __future__ import annotations
@@ -77,28 +81,56 @@ def text_tower_shape(model: str) -> Optional[TowerShape]:
     return None
 
 
-def check_prompt_fits(shape: TowerShape, n_ctx: int, depth: int, *, depth_given: bool = True) -> None:
-    """Refuse prompts the tower cannot hold, in one line that names the flag and the value that fits.
+def depth_note(shape: TowerShape, depth: int) -> str:
+    """The one line a run prints (and records) when the preset's ``depth`` is above ``shape``'s blocks."""
+    return f"depth: the preset's {depth} is above {shape.model}'s {shape.blocks} text blocks; using {shape.blocks}"
+
+
+def fit_prompts(shape: TowerShape, n_ctx: int, depth: int, *, depth_given: bool) -> tuple[int, Optional[str]]:
+    """The prompt depth a run uses on ``shape``, and the line that says so when it is not ``depth``.
+
+    The rule, the same for every command and for the library:
+
+    - ``depth`` within the tower's blocks: used as it is, no line.
+    - ``depth`` from the preset (``depth_given`` False) above the blocks: the tower's block count,
+      with :func:`depth_note`'s line: a preset describes ViT-B/16 (12 blocks, depth 9), and on a
+      shallower tower the deepest prompts it can hold are the closest run to it.
+    - ``depth`` the user gave above the blocks: refused, naming ``--depth`` and the value that fits.
 
     Args:
         shape: the tower, from its config (:func:`text_tower_shape`) or from the loaded model.
         n_ctx: context tokens asked for.
         depth: prompt depth asked for (blocks 1..depth-1 get deep prompts).
-        depth_given: False when ``depth`` is the preset's, not the user's: the message then says
-            so, for a user who never typed ``--depth`` and wonders where 9 came from.
+        depth_given: True when the user set ``depth`` (``--depth``, ``TrainJob(depth=...)``), False
+            when it is the preset's.
+
+    Returns:
+        ``(depth to use, the line to print or None)``.
 
     Raises:
-        PromptFitError: ``depth`` exceeds the blocks, or ``n_ctx`` leaves no room for a class name.
+        PromptFitError: a given ``depth`` exceeds the blocks, or ``n_ctx`` leaves no room for a class name.
     """
+    note = None
     if depth > shape.blocks:
-        origin = "" if depth_given else f" ({depth} is the preset's depth)"
-        raise PromptFitError(
-            f"--depth {depth}: {shape.model}'s text tower has only {shape.blocks} blocks; pass --depth {shape.blocks} "
-            f"or less{origin}."
-        )
+        if depth_given:
+            raise PromptFitError(
+                f"--depth {depth}: {shape.model}'s text tower has only {shape.blocks} blocks; pass --depth "
+                f"{shape.blocks} or less."
+            )
+        depth, note = shape.blocks, depth_note(shape, depth)
     room = shape.context_length - RESERVED_TOKENS
     if n_ctx > room:
         raise PromptFitError(
             f"--n-ctx {n_ctx}: {shape.model}'s text context holds {shape.context_length} tokens, and start, end and a "
             f"class name need {RESERVED_TOKENS}; pass --n-ctx {room} or less."
         )
+    return depth, note
+
+
+def check_prompt_fits(shape: TowerShape, n_ctx: int, depth: int) -> None:
+    """Refuse prompts the tower cannot hold as asked: :func:`fit_prompts` with ``depth`` the user's.
+
+    Raises:
+        PromptFitError: ``depth`` exceeds the blocks, or ``n_ctx`` leaves no room for a class name.
+    """
+    fit_prompts(shape, n_ctx, depth, depth_given=True)

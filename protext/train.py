@@ -77,7 +77,8 @@ def _hyper_flags(parser: argparse.ArgumentParser) -> None:
                        help="published setting: cross_dataset, text_only/<dataset>, base2novel/<dataset>; without it n_ctx, "
                        f"lr and epochs come from {DEFAULT_PRESET}")
     hyper.add_argument("--n-ctx", type=int, help="context vectors (token positions 1..n_ctx)")
-    hyper.add_argument("--depth", type=int, help="prompt depth: 1 = shallow (CoOp); blocks 1..depth-1 get deep prompts [9]")
+    hyper.add_argument("--depth", type=int, help="prompt depth: 1 = shallow (CoOp); blocks 1..depth-1 get deep prompts; "
+                       "at most the text tower's blocks [the preset's 9, or the tower's blocks where it has fewer]")
     hyper.add_argument("--ctx-init", help="init phrase for n_ctx <= 4 ['a photo of a']; 'none' for random N(0, 0.02^2) context")
     hyper.add_argument("--lr", type=float, help="base learning rate of the cosine schedule")
     hyper.add_argument("--epochs", type=int, help="total epochs, warm-up included")
@@ -204,13 +205,15 @@ def preflight(args: argparse.Namespace) -> Path:
 
 
 def _check_tower(args: argparse.Namespace, settings: Settings) -> None:
-    """``--depth``/``--n-ctx`` against the text tower of ``--model``, read from its config file: a preset's
-    depth 9 on a two-block model is refused here, not after the weights load."""
-    from .architectures import check_prompt_fits, text_tower_shape
+    """``--depth``/``--n-ctx`` against the text tower of ``--model``, read from its config file, by the
+    rule every run follows (:func:`protext.architectures.fit_prompts`): a ``--depth`` deeper than the
+    tower is refused here, not after the weights load; a preset's deeper depth is the run's to lower
+    and to say so, once."""
+    from .architectures import fit_prompts, text_tower_shape
 
     shape = text_tower_shape(args.model)
-    if shape is not None:  # an architecture without a config file here is checked once loaded
-        check_prompt_fits(shape, settings.n_ctx, settings.depth, depth_given=args.depth is not None)
+    if shape is not None:  # an architecture without a config file here is fitted once loaded
+        fit_prompts(shape, settings.n_ctx, settings.depth, depth_given=args.depth is not None)
 
 
 def _body(args: argparse.Namespace) -> int:

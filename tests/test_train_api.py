@@ -22,7 +22,7 @@ from conftest import TEST_TIMEOUT
 from protext.presets import OVERRIDABLE, PresetError, resolve
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_DEPTH_ERROR = "--depth 9: tiny-clip's text tower has only 2 blocks; pass --depth 2 or less (9 is the preset's depth)."
+TINY_DEPTH_NOTE = "depth: the preset's 9 is above tiny-clip's 2 text blocks; using 2"
 
 
 def _jsonl(path: Path) -> Path:
@@ -173,22 +173,71 @@ def test_check_prompt_fits_names_the_flag_and_the_value_that_fits():
     check_prompt_fits(shape, 13, 4)  # 13 context tokens + start, end, one class token = 16
     with pytest.raises(PromptFitError, match=r"^--depth 5: small's text tower has only 4 blocks; pass --depth 4 or less\.$"):
         check_prompt_fits(shape, 4, 5)
-    with pytest.raises(PromptFitError, match=r"^--depth 5: .* pass --depth 4 or less \(5 is the preset's depth\)\.$"):
-        check_prompt_fits(shape, 4, 5, depth_given=False)
     with pytest.raises(PromptFitError, match=r"^--n-ctx 14: small's text context holds 16 tokens, and start, end and a "
                        r"class name need 3; pass --n-ctx 13 or less\.$"):
         check_prompt_fits(shape, 14, 4)
 
 
-def test_train_refuses_a_preset_deeper_than_the_model_before_loading_it(tmp_path, capsys, refuse_loading):
+@pytest.mark.parametrize(
+    "depth,given,used,note",
+    [
+        (9, False, 4, "depth: the preset's 9 is above small's 4 text blocks; using 4"),  # the preset's, above: lowered
+        (5, False, 4, "depth: the preset's 5 is above small's 4 text blocks; using 4"),
+        (4, False, 4, None),  # the preset's, equal: as it is, no line
+        (3, False, 3, None),  # the preset's, below
+        (4, True, 4, None),  # the user's, equal
+        (1, True, 1, None),  # the user's, below
+    ],
+)
+def test_the_one_depth_rule(depth, given, used, note):
+    """What train, reproduce, the quickstart and TrainJob all do: one function decides."""
+    from protext.architectures import TowerShape, fit_prompts
+
+    assert fit_prompts(TowerShape("small", 4, 16), 4, depth, depth_given=given) == (used, note)
+
+
+def test_the_one_depth_rule_refuses_a_given_depth_above_the_tower():
+    from protext.architectures import PromptFitError, TowerShape, fit_prompts
+
+    shape = TowerShape("small", 4, 16)
+    for depth in (5, 9):
+        with pytest.raises(PromptFitError, match=rf"^--depth {depth}: small's text tower has only 4 blocks; pass --depth 4 or less\.$"):
+            fit_prompts(shape, 4, depth, depth_given=True)
+    # a lowered preset depth does not excuse a context the tower cannot hold
+    with pytest.raises(PromptFitError, match=r"^--n-ctx 14: "):
+        fit_prompts(shape, 14, 9, depth_given=False)
+
+
+def test_train_fits_a_preset_deeper_than_the_model_in_one_line(tmp_path, capsys):
+    from protext.checkpoint import load_prompts
     from protext.train import main
 
     out = tmp_path / "x.safetensors"
     code = main(["--descriptions", str(_jsonl(tmp_path / "d.jsonl")), "--model", "tiny-clip", "--pretrained", "random",
-                 "--preset", "text_only/dtd", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2 and err == f"error: {TINY_DEPTH_ERROR}\n"
-    assert not out.exists()
+                 "--preset", "text_only/dtd", "--epochs", "2", "--warmup-epochs", "0", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 0, lines
+    assert [line for line in lines if line.startswith("depth")] == [TINY_DEPTH_NOTE]  # said once, by the run
+    training = next(i for i, line in enumerate(lines) if line.startswith("training: "))
+    assert lines.index(TINY_DEPTH_NOTE) < training and ", depth 2, " in lines[training]
+    meta = load_prompts(out).meta
+    assert meta["depth_note"] == TINY_DEPTH_NOTE
+    assert meta["hyperparameters"]["depth"] == 2 and meta["preset_values"]["depth"] == 9
+
+
+def test_a_preset_that_fits_records_no_note(tmp_path, tiny_clip):
+    from protext.checkpoint import load_prompts
+    from protext.training import TrainJob, run_training
+
+    lines: list[str] = []
+    out = tmp_path / "x.safetensors"
+    job = TrainJob(_jsonl(tmp_path / "d.jsonl"), preset="text_only/dtd", model="tiny-clip", pretrained="random", out=out,
+                   cache_dir=tmp_path / "cache", depth=2, epochs=2, warmup_epochs=0)
+    outcome = run_training(job, clip=tiny_clip, progress=False, report=lines.append)
+    assert outcome.complete and outcome.depth_note is None and outcome.settings.depth == 2
+    assert not [line for line in lines if line.startswith("depth:")]
+    assert "depth_note" not in load_prompts(out).meta
 
 
 def test_an_explicit_depth_is_named_as_the_users(tmp_path, capsys, refuse_loading):
@@ -198,15 +247,38 @@ def test_an_explicit_depth_is_named_as_the_users(tmp_path, capsys, refuse_loadin
                  "--depth", "3", "--out", str(tmp_path / "x.safetensors"), "--quiet"])
     assert code == 2
     assert capsys.readouterr().err == "error: --depth 3: tiny-clip's text tower has only 2 blocks; pass --depth 2 or less.\n"
+    code = main(["--descriptions", str(_jsonl(tmp_path / "d.jsonl")), "--model", "tiny-clip", "--pretrained", "random",
+                 "--preset", "text_only/dtd", "--depth", "9", "--out", str(tmp_path / "x.safetensors"), "--quiet"])
+    assert code == 2  # the preset's value typed by hand is the user's: refused, not lowered
+    assert capsys.readouterr().err == "error: --depth 9: tiny-clip's text tower has only 2 blocks; pass --depth 2 or less.\n"
 
 
-def test_the_library_refuses_it_before_loading_too(tmp_path, refuse_loading):
+def test_the_library_takes_the_same_rule_before_loading(tmp_path, refuse_loading):
     from protext.training import TrainJob, TrainJobError, run_training
 
     job = TrainJob(_jsonl(tmp_path / "d.jsonl"), preset="text_only/dtd", model="tiny-clip", pretrained="random",
                    out=tmp_path / "x.safetensors", cache_dir=tmp_path / "cache")
-    with pytest.raises(TrainJobError, match=f"^{re.escape(TINY_DEPTH_ERROR)}$"):
-        run_training(job, progress=False, report=lambda line: None)
+    lines: list[str] = []
+    with pytest.raises(AssertionError, match="the model was loaded"):  # lowered and said, then on to loading
+        run_training(job, progress=False, report=lines.append)
+    assert lines[0] == TINY_DEPTH_NOTE and lines.count(TINY_DEPTH_NOTE) == 1  # the run's first line
+    job = dataclasses.replace(job, depth=9)
+    with pytest.raises(TrainJobError, match=r"^--depth 9: tiny-clip's text tower has only 2 blocks; pass --depth 2 or less\.$"):
+        run_training(job, progress=False, report=lines.append)
+
+
+def test_the_library_fits_a_preset_once_and_reports_it(tmp_path, tiny_clip):
+    from protext.checkpoint import load_prompts
+    from protext.training import TrainJob, run_training
+
+    lines: list[str] = []
+    out = tmp_path / "x.safetensors"
+    job = TrainJob(_jsonl(tmp_path / "d.jsonl"), model="tiny-clip", pretrained="random", out=out,
+                   cache_dir=tmp_path / "cache", epochs=2, warmup_epochs=0)  # no preset: cross_dataset's depth 9
+    outcome = run_training(job, clip=tiny_clip, progress=False, report=lines.append)
+    assert outcome.complete and lines.count(TINY_DEPTH_NOTE) == 1
+    assert outcome.depth_note == TINY_DEPTH_NOTE and outcome.settings.depth == 2 and job.settings().depth == 9
+    assert load_prompts(out).meta["depth_note"] == TINY_DEPTH_NOTE
 
 
 def test_a_given_model_is_checked_on_its_loaded_tower(tmp_path, tiny_clip):
@@ -217,6 +289,18 @@ def test_a_given_model_is_checked_on_its_loaded_tower(tmp_path, tiny_clip):
                    out=tmp_path / "x.safetensors", cache_dir=tmp_path / "cache", depth=3)
     with pytest.raises(TrainJobError, match=r"^--depth 3: tiny-clip's text tower has only 2 blocks; pass --depth 2 or less\.$"):
         run_training(job, clip=tiny_clip, progress=False, report=lambda line: None)
+
+
+def test_a_model_without_a_config_is_fitted_once_loaded(tmp_path, tiny_clip, monkeypatch):
+    import protext.training as training
+    from protext.training import TrainJob, run_training
+
+    monkeypatch.setattr(training, "_load_model", lambda job, device: tiny_clip)  # a model known only once loaded
+    lines: list[str] = []
+    job = TrainJob(_jsonl(tmp_path / "d.jsonl"), model="some-model-without-a-config", pretrained="random",
+                   out=tmp_path / "x.safetensors", cache_dir=tmp_path / "cache", epochs=2, warmup_epochs=0)
+    outcome = run_training(job, progress=False, report=lines.append)
+    assert outcome.complete and lines.count(TINY_DEPTH_NOTE) == 1 and outcome.settings.depth == 2
 
 
 # -------------------------------------------------------------------------------------------------- layering

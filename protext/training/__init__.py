@@ -5,8 +5,8 @@ One module per step, in the order a run takes them:
 ============  ==================================================================================
 ``job``        :class:`TrainJob` (descriptions, preset, hyper-parameters as fields), its files
                (:func:`side_paths`) and :class:`TrainOutcome`
-``preflight``  outputs, the writer lock (:func:`run_lock`), a resumed run's inputs, and whether the
-               prompts fit the model's text tower, all before the model loads
+``preflight``  outputs, the writer lock (:func:`run_lock`), a resumed run's inputs, and the prompts
+               fitted to the model's text tower, all before the model loads
 ``selection``  which classes are trained on (:func:`select_classes`) and their descriptions
 ``pairs``      the samples: every (class, description) pair (:class:`TextPairs`)
 ``config``     :class:`TrainConfig` (what the loop reads) and the precision
@@ -33,7 +33,7 @@ from .history import EpochRecord, plot_history, write_history
 from .job import TrainJob, TrainOutcome, side_paths
 from .loop import BatchLoss, EpochHook, NonFiniteLossError, TrainResult, _batches, fast_batch_loss, prompt_loss, train
 from .pairs import TextPairs
-from .preflight import TrainLockError, check_output_paths, check_prompts_fit, check_resume_inputs, run_lock
+from .preflight import TrainLockError, check_output_paths, check_resume_inputs, fit_prompts_to_tower, run_lock
 from .resume import STATE_FORMAT, ResumeStateError, load_resume_state, run_identity, save_resume_state
 from .run import _load_model, run_training
 from .selection import MAX_LISTED, ClassSelection, read_samples, select_classes
@@ -59,9 +59,9 @@ __all__ = [
     "TrainOutcome",
     "TrainResult",
     "check_output_paths",
-    "check_prompts_fit",
     "check_resume_inputs",
     "fast_batch_loss",
+    "fit_prompts_to_tower",
     "file_sha256",
     "load_resume_state",
     "plot_history",

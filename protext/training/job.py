@@ -44,7 +44,8 @@ class TrainJob:
     Hyper-parameters (keyword only; None: the preset's, see PRESETS.md):
         n_ctx: context vectors (``--n-ctx``).
         depth: prompt depth; blocks 1..depth-1 get deep prompts (``--depth``; at most the text
-            tower's block count).
+            tower's block count). Left None, the preset's depth, lowered to the block count on a
+            shallower tower, in one line (:func:`protext.architectures.fit_prompts`).
         ctx_init: the phrase the context starts from when ``n_ctx`` <= 4; ``"none"`` for a random
             context (``--ctx-init``).
         lr: base learning rate of the cosine schedule (``--lr``).
@@ -144,6 +145,9 @@ class TrainOutcome:
         resumed_from: epochs found done in the resume state (0 for a fresh run).
         samples, classes: what was trained on.
         seconds: wall time of the training loop.
+        settings: the settings the run trained with (the preset's depth fitted to the text tower);
+            None when it stopped before.
+        depth_note: the line that said the preset's depth was lowered to the tower's, or None.
     """
 
     checkpoint: Path
@@ -155,6 +159,8 @@ class TrainOutcome:
     samples: int = 0
     classes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    settings: Optional[Settings] = None
+    depth_note: Optional[str] = None
 
     @property
     def complete(self) -> bool:

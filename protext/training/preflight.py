@@ -1,5 +1,6 @@
 """Everything a run checks before the model loads: its outputs, its writer lock, that a resumed run
-reads the inputs it started with, and that the prompts fit the model's text tower.
+reads the inputs it started with, and that the prompts fit the model's text tower (a preset's depth
+fitted to it, a depth the user gave refused when too deep).
 
 Bad input here is one line naming the flag, found in seconds rather than after minutes of loading
 and encoding.
@@ -10,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ContextManager, Mapping, Optional
 
-from ..architectures import PromptFitError, TowerShape, check_prompt_fits, text_tower_shape
+from ..architectures import PromptFitError, TowerShape, fit_prompts, text_tower_shape
 from ..atomic import clean_stale_temps
 from ..digests import file_sha256
 from ..locks import OutputLockError, output_lock
@@ -137,20 +139,24 @@ def check_resume_inputs(job: TrainJob, paths: Mapping[str, Path], resuming: bool
             )
 
 
-def check_prompts_fit(job: TrainJob, settings: Settings, shape: Optional[TowerShape] = None) -> None:
-    """The prompts fit the text tower: ``depth`` within its blocks, ``n_ctx`` within its context.
+def fit_prompts_to_tower(job: TrainJob, settings: Settings,
+                         shape: Optional[TowerShape] = None) -> tuple[Settings, Optional[str]]:
+    """The settings with a depth the text tower holds, and the line to print when it was adapted.
 
-    ``shape`` is a loaded model's tower; None reads ``job.model``'s config file, so that a preset's
-    depth 9 on a two-block model is refused before any weights load (an architecture without a
-    config file here is checked once loaded).
+    The rule is :func:`protext.architectures.fit_prompts`: the preset's depth above the tower's
+    blocks becomes the block count (one line says so); a ``depth`` the job sets above them, or an
+    ``n_ctx`` the context cannot hold, is refused. ``shape`` is a loaded model's tower; None reads
+    ``job.model``'s config file, so that this is decided before any weights load (an architecture
+    without a config file here is fitted once loaded). No shape known: the settings as they are.
 
     Raises:
         TrainJobError: one line naming ``--depth`` or ``--n-ctx`` and the value that fits.
     """
     shape = shape or text_tower_shape(job.model)
     if shape is None:
-        return
+        return settings, None
     try:
-        check_prompt_fits(shape, settings.n_ctx, settings.depth, depth_given=job.depth is not None)
+        depth, note = fit_prompts(shape, settings.n_ctx, settings.depth, depth_given=job.depth is not None)
     except PromptFitError as err:  # a job that cannot run as asked, like every other refusal of run_training
         raise TrainJobError(str(err)) from None
+    return (settings if depth == settings.depth else replace(settings, depth=depth)), note

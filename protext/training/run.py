@@ -2,7 +2,9 @@
 and plot out.
 
 The steps, in order: check the outputs and take the writer lock; check a resumed run's inputs and
-that the prompts fit the model (from its config, before any weights load); pick the device and the
+fit the prompts to the model (from its config, before any weights load: a preset's depth above the
+text tower's blocks becomes the block count, in one line the run prints and the checkpoint's
+metadata records as ``depth_note``); pick the device and the
 precision; read the selected classes' descriptions; load the model; build the prompted encoder;
 encode (or read from the cache) the description targets; train, writing after every epoch the
 resume state FIRST and the checkpoint SECOND; write the history and the plot.
@@ -31,7 +33,7 @@ from .history import EpochRecord, plot_history, write_history
 from .job import TrainJob, TrainOutcome, side_paths
 from .loop import NonFiniteLossError, _seam, train
 from .pairs import TextPairs
-from .preflight import check_output_paths, check_outputs, check_prompts_fit, check_resume_inputs, run_lock
+from .preflight import check_output_paths, check_outputs, check_resume_inputs, fit_prompts_to_tower, run_lock
 from .resume import ResumeStateError
 from .selection import ClassSelection, read_samples
 
@@ -61,14 +63,23 @@ def _run_locked(job: TrainJob, settings: Settings, paths: dict[str, Path], clip,
     """:func:`run_training` once this run holds the lock of its ``--out``."""
     resuming = check_outputs(job, paths)
     check_resume_inputs(job, paths, resuming)
-    check_prompts_fit(job, settings, _tower_shape(clip) if clip is not None else None)
+    settings, note = fit_prompts_to_tower(job, settings, _tower_shape(clip) if clip is not None else None)
+    if note:  # the preset's depth on a shallower tower: said once, before anything loads
+        say(note)
     device = resolve_device(job.device)
     config = _config(job, settings, device)
     pairs, selection = read_samples(job, settings, say)
     clip = clip or _seam("_load_model")(job, device)  # through the package: tests refuse loading there
-    encoder = _build_encoder(clip, pairs, settings, job, config.seed)
+    # again on the loaded tower: an architecture without a config file here is fitted only now
+    settings, late = fit_prompts_to_tower(job, settings, _tower_shape(clip))
+    if late:
+        say(late)
+    note = note or late
+    encoder = _build_encoder(clip, pairs, settings, config.seed)
     targets = _targets(job, clip, pairs, progress, say)
     meta = _metadata(job, settings, config, clip, encoder, pairs, selection, device)
+    if note:
+        meta["depth_note"] = note
     say(
         f"{'resuming' if resuming else 'training'}: {clip.identity}, n_ctx {settings.n_ctx}, depth {settings.depth}, "
         f"{config.epochs} epochs, lr {config.lr}, batch {config.batch_size}, {config.loss} x {config.weight:g}, "
@@ -76,6 +87,7 @@ def _run_locked(job: TrainJob, settings: Settings, paths: dict[str, Path], clip,
     )
     outcome = _train_and_save(encoder, pairs, config, targets, meta, paths, resuming, progress)
     outcome.samples, outcome.classes = len(pairs), list(pairs.classnames)
+    outcome.settings, outcome.depth_note = settings, note
     return outcome
 
 
@@ -116,9 +128,8 @@ def _tower_shape(clip) -> TowerShape:
     return TowerShape(clip.name, tower.depth, tower.context_length)
 
 
-def _build_encoder(clip, pairs: TextPairs, settings: Settings, job: TrainJob, seed: int) -> PromptedTextEncoder:
+def _build_encoder(clip, pairs: TextPairs, settings: Settings, seed: int) -> PromptedTextEncoder:
     """The prompted encoder over the pairs' classes, its prompts initialised from ``seed``."""
-    check_prompts_fit(job, settings, _tower_shape(clip))  # again on the loaded tower: a config can be absent
     torch.manual_seed(seed)  # the prompt initialisation, identical on resume
     try:
         return PromptedTextEncoder(
