@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .classlists import read_classes
-from .descriptions import generation, queries
-from .descriptions.generation import GenConfig, GenerationError
+from .descriptions import GenConfig, GenerationError, generate, queries
 from .descriptions.redaction import install_redacting_log, make_redactor
 from .errors import EXIT_USAGE, UserError, run_command
 
@@ -148,32 +147,15 @@ def config_from_args(args: argparse.Namespace) -> GenConfig:
     )
 
 
-def _source_data(args: argparse.Namespace) -> dict[str, list[str]]:
-    from .descriptions import cupl, match_classnames
-
-    wanted = _classes(args.classes) if args.classes else None
-    if args.dataset:
-        return cupl.release_descriptions(args.source, args.dataset, classes=wanted)
-    if args.source.is_dir():
-        raise GenerationError(f"{args.source} is a folder: pass --dataset NAME to read CuPL's release file for NAME")
-    data = cupl.load_cupl_json(args.source)
-    match = match_classnames(data, wanted or [])
-    if match.missing:
-        raise GenerationError(
-            f"{args.source} has no descriptions for {len(match.missing)} of {len(wanted or [])} classes of "
-            f"{args.classes}; nothing written. missing: {match.missing[:20]}; unmatched keys in the file: "
-            f"{match.unused[:20]} (CuPL's own keys: add --dataset NAME to rename them)"
-        )
-    return data
-
-
 def _main_import(argv: list[str]) -> int:
     from .descriptions import import_descriptions
-    from .descriptions.cupl import check_import_output
+    from .descriptions.cupl import check_import_output, read_source
 
     args = build_import_parser().parse_args(argv)
     check_import_output(args.out, args.source)
-    summary = import_descriptions(_source_data(args), args.out, model=args.model, overwrite=args.overwrite)
+    wanted = _classes(args.classes) if args.classes else None
+    data = read_source(args.source, dataset=args.dataset, classes=wanted, classes_name=args.classes or "")
+    summary = import_descriptions(data, args.out, model=args.model, overwrite=args.overwrite)
     print(summary.line(args.source))
     return 0
 
@@ -183,7 +165,7 @@ def _main_generate(argv: list[str]) -> int:
     redact = make_redactor(os.environ.get("OPENAI_API_KEY"), os.environ.get(args.api_key_env))
     install_redacting_log(args.verbose, redact)
     try:
-        report = generation.generate(config_from_args(args))
+        report = generate(config_from_args(args))
     except (UserError, KeyboardInterrupt):
         raise
     except Exception:  # noqa: BLE001 - a bug keeps its traceback, but never prints the key

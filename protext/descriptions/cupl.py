@@ -23,17 +23,16 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ..atomic import atomic_write
 from ..errors import UserError
-from .cache import (
+from .cache import DescriptionWriteError, fsync_dir, writer_lock
+from .cache_format import (
     Description,
     DescriptionFileError,
     DescriptionFileMissing,
-    DescriptionWriteError,
     PathLike,
     encode_unit,
-    fsync_dir,
     normalize_classname,
-    writer_lock,
 )
+from .matching import match_classnames
 
 __all__ = [
     "DescriptionOutputError",
@@ -45,6 +44,7 @@ __all__ = [
     "import_descriptions",
     "load_cupl_json",
     "read_release",
+    "read_source",
     "release_dataset",
     "release_datasets",
     "release_descriptions",
@@ -56,7 +56,7 @@ class DescriptionOutputError(UserError, FileExistsError):
 
 
 class ReleaseKeyError(UserError):
-    """A CuPL release file that lacks descriptions for some of the dataset's classes."""
+    """A CuPL file (a release file, or one checked against a class list) that lacks descriptions for some classes."""
 
 
 def load_cupl_json(json_path: PathLike) -> dict[str, list[str]]:
@@ -279,3 +279,35 @@ def release_descriptions(
     if reading.extra_keys or reading.unmatched_keys:
         warnings.warn(reading.report(), stacklevel=2)
     return reading.descriptions
+
+
+# --------------------------------------------------------------------------------------------------
+# a source as ``import`` names it
+
+
+def read_source(
+    source: PathLike, *, dataset: Optional[str] = None, classes: Optional[Sequence[str]] = None, classes_name: str = ""
+) -> dict[str, list[str]]:
+    """``{class: [description, ...]}`` from a CuPL file, or from CuPL's release (folder or file) for ``dataset``.
+
+    With ``classes``, every class must have descriptions: a release is read through the key map
+    (:func:`release_descriptions`), a plain file's keys are matched case-insensitively with ``_`` as
+    space (:func:`~protext.descriptions.matching.match_classnames`), and a class with no key raises
+    :class:`ReleaseKeyError` listing the missing classes and the unmatched keys (``classes_name``
+    names the class list in that message). A folder without ``dataset`` raises
+    :class:`DescriptionFileMissing`.
+    """
+    source = Path(source)
+    if dataset:
+        return release_descriptions(source, dataset, classes=classes)
+    if source.is_dir():
+        raise DescriptionFileMissing(f"{source} is a folder: pass --dataset NAME to read CuPL's release file for NAME")
+    data = load_cupl_json(source)
+    match = match_classnames(data, classes or [])
+    if match.missing:
+        raise ReleaseKeyError(
+            f"{source} has no descriptions for {len(match.missing)} of {len(classes or [])} classes of "
+            f"{classes_name}; nothing written. missing: {match.missing[:20]}; unmatched keys in the file: "
+            f"{match.unused[:20]} (CuPL's own keys: add --dataset NAME to rename them)"
+        )
+    return data

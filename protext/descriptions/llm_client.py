@@ -1,15 +1,17 @@
 """Asking an OpenAI-compatible chat server for class descriptions, whatever the server's quirks.
 
-One loop sends every request of a unit and counts each one it sends (:class:`ClientStats`), so the
-reported counts are the requests the server got, not an estimate:
+:class:`DescriptionSampler` holds the one loop that sends every request of a unit and counts each
+one it sends (:class:`ClientStats`), so the reported counts are the requests the server got, not an
+estimate:
 
 * transport failures (429, 408, 409, 5xx, timeouts, dropped connections) are sent again with the
   ``openai`` client's backoff (``Retry-After`` honoured up to a minute), up to the client's
   ``max_retries`` times per request; the client itself is used with its own retries off, so no
-  retry happens that this loop does not see;
+  retry happens that this loop does not see (which failures and how long to wait:
+  :mod:`.transport`);
 * answers that arrive but are unusable (body not JSON, empty ``choices``, nothing left after
-  cleaning) are asked again, ``attempts`` asks per unit in all (one budget shared by every request
-  of the unit, never ``attempts`` asks for each of ``attempts`` rounds);
+  cleaning by :mod:`.answers`) are asked again, ``attempts`` asks per unit in all (one budget shared
+  by every request of the unit, never ``attempts`` asks for each of ``attempts`` rounds);
 * servers that refuse ``n > 1`` (llama.cpp) or ignore it (Ollama) are switched to single-choice
   requests, with ``seed + i`` per sample when a seed is set so the samples still differ;
 * reasoning models that reject ``max_tokens`` or a non-default ``temperature`` get
@@ -17,8 +19,8 @@ reported counts are the requests the server got, not an estimate:
 * authentication / permission / unknown-model errors, and a server that cannot be connected to at
   all (refused, unknown host) once the client's retries are spent, are :class:`FatalAPIError` naming
   the URL: every other request would fail the same way. Rate limits, 5xx and timeouts stay per-request
-  failures with their retries. :func:`check_reachable` finds a closed port or unknown host before
-  the run starts, in one connection attempt;
+  failures with their retries. :func:`~.transport.check_reachable` finds a closed port or unknown
+  host before the run starts, in one connection attempt;
 * a server that accepts connections but never answers (stuck, or far too slow for ``--timeout``)
   is a :class:`ServerStalled` after a few requests in a row time out with no answer in between,
   so the run stops in a time set by ``timeout`` and ``max_retries``, not by the number of classes.
@@ -31,19 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
-import random
 import re
-import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
-from urllib.parse import urlsplit
+from typing import Any, Callable, Optional, Sequence
 
 import openai
 
-from ..errors import UserError
-from .redaction import make_redactor
+from .answers import clean_descriptions, split_sentences  # noqa: F401  (split_sentences: tests read it here)
+from .transport import backoff_seconds, is_transport_failure
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +51,7 @@ __all__ = [
     "FatalAPIError",
     "SamplingSettings",
     "ServerStalled",
-    "ServerUnreachable",
-    "check_reachable",
     "clean_descriptions",
-    "make_redactor",
     "split_sentences",
 ]
 
@@ -81,53 +75,6 @@ STALL_BEFORE_ANY_ANSWER = 3
 #: the same once the server has answered: at least two whole waves of concurrent requests, so a busy
 #: server that times out a few requests of one wave is not taken for a dead one
 STALL_AFTER_ANSWERS = 8
-
-
-class ServerUnreachable(UserError):
-    """The server's host cannot be resolved or its port refuses connections."""
-
-
-#: backoff between transport retries, as the openai client does it: 0.5 s doubling to 8 s, 0-25 % jitter
-INITIAL_RETRY_DELAY = 0.5
-MAX_RETRY_DELAY = 8.0
-#: a server's Retry-After is honoured up to this many seconds (longer ones get the plain backoff)
-MAX_RETRY_AFTER = 60.0
-#: statuses a request is sent again for (the openai client's own rule; 5xx too)
-_RETRY_STATUSES = (408, 409, 429)
-
-
-def _retry_after(err: openai.APIStatusError) -> Optional[float]:
-    """Seconds the server asked us to wait (``retry-after-ms`` or ``retry-after``), if usable."""
-    headers = err.response.headers
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            seconds = float(headers.get(name, "")) * scale
-        except ValueError:  # absent, or an HTTP date: fall back to the plain backoff
-            continue
-        if math.isfinite(seconds) and 0 < seconds <= MAX_RETRY_AFTER:
-            return seconds
-    return None
-
-
-def _transport_failure(err: openai.APIError) -> bool:
-    """Whether sending the same request again may succeed (the openai client's rule)."""
-    if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
-        return True
-    if not isinstance(err, openai.APIStatusError):
-        return False
-    verdict = err.response.headers.get("x-should-retry")
-    if verdict in ("true", "false"):  # the server says: obey
-        return verdict == "true"
-    return err.status_code in _RETRY_STATUSES or err.status_code >= 500
-
-
-def backoff_seconds(retry: int, err: openai.APIError) -> float:
-    """Wait before transport retry number ``retry`` (0-based): the server's Retry-After, else exponential."""
-    if isinstance(err, openai.APIStatusError):
-        asked = _retry_after(err)
-        if asked is not None:
-            return asked
-    return min(INITIAL_RETRY_DELAY * 2.0 ** min(retry, 30), MAX_RETRY_DELAY) * (1 - 0.25 * random.random())
 
 
 class _Asks:
@@ -171,128 +118,6 @@ class ClientStats:
     completion_tokens: int = 0
     tokens_reported: bool = False
     adaptations: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------------
-# reachability
-
-_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
-
-
-def check_reachable(base_url: str, timeout: float) -> None:
-    """Open (and close) one TCP connection to ``base_url``'s host and port, or raise :class:`ServerUnreachable`.
-
-    A closed port or an unknown host would otherwise be retried with backoff for every request.
-    Skipped when a proxy is configured in the environment (the proxy, not the server, is what the
-    client connects to); the sampler then reports connection failures itself.
-    """
-    if any(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARIABLES):
-        return
-    parts = urlsplit(base_url)
-    if not parts.hostname:
-        raise ServerUnreachable(f"--base-url {base_url!r} is not a URL (expected e.g. http://localhost:8000/v1)")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-    except (OSError, ValueError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
-        raise ServerUnreachable(
-            f"--base-url {base_url}: cannot connect to {parts.hostname}:{port} ({reason}); "
-            "is the server running, and is the URL right?"
-        ) from None
-
-
-# --------------------------------------------------------------------------------------------------
-# response cleaning
-
-_THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|$)", re.IGNORECASE | re.DOTALL)
-_LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]+|\d{1,3}[.)]|\(\d{1,3}\))\s+")
-_MARKDOWN = re.compile(r"\*\*|__|`|^#+\s*")
-_QUOTES = "\"'\u201c\u201d\u2018\u2019"
-_REFUSAL = re.compile(
-    r"\bas an? (?:ai|artificial intelligence|(?:large )?language model)\b"
-    r"|\bi(?:'m| am) (?:sorry|unable|not able)\b"
-    r"|\bi (?:cannot|can't|can not|don't have|do not have)\b"
-    r"|\bsorry, but\b"
-    r"|\bunable to (?:see|view|access|provide)\b",
-    re.IGNORECASE,
-)
-_FILLER_SENTENCE = re.compile(
-    r"^(?:sure|certainly|of course|absolutely|okay|ok|great|good question|great question|hello|hi"
-    r"|here (?:is|are|'s)\b.*|let me\b.*)[\s!.,:]*$",
-    re.IGNORECASE,
-)
-_LEADING_FILLER = re.compile(r"^(?:sure|certainly|of course|absolutely|okay|ok)\s*[,!:.-]\s*", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*\s+")
-_ABBREVIATIONS = frozenset(
-    "e.g i.e etc vs approx dr mr mrs ms st no fig cf ca inc ltd jr sr mt ft".split()
-)
-_MIN_WORDS = 3
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split prose into sentences, without breaking after common abbreviations or initials."""
-    sentences: list[str] = []
-    start = 0
-    for match in _SENTENCE_END.finditer(text):
-        end = match.end()
-        if end < len(text) and not (text[end].isupper() or text[end].isdigit() or text[end] in _QUOTES + "("):
-            continue
-        words = text[start : match.start() + 1].split()
-        last_word = words[-1].rstrip(".").lower() if words else ""
-        if last_word in _ABBREVIATIONS or (len(last_word) == 1 and last_word.isalpha()):
-            continue
-        sentences.append(text[start : match.end()].strip())
-        start = end
-    tail = text[start:].strip()
-    if tail:
-        sentences.append(tail)
-    return sentences
-
-
-def _one_description(chunk: str) -> Optional[str]:
-    """The first real sentence of one answer (or list item), or None if it is filler or a refusal."""
-    chunk = _MARKDOWN.sub("", " ".join(chunk.split())).strip().strip(_QUOTES).strip()
-    if not chunk or _REFUSAL.search(chunk):
-        return None
-    for sentence in split_sentences(chunk):
-        if _FILLER_SENTENCE.match(sentence):
-            continue
-        sentence = _LEADING_FILLER.sub("", sentence).strip().strip(_QUOTES).strip()
-        if sentence.endswith(":") or len(sentence.split()) < _MIN_WORDS:
-            return None
-        sentence = sentence[0].upper() + sentence[1:]
-        if sentence[-1] not in ".!?":
-            sentence += "."
-        return sentence
-    return None
-
-
-def clean_descriptions(answers: Iterable[Optional[str]]) -> list[str]:
-    """Turn raw chat answers into descriptions: one sentence each, no filler, refusals or duplicates.
-
-    An answer that is a bulleted or numbered list gives one description per item; any other answer
-    gives its first sentence after dropping openers like "Sure!". Reasoning traces (``<think>``) are
-    removed. Duplicates are compared case- and whitespace-insensitively; the first spelling is kept.
-    """
-    out: list[str] = []
-    seen: set[str] = set()
-    for answer in answers:
-        if not answer:
-            continue
-        text = _THINK_BLOCK.sub("", answer)
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        if sum(bool(_LIST_ITEM.match(ln)) for ln in lines) >= 2:
-            chunks = [_LIST_ITEM.sub("", ln) for ln in lines if _LIST_ITEM.match(ln)]
-        else:
-            chunks = [" ".join(lines)]
-        for chunk in chunks:
-            desc = _one_description(chunk)
-            key = " ".join(desc.casefold().split()) if desc else ""
-            if desc and key not in seen:
-                seen.add(key)
-                out.append(desc)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,7 +300,7 @@ class DescriptionSampler:
                 except openai.APIError as err:
                     if isinstance(err, openai.APIStatusError):
                         self._answered()
-                    if not _transport_failure(err) or transport_retries >= self.max_retries:
+                    if not is_transport_failure(err) or transport_retries >= self.max_retries:
                         raise self._given_up(err) from None
                     # The wait holds the slot, as the client's own backoff did: a rate-limited
                     # server wants fewer requests in flight, not the same number sooner.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .cache import normalize_classname
+from .cache_format import normalize_classname
 
 __all__ = ["ClassMatch", "match_classnames", "normalize_classname"]
 
