@@ -5,6 +5,10 @@ Examples::
     # ProText's cross-dataset table on the real weights, CuPL's release folder for the descriptions
     python -m protext.reproduce protext-cross-dataset --root data --descriptions ../shared/cupl
 
+    # OGA's 100 stream orders (mean, ETA, spread) and StatA's realistic batches and streams
+    python -m protext.reproduce oga-runs --root data
+    python -m protext.reproduce stata --root data
+
     # every table name, with what it reproduces
     python -m protext.reproduce --list
 
@@ -52,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, metavar="N", help="Smoke test: only the first N test images of each cell (a departure, listed in TABLE.md).")
     run.add_argument("--epochs", type=int, metavar="N", help="Smoke test: train every preset for N epochs instead of its own (a departure).")
     run.add_argument("--tta-views", type=int, metavar="N", help="Smoke test: N views per image for test-time adaptation instead of 64 (a departure).")
+    run.add_argument("--stream-runs", type=int, metavar="N", help="Smoke test: N stream orders per oga-runs cell instead of OGA's 100 (a departure).")
+    run.add_argument("--tasks", type=int, metavar="N", help="Smoke test: N tasks or streams per stata scenario cell instead of StatA's 1000 / 100 (a departure).")
     run.add_argument("--depth", type=int, metavar="N", help="Prompt depth N instead of 9, for models whose text tower has fewer blocks (tiny-clip: 2); a departure.")
     run.add_argument("--seed", type=int, default=0, help="Seed of the views of every image (and of a --pretrained random model). [0]")
     run.add_argument("--batch-size", type=int, default=64, help="Images per batch for cells without test-time adaptation. [64]")

@@ -92,11 +92,13 @@ def _split_cell(text: str, measures: tuple[str, ...]) -> dict[str, float]:
 
 #: tables whose numbers come from TTA2.md §6-§10 (checked below against that text), not PUBLISHED.md
 TTA2_TABLES = {"tta2-xd", "tta2-ood"}
+#: the evaluation-protocol tables of TTA2.md §11 (OGA, StatA), checked below against that text
+PROTOCOL_TABLES = {"oga-runs", "stata"}
 
 
 def test_every_typed_number_equals_published_md(published_md):
     expected = _expected(published_md)
-    assert set(expected) == set(PROTOCOLS) - TTA2_TABLES
+    assert set(expected) == set(PROTOCOLS) - TTA2_TABLES - PROTOCOL_TABLES
     for name, cells in expected.items():
         p = get_protocol(name)
         averages = {a.name for a in p.averages}
@@ -222,7 +224,7 @@ def test_cell_settings_follow_the_protocol_text(name, published_md, presets_md, 
             assert (c.tta["views"], int(c.tta["views"] * c.tta["selection"]), c.tta["steps"], c.tta["lr"]) == (64, 6, 1, 5e-3)
         if c.tta and c.tta["method"] == "zero":  # TTA.md §1: 64 views, floor(64 * 0.3) = 19 kept
             assert (c.tta["views"], int(c.tta["views"] * c.tta["selection"])) == (64, 19)
-        if c.row == "TDA":  # TTA.md §3: per-dataset views and features, resolved by protext.tta / the row
+        if c.row == "TDA" and name not in PROTOCOL_TABLES:  # TTA.md §3: per-dataset views and features
             assert c.tta["views"] is None
             seven = ("imagenet", "imagenet_a", "imagenet_v2", "caltech101", "stanford_cars", "sun397")
             eighty = ("imagenet_r", "imagenet_sketch")
@@ -291,7 +293,9 @@ def test_every_tta_cell_uses_the_published_augmix(name):
     for c in cells:
         # what the evaluation runs: the cell's own value, or the method's default for the dataset
         resolved = TTAConfig(c.tta["method"], augmix=c.tta["augmix"]).resolved(c.dataset).augmix
-        assert resolved == _published_augmix(name, c.tta["method"], c.dataset), (c.key, c.tta)
+        # OGA and StatA replay one pre-computed view without augmentation (TTA2.md §11); MTA's views: no AugMix
+        want = False if name in PROTOCOL_TABLES else _published_augmix(name, c.tta["method"], c.dataset)
+        assert resolved == want, (c.key, c.tta)
 
 
 def test_ctpt_imagenet_has_no_augmix_and_its_shifts_do():
@@ -359,3 +363,185 @@ def test_no_departure_for_what_the_published_code_does():
     texts.append(readme.read_text(encoding="utf-8").split("## Semantics and deliberate departures", 1)[1].split("\n## ", 1)[0])
     for text in texts:
         assert "no copy" not in text and "read as CoOp" not in text, text
+
+
+# --------------------------------------------------------------------------------------------------
+# the OGA and StatA protocol tables (TTA2.md §11), against the text of that section
+
+
+@pytest.fixture(scope="module")
+def section_11(shared_dir) -> dict[str, str]:
+    """TTA2.md §11.1 and §11.2, each as one string."""
+    text = (shared_dir / "design" / "TTA2.md").read_text(encoding="utf-8")
+    section = text.split("## 11. Evaluation protocols", 1)[1].split("\n## 12.", 1)[0]
+    oga, stata = section.split("### 11.2", 1)
+    return {"oga": " ".join(oga.split()), "stata": " ".join(stata.split())}
+
+
+def _numbers_after(text: str, label: str, stop: str = ";") -> list[float]:
+    """The numbers printed after ``label`` up to the next ``stop`` (bracketed remarks skipped)."""
+    part = text.split(label, 1)[1].split(stop, 1)[0]
+    part = re.sub(r"\([^)]*\)", "", part)
+    return [float(x) for x in re.findall(r"\d+\.\d+", part)]
+
+
+def test_oga_published_averages_are_those_of_tta2_11_1(section_11):
+    published = section_11["oga"].split("Published (README tables", 1)[1]
+    standard = _numbers_after(published, "standard prompts:")
+    custom = _numbers_after(published, "custom prompts:", ". ")
+    assert len(standard) == 4 and len(custom) == 4  # zero-shot, TDA, DMN, OGA
+    p = get_protocol("oga-runs")
+    assert dict(p.published_averages) == {
+        ("Zero-shot CLIP", "avg (11)", "top1"): standard[0], ("TDA", "avg (11)", "top1"): standard[1],
+        ("DMN-ZS", "avg (11)", "top1"): standard[2],
+    }
+    assert not p.published  # the README prints 11-set averages only
+    only = {(m, s): v for m, s, v in p.published_only}
+    assert only[("OGA", "standard prompts, avg (11)")] == standard[3]
+    for method, value in zip(("Zero-shot CLIP", "TDA", "DMN-ZS", "OGA"), custom):
+        assert only[(method, "custom prompts (7 templates), avg (11)")] == value
+    assert len(only) == 5 and "OGA" not in {r.name for r in p.rows}  # OGA is not implemented: no row
+
+
+def test_stata_published_averages_are_those_of_tta2_11_2(section_11):
+    published = section_11["stata"].split("Published (stata README", 1)[1]
+    batch = published.split("batch:", 1)[1].split("Online", 1)[0]
+    online = published.split("Online (low / medium / high correlation / separate):", 1)[1]
+    clip = _numbers_after(batch, "CLIP")
+    assert clip == _numbers_after(online, "CLIP") == [65.2]
+    stata_batch, transclip = _numbers_after(batch, "StatA"), _numbers_after(batch, "TransCLIP", ". ")
+    assert len(stata_batch) == len(transclip) == 7
+    tda, dmn, stata_online = (_numbers_after(online, f"{m} ") for m in ("TDA", "DMN", "StatA"))
+    mta = _numbers_after(online, "MTA", ". ")
+    assert len(tda) == len(dmn) == len(stata_online) == 4 and len(mta) == 1
+    p = get_protocol("stata")
+    online_names = ("online-low", "online-medium", "online-high", "online-separate")
+    batch_names = ("very_low", "low", "medium_64", "medium_1000", "high", "very_high", "all")
+    want = {("CLIP zero-shot", "avg (11)", "top1"): clip[0], ("MTA", "avg (11)", "top1"): mta[0]}
+    for method, values in (("TDA", tda), ("DMN-ZS", dmn)):
+        want.update({(f"{method} ({s})", "avg (11)", "top1"): v for s, v in zip(online_names, values)})
+    assert dict(p.published_averages) == want and not p.published
+    only = {(m, s): v for m, s, v in p.published_only}
+    assert only == {**{("StatA", s): v for s, v in zip(batch_names, stata_batch)},
+                    **{("TransCLIP", s): v for s, v in zip(batch_names, transclip)},
+                    **{("StatA", s): v for s, v in zip(online_names, stata_online)}}
+    assert not {"StatA", "TransCLIP"} & {r.name for r in p.rows}  # not implemented: no rows
+    # the pivot's published number of each (method, setting) is the same one
+    for row, method, setting, number in p.pivot:
+        if method in ("TDA", "DMN-ZS"):
+            assert number == want.get((row, "avg (11)", "top1")), (row, setting)
+        elif method == "MTA":
+            assert number == (mta[0] if setting in online_names else None)
+        else:
+            assert number == clip[0]
+
+
+#: the settings of TTA2.md §11, written out by hand
+_OGA_TDA = {"views": 1, "augmix": False, "options": {"tda_alpha": 2.0, "tda_beta": 5.0}}
+_OGA_DMN = {"views": 1, "augmix": False, "options": {"dmn_memory": 8, "dmn_beta2": 1.0}}
+_STATA_BATCH = {"very_low": (64, 1, 4), "low": (64, 2, 10), "medium_64": (64, 5, 25), "medium_1000": (1000, 5, 25),
+                "high": (1000, 25, 50), "very_high": (1000, 50, 100), "all": (-1, None, None)}
+_STATA_ONLINE = {"online-low": 0.1, "online-medium": 0.01, "online-high": 0.001, "online-separate": -1}
+
+
+def _sub(d: dict, keys) -> dict:
+    return {k: d.get(k) for k in keys}
+
+
+def test_oga_cells_run_ogas_settings():
+    p = get_protocol("oga-runs")
+    cells = plan_cells(p, ReproduceConfig("oga-runs", "x"))
+    assert p.datasets == ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                          "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+    assert p.measures() == ("top1", "eta", "spread")
+    assert {c.row for c in cells} == {"Zero-shot CLIP", "TDA", "DMN-ZS", "DPE"}
+    for c in cells:
+        assert c.features == "clip" and c.template_rule == "coop"  # OGA's "standard": one template per set
+        if c.row == "Zero-shot CLIP":
+            assert c.tta is None and c.runs == {"kind": "order-free", "runs": 1}
+            continue
+        assert c.runs == {"kind": "orders", "stream_runs": 100, "stream_seed": 42, "batch_size": 32,
+                          "last_batch": "kept, shorter"}
+        want = {"TDA": _OGA_TDA, "DMN-ZS": _OGA_DMN, "DPE": {"views": 1, "augmix": False, "options": None}}[c.row]
+        assert _sub(c.tta, want) == want, c.key
+    # the evaluation resolves them (published defaults filled in) as the plan prints them
+    plan = describe_plan(ReproduceConfig("oga-runs", "x")).splitlines()
+    tda = next(ln for ln in plan if ln.strip().startswith("tda__dtd__all"))
+    assert "tda views:1 " in tda and "tda_alpha:2.0 tda_beta:5.0" in tda and "runs=[orders runs:100 seed:42 batch:32]" in tda
+    dmn = next(ln for ln in plan if ln.strip().startswith("dmn-zs__eurosat__all"))
+    assert "dmn_memory:8" in dmn and "dmn_beta2:1.0" in dmn and "views:1 " in dmn
+    assert any("update the memory with the whole batch" in ln or "whole batch of 32" in ln for ln in plan)
+    # --stream-runs shrinks every replayed cell, and only those
+    small = plan_cells(p, ReproduceConfig("oga-runs", "x", stream_runs=3))
+    assert {c.runs.get("stream_runs") for c in small if c.row != "Zero-shot CLIP"} == {3}
+    # --tta-views does not multiply the single view
+    assert {c.tta["views"] for c in plan_cells(p, ReproduceConfig("oga-runs", "x", tta_views=2)) if c.tta} == {1}
+
+
+def test_stata_cells_run_statas_scenarios():
+    p = get_protocol("stata")
+    cells = plan_cells(p, ReproduceConfig("stata", "x"))
+    rows = {c.row for c in cells}
+    assert rows == {"CLIP zero-shot", "MTA"} | {f"{m} ({s})" for m in ("TDA", "DMN-ZS")
+                                                for s in list(_STATA_BATCH) + list(_STATA_ONLINE)}
+    for c in cells:
+        if c.row in ("CLIP zero-shot", "MTA"):  # order-free: one run each
+            assert c.runs == {"kind": "order-free", "runs": 1}
+            assert (c.tta is None) == (c.row == "CLIP zero-shot")
+            continue
+        method, scenario = c.row[:-1].split(" (")
+        assert _sub(c.tta, _OGA_TDA if method == "TDA" else _OGA_DMN) == (_OGA_TDA if method == "TDA" else _OGA_DMN)
+        if scenario in _STATA_BATCH:  # 1000 tasks, StatA's seed 1
+            b, k_min, k_max = _STATA_BATCH[scenario]
+            assert c.runs == {"kind": "tasks", "scenario": scenario, "tasks": 1000, "stream_seed": 1, "batch_size": b,
+                              "k_min": k_min, "k_max": k_max}, c.key
+        else:  # 100 streams of batches of 128
+            assert c.runs == {"kind": "streams", "scenario": scenario, "tasks": 100, "stream_seed": 1, "batch_size": 128,
+                              "gamma": _STATA_ONLINE[scenario], "last_batch": "dropped when incomplete"}, c.key
+    small = plan_cells(p, ReproduceConfig("stata", "x", tasks=2))
+    assert {c.runs.get("tasks") for c in small if c.runs["kind"] != "order-free"} == {2}
+
+
+def test_library_runner_gives_the_protocol_cells_their_runs(monkeypatch, tmp_path):
+    """The evaluation each protocol cell runs: orders or scenario, seed and method options, and a valid EvalConfig."""
+    import protext.evaluation as evaluation
+    from protext.reproduction import EvalRequest, LibraryRunner
+
+    seen = []
+
+    def fake_evaluate(config, clip=None, progress=True):
+        config.validate()  # every flag combination the table asks for is one the evaluation accepts
+        seen.append(config)
+        payload = {"metrics": {"top1": 40.0, "n_images": 3}, "dataset": {"n_classes": 10},
+                   "template": {"template": "t {}."}, "method": config.method, "runtime": {},
+                   "timing": {"eval_seconds": 1.0, "seconds_per_image": 0.1, "peak_memory": None, "gflops_per_image": 2.5}}
+        if config.stream_runs or config.scenario:
+            per_run = [{"top1": t, "ece": 1.0} for t in (10.0, 20.0, 30.0, 40.0)]
+            payload["runs"] = {"kind": "orders", "per_run": per_run, "summary": {
+                "top1": {"n_runs": 4, "mean": 25.0, "std": 11.18, "min": 10.0, "max": 40.0, "eta": 10.0, "tail_runs": 1},
+                "ece": {"mean": 1.0}}}
+        return payload
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    for table, keys in (("oga-runs", ("zero-shot-clip__dtd__all", "tda__dtd__all", "dmn-zs__dtd__all")),
+                        ("stata", ("tda-online-high__eurosat__all", "dmn-zs-very-low__eurosat__all", "mta__eurosat__all"))):
+        runner = LibraryRunner(ReproduceConfig(table, str(tmp_path), seed=5))
+        runner._clip = object()
+        cells = {c.key: c for c in plan_cells(get_protocol(table), runner.config)}
+        results = {key: runner.evaluate(EvalRequest(cells[key], str(tmp_path), tmp_path / table / key)) for key in keys}
+        first, second, third = seen[-3:]
+        if table == "oga-runs":
+            assert first.tta is None and first.stream_runs is None and first.method == "clip" and first.templates == "coop"
+            assert results[keys[0]]["metrics"] == {"top1": 40.0, "eta": 40.0, "spread": 0.0, "runs": 1, "n_images": 3,
+                                                   "n_classes": 10}
+            assert (second.tta, second.stream_runs, second.stream_seed, second.tta_views) == ("tda", 100, 42, 1)
+            assert second.tta_options == {"tda_alpha": 2.0, "tda_beta": 5.0} and second.augmix is False
+            assert third.tta_options == {"dmn_memory": 8, "dmn_beta2": 1.0} and third.scenario is None
+            tda = results[keys[1]]
+            assert _sub(tda["metrics"], ("top1", "eta", "spread", "runs")) == {"top1": 25.0, "eta": 10.0, "spread": 11.18, "runs": 4}
+            assert tda["details"]["runs"]["per_run_top1"] == [10.0, 20.0, 30.0, 40.0]
+            assert tda["cost"]["gflops_per_image"] == 2.5
+        else:
+            assert (first.scenario, first.tasks, first.stream_seed, first.stream_runs) == ("online-high", 100, 1, None)
+            assert (second.scenario, second.tasks, second.tta) == ("very_low", 1000, "dmn")
+            assert third.tta == "mta" and third.scenario is None and third.stream_runs is None

@@ -118,6 +118,7 @@ class LibraryRunner:
         from ..evaluation import EvalConfig
 
         cell, tta = request.cell, request.cell.tta or {}
+        runs = cell.runs if cell.runs and cell.runs["kind"] != "order-free" else {}
         return EvalConfig(
             dataset=cell.dataset, root=request.root, split=cell.split, limit=request.limit,
             model=self.config.model, pretrained=self.config.pretrained, device=self.config.device,
@@ -126,6 +127,9 @@ class LibraryRunner:
             templates=cell.template_rule, descriptions=_opt(request.descriptions), prompts=_opt(request.checkpoint),
             tta=tta.get("method"), tta_views=tta.get("views"), tta_selection=tta.get("selection"),
             tta_steps=tta.get("steps"), tta_lr=tta.get("lr"), tta_init=tta.get("init"), augmix=tta.get("augmix"),
+            tta_options=dict(tta["options"]) if tta.get("options") else None,
+            stream_runs=runs.get("stream_runs"), stream_seed=runs.get("stream_seed"), scenario=runs.get("scenario"),
+            tasks=runs.get("tasks"),
             batch_size=self.config.batch_size, workers=self.config.workers,
             seed=self.config.seed if tta.get("seed") is None else tta["seed"],  # ZERO: its published seed
             out=str(request.out / "results.json"), progress=self.config.progress,
@@ -140,7 +144,8 @@ class LibraryRunner:
         done = request.out / "results.json"
         if not done.is_file():
             return None
-        return _cell_result(read_json(done, f"delete {request.out} to re-evaluate the cell"), request.cell.template)
+        payload = read_json(done, f"delete {request.out} to re-evaluate the cell")
+        return _cell_result(payload, request.cell.template, request.cell.runs)
 
     def evaluate(self, request: EvalRequest) -> dict[str, Any]:
         """Evaluate one cell (or read back its finished evaluation); the parts of the results a cell keeps.
@@ -154,7 +159,7 @@ class LibraryRunner:
         if done is not None:  # evaluated before a kill that came before the cell file: not redone
             return done
         payload = evaluate(self.eval_config(request), clip=self._load(), progress=self.config.progress)
-        return _cell_result(payload, request.cell.template)
+        return _cell_result(payload, request.cell.template, request.cell.runs)
 
 
 def _opt(path: Optional[Path]) -> Optional[str]:
@@ -168,16 +173,19 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def _cell_result(payload: dict[str, Any], ensemble: str = ENSEMBLE) -> dict[str, Any]:
+def _cell_result(payload: dict[str, Any], ensemble: str = ENSEMBLE, runs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The parts of an evaluation's results a table cell keeps; ``ensemble`` names the template of an
-    ensemble cell (whose evaluation records a list of templates, not one)."""
+    ensemble cell (whose evaluation records a list of templates, not one); ``runs``: the cell's
+    orders or scenario in a protocol table (see :func:`_run_metrics`)."""
     metrics = payload["metrics"]
     kept = {k: metrics[k] for k in ("top1", "top5", "mean_per_class", "ece", "acc1", "acc5", "mean_per_class_recall", "n_images")
             if k in metrics}
     kept["n_classes"] = payload["dataset"]["n_classes"]
-    return {
+    timing = payload["timing"]
+    result = {
         "metrics": kept,
-        "cost": {"image_seconds": payload["timing"]["eval_seconds"], "seconds_per_image": payload["timing"]["seconds_per_image"], "peak_memory": payload["timing"]["peak_memory"]},
+        "cost": {"image_seconds": timing["eval_seconds"], "seconds_per_image": timing["seconds_per_image"],
+                 "peak_memory": timing["peak_memory"], "gflops_per_image": timing.get("gflops_per_image")},
         "template": payload["template"].get("template") or ensemble,
         "details": {
             "template": payload["template"],
@@ -187,3 +195,31 @@ def _cell_result(payload: dict[str, Any], ensemble: str = ENSEMBLE) -> dict[str,
             "runtime": payload["runtime"],
         },
     }
+    if runs is not None:
+        kept.update(_run_metrics(payload, runs, result))
+    return result
+
+
+def _run_metrics(payload: dict[str, Any], runs: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A protocol-table cell's numbers: ``top1`` the mean over its runs, ``eta`` the Expected Tail
+    Accuracy, ``spread`` the runs' standard deviation (ddof 0), ``runs`` their count; the per-run
+    accuracies and the draws go under ``details.runs``.
+
+    An order-free cell (zero-shot, an episodic method) is one run whose predictions no order
+    changes: its mean and ETA are its top-1, its spread 0.
+    """
+    if runs["kind"] == "order-free":
+        top1 = payload["metrics"]["top1"]
+        result["details"]["runs"] = {"kind": "order-free", "note": "predictions independent of the order: one run"}
+        return {"top1": top1, "eta": top1, "spread": 0.0, "runs": 1}
+    replay = payload["runs"]
+    summary = replay["summary"]["top1"]
+    result["details"]["runs"] = {
+        **{k: v for k, v in replay.items() if k not in ("per_run", "summary")},
+        "summary": replay["summary"],
+        "per_run_top1": [run["top1"] for run in replay["per_run"]],
+        "per_run_ece": [run["ece"] for run in replay["per_run"]],
+    }
+    result["cost"]["encode_seconds"] = payload["timing"].get("encode_seconds")
+    return {"top1": summary["mean"], "eta": summary["eta"], "spread": summary["std"], "runs": summary["n_runs"],
+            "top1_run0_images": payload["metrics"]["top1"], "ece": replay["summary"]["ece"]["mean"]}

@@ -17,6 +17,8 @@ from ..errors import UserError
 #: upper bounds only a typo exceeds: ``--workers 1000000`` would fork a million DataLoader processes
 MAX_WORKERS = 256
 MAX_BATCH_SIZE = 1_000_000
+#: stream orders or scenario tasks of one cell: the evaluation's own bound (protext.evaluation.config)
+MAX_RUNS = 10_000
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
 
@@ -36,6 +38,8 @@ class ReproduceConfig:
 
     ``limit``, ``epochs``, ``tta_views`` and ``depth`` shrink a run for smoke tests (or fit a small
     model); each is a departure from the published protocol and is listed as such in ``TABLE.md``.
+    So are ``stream_runs`` (orders per cell instead of OGA's 100) and ``tasks`` (tasks or streams
+    per cell instead of StatA's 1000 / 100), which only the protocol tables take.
     """
 
     table: str
@@ -51,6 +55,8 @@ class ReproduceConfig:
     epochs: Optional[int] = None
     tta_views: Optional[int] = None
     depth: Optional[int] = None
+    stream_runs: Optional[int] = None
+    tasks: Optional[int] = None
     seed: int = 0
     batch_size: int = 64
     workers: int = 2
@@ -80,6 +86,8 @@ class ReproduceConfig:
             "depth": self.depth,
             "seed": self.seed,
             "coop": Path(self.coop).name if self.coop else None,
+            # only when given: folders written before these flags existed keep their identity
+            **{k: v for k, v in (("stream_runs", self.stream_runs), ("tasks", self.tasks)) if v is not None},
         }
 
     def departures(self, trains: bool = True) -> list[str]:
@@ -96,7 +104,27 @@ class ReproduceConfig:
             out.append(f"--tta-views {self.tta_views}: test-time adaptation on {self.tta_views} views, not 64")
         if self.depth is not None and trains:
             out.append(f"--depth {self.depth}: prompts {self.depth} blocks deep, not 9 (for text towers with fewer blocks)")
+        if self.stream_runs is not None:
+            out.append(f"--stream-runs {self.stream_runs}: {self.stream_runs} stream orders per cell, not OGA's 100")
+        if self.tasks is not None:
+            out.append(f"--tasks {self.tasks}: {self.tasks} tasks or streams per scenario cell, not StatA's 1000 / 100")
         return out
+
+
+def check_run_counts(config: ReproduceConfig) -> None:
+    """``--stream-runs`` and ``--tasks``: in range, and only for a table whose cells replay orders or a scenario."""
+    from ..protocols import get_protocol  # torch-free
+
+    rows = [row.runs for row in get_protocol(config.table).rows if row.runs is not None]
+    for flag, value, takes in (("--stream-runs", config.stream_runs, [r for r in rows if r.stream_runs]),
+                               ("--tasks", config.tasks, [r for r in rows if r.scenario])):
+        if value is None:
+            continue
+        if not 1 <= value <= MAX_RUNS:
+            raise ReproduceError(f"{flag} must be between 1 and {MAX_RUNS}, got {value}.")
+        if not takes:
+            what = "stream orders (oga-runs)" if flag == "--stream-runs" else "a StatA scenario (stata)"
+            raise ReproduceError(f"{flag} applies to tables whose cells replay {what}; {config.table} has none: drop it.")
 
 
 def validate(config: ReproduceConfig) -> None:
@@ -110,6 +138,7 @@ def validate(config: ReproduceConfig) -> None:
     for flag, value in caps:
         if value is not None and value < 1:
             raise ReproduceError(f"{flag} must be at least 1, got {value}.")
+    check_run_counts(config)
     if not 0 <= config.workers <= MAX_WORKERS:
         raise ReproduceError(f"--workers must be between 0 and {MAX_WORKERS} (DataLoader processes), got {config.workers}.")
     if not 1 <= config.batch_size <= MAX_BATCH_SIZE:

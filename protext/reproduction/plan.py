@@ -1,7 +1,8 @@
 """A table as a plan of cells (row × dataset [× base/novel]), each with every setting that produced it.
 
 A cell's settings come from the protocol alone (features, class split, template rule and the exact
-template, preset and its n_ctx, test-time adaptation), so the results say precisely what ran. The
+template, preset and its n_ctx, test-time adaptation, and in the protocol tables the stream orders or
+scenario it replays, resolved to every count and seed), so the results say precisely what ran. The
 template follows the one policy of :func:`protext.templates.choose_template`, which the evaluation
 asks too. Nothing here reads a file or imports torch: ``--plan`` prints it instantly.
 """
@@ -13,10 +14,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from .. import streams
 from ..protocols import CLASS_COUNTS, Protocol, Row, get_protocol
 from ..tta import registry
 from ..templates import CONTEXT_PHRASE, FROM_TRAINING, choose_template
-from .config import ReproduceConfig, slug
+from .config import ReproduceConfig, check_run_counts, slug
 
 #: the template field of cells whose class features average ZERO's seven templates
 ENSEMBLE = "ensemble of 7 templates"
@@ -53,6 +55,7 @@ class Cell:
     n_ctx: Optional[int] = None
     tta: Optional[dict[str, Any]] = None
     external: Optional[str] = None
+    runs: Optional[dict[str, Any]] = None
 
     @property
     def key(self) -> str:
@@ -65,13 +68,16 @@ class Cell:
         return self.template_source == IN_DOMAIN
 
     def settings(self) -> dict[str, Any]:
-        """Every setting, JSON-ready."""
-        return asdict(self)
+        """Every setting, JSON-ready (``runs`` only in the protocol tables, where it is set)."""
+        out = asdict(self)
+        if self.runs is None:
+            del out["runs"]
+        return out
 
     def computation(self) -> tuple:
         """What the number depends on; cells equal here share one evaluation (CuPL novel = CLIP)."""
-        tta = json.dumps(self.tta, sort_keys=True)
-        return (self.dataset, self.split, self.features, self.template, self.preset, tta, self.external)
+        tta, runs = json.dumps(self.tta, sort_keys=True), json.dumps(self.runs, sort_keys=True)
+        return (self.dataset, self.split, self.features, self.template, self.preset, tta, self.external, runs)
 
 
 def preset_info(name: str):
@@ -114,7 +120,8 @@ def _cell_for(protocol: Protocol, row: Row, dataset: str, split: str, config: Re
     preset = row.preset_for(dataset) if features == "prompts" else None
     template, source = cell_template(row, dataset, features)
     tta = row.tta.for_dataset(dataset) if row.tta else None
-    if tta is not None and config.tta_views is not None:
+    # --tta-views shrinks the many views of a smoke run; a protocol's single pre-computed view stays one
+    if tta is not None and config.tta_views is not None and tta.get("views") != 1:
         tta["views"] = config.tta_views
     # TPT and C-TPT start from the hand-crafted "a photo of a" unless the row names another init
     tunes = tta is not None and registry.get(tta["method"]).tunes_prompts
@@ -124,8 +131,49 @@ def _cell_for(protocol: Protocol, row: Row, dataset: str, split: str, config: Re
     n_classes = {"all": total, "base": math.ceil(total / 2), "novel": total - math.ceil(total / 2)}[split]
     return Cell(
         protocol.name, row.name, dataset, split, features, row.template_rule, template, source, n_classes,
-        preset, n_ctx, tta, row.external,
+        preset, n_ctx, tta, row.external, resolved_runs(protocol, row, config),
     )
+
+
+def resolved_runs(protocol: Protocol, row: Row, config: ReproduceConfig) -> Optional[dict[str, Any]]:
+    """What a protocol table's cell replays, every count, seed and sampler setting written out
+    (:mod:`protext.streams`); None outside the protocol tables.
+
+    ``order-free``: one run (zero-shot, episodic methods). ``orders``: OGA's seeded permutations.
+    ``tasks``: a StatA batch scenario. ``streams``: a StatA online scenario.
+    """
+    if not protocol.report_runs:
+        return None
+    spec = row.runs
+    if spec is None:
+        return {"kind": "order-free", "runs": 1}
+    if spec.stream_runs is not None:
+        seed = streams.OGA_MASTER_SEED if spec.stream_seed is None else spec.stream_seed
+        return {"kind": "orders", "stream_runs": config.stream_runs or spec.stream_runs, "stream_seed": seed,
+                "batch_size": streams.OGA_BATCH_SIZE, "last_batch": "kept, shorter"}
+    seed = streams.STATA_SEED if spec.stream_seed is None else spec.stream_seed
+    if spec.scenario.startswith("online-"):
+        tasks = config.tasks or spec.tasks or streams.STATA_ONLINE_STREAMS
+        return {"kind": "streams", "scenario": spec.scenario, "tasks": tasks, "stream_seed": seed,
+                "batch_size": streams.STATA_ONLINE_BATCH_SIZE, "gamma": streams.online_setting(spec.scenario[len("online-"):]),
+                "last_batch": "dropped when incomplete"}
+    batch_size, k_min, k_max = streams.batch_setting(spec.scenario)
+    return {"kind": "tasks", "scenario": spec.scenario, "tasks": config.tasks or spec.tasks or streams.STATA_BATCH_TASKS,
+            "stream_seed": seed, "batch_size": batch_size, "k_min": k_min, "k_max": k_max}
+
+
+def describe_runs(runs: dict[str, Any]) -> str:
+    """A cell's runs in one phrase, e.g. ``orders runs:100 seed:42 batch:32``."""
+    if runs["kind"] == "order-free":
+        return "order-free (1 run)"
+    if runs["kind"] == "orders":
+        return f"orders runs:{runs['stream_runs']} seed:{runs['stream_seed']} batch:{runs['batch_size']}"
+    if runs["kind"] == "streams":
+        return (f"scenario:{runs['scenario']} streams:{runs['tasks']} seed:{runs['stream_seed']} "
+                f"batch:{runs['batch_size']} gamma:{runs['gamma']}")
+    classes = "all classes" if runs["k_min"] is None else f"K:{runs['k_min']}-{runs['k_max']}"
+    batch = "whole pool" if runs["batch_size"] == -1 else runs["batch_size"]
+    return f"scenario:{runs['scenario']} tasks:{runs['tasks']} seed:{runs['stream_seed']} batch:{batch} {classes}"
 
 
 def plan_cells(protocol: Protocol, config: ReproduceConfig) -> list[Cell]:
@@ -141,14 +189,16 @@ def plan_cells(protocol: Protocol, config: ReproduceConfig) -> list[Cell]:
 def describe_plan(config: ReproduceConfig) -> str:
     """The cells a table would run, one line each with every setting (nothing is read or run)."""
     protocol = get_protocol(config.table)
+    check_run_counts(config)
     lines = [f"{protocol.name}: {protocol.title}"]
     for cell in plan_cells(protocol, config):
         tta = "" if not cell.tta else " tta=" + resolved_tta(cell)
         preset = f" preset={cell.preset} n_ctx={cell.n_ctx}" if cell.preset else (f" n_ctx={cell.n_ctx}" if cell.n_ctx else "")
         external = f" needs --{cell.external}" if cell.external else ""
+        runs = f" runs=[{describe_runs(cell.runs)}]" if cell.runs else ""
         lines.append(
             f"  {cell.key}: {cell.features}, {cell.n_classes} classes, template '{cell.template}' "
-            f"({cell.template_source}){preset}{tta}{external}"
+            f"({cell.template_source}){preset}{tta}{runs}{external}"
         )
     lines += [f"  departs: {d}" for d in config.departures(trains=any(r.preset for r in protocol.rows))]
     lines += [f"  known departure: {d}" for d in protocol.all_departures()]
@@ -165,6 +215,7 @@ def resolved_tta(cell: Cell) -> str:
     """The cell's test-time method with every setting it will run with (the published ones filled in
     for the cell's dataset by the registry), e.g. ``dmn views:32 selection:0.1 ... dmn_beta2:1.0``."""
     given = {_TTA_DESTS[k]: v for k, v in cell.tta.items() if k in _TTA_DESTS and v is not None}
+    given.update(cell.tta.get("options") or {})
     method = cell.tta["method"]
     settings = registry.record(method, registry.resolve(method, given, registry.context(cell.dataset)))
     extra = {k: v for k, v in cell.tta.items() if k in ("init", "seed") and v is not None}

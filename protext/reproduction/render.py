@@ -51,6 +51,65 @@ def _cells_table(table: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _num(value: Any, spec: str = ".2f") -> str:
+    return "?" if value is None else format(value, spec)
+
+
+def _runs_cells_table(table: dict[str, Any]) -> list[str]:
+    """The cells of a protocol table: what each replayed, and its mean, ETA, spread and cost."""
+    head = ("| cell | template (rule) | TTA | runs | images | mean top-1 | ETA | spread | GFLOPs/image | seconds | "
+            "device |")
+    lines = [head, "|" + " --- |" * 11]
+    for rec in table["cells"]:
+        s, m, cost = rec["settings"], rec["metrics"], rec["cost"]
+        tta = "—" if not s["tta"] else " ".join(
+            f"{k} {v}" for k, v in s["tta"].items() if v is not None and k not in ("steps", "lr", "selection", "init"))
+        runs = s.get("runs") or {}
+        what = " ".join(f"{k} {v}" for k, v in runs.items() if k not in ("last_batch",) and v is not None)
+        gflops = cost.get("gflops_per_image")
+        seconds = f"= {rec['same_as']}" if rec.get("same_as") else f"{cost['seconds']:.1f}"
+        lines.append(
+            f"| {rec['key']} | `{rec['template_used']}` ({s['template_rule']}) | {tta} | {what} | {m.get('n_images', '?')} | "
+            f"{_num(m.get('top1'))} | {_num(m.get('eta'))} | {_num(m.get('spread'))} | {_num(gflops, '.3g')} | "
+            f"{seconds} | {rec['environment'].get('device', '?')} |"
+        )
+    return lines
+
+
+def _pivot_section(table: dict[str, Any]) -> list[str]:
+    """The method × setting summary of the 11-set averages: ours (published, difference), the ETA after it."""
+    pivot = table.get("pivot")
+    if not pivot:
+        return []
+    out = [f"## {pivot['average']} by method and setting", "",
+           "Each cell: our mean (published, ours − published) · our ETA. Rows marked * are not implemented in protext: "
+           "their published numbers only.", ""]
+    out += ["| method / setting | " + " | ".join(pivot["settings"]) + " |", "|" + " --- |" * (len(pivot["settings"]) + 1)]
+    for method in pivot["methods"]:
+        cells = {c["setting"]: c for c in pivot["cells"] if c["method"] == method}
+        implemented = any(c["implemented"] for c in cells.values())
+        texts = []
+        for setting in pivot["settings"]:
+            cell = cells.get(setting)
+            if cell is None:
+                texts.append("")
+                continue
+            text = _fmt_average(cell) if cell["implemented"] else f"* ({cell['published']:.2f})"
+            texts.append(text + ("" if cell["eta"] is None else f" · {cell['eta']:.2f}"))
+        out.append(f"| {method}{'' if implemented else ' *'} | " + " | ".join(texts) + " |")
+    return out + [""]
+
+
+def _published_only_section(table: dict[str, Any]) -> list[str]:
+    entries = table.get("published_only") or []
+    if not entries:
+        return []
+    out = ["## Published numbers without a row here", "",
+           "Methods protext does not implement, or settings this table does not run; shown for reference only.", "",
+           "| published method | setting | published |", "| --- | --- | --- |"]
+    return out + [f"| {e['method']} | {e['setting']} | {e['published']:.2f} |" for e in entries] + [""]
+
+
 def _datasets_section(table: dict[str, Any]) -> list[str]:
     """Each dataset found: layout and test images against the published test set."""
     found = table.get("datasets_found") or {}
@@ -71,6 +130,12 @@ def render_markdown(table: dict[str, Any]) -> str:
             "rows; the number in brackets under an average is the paper's printed average.", ""]
     measures = table["measures"]
     titles = {"top1": "top-1 accuracy (%)", "ece": "expected calibration error (%)", "hm": "harmonic mean"}
+    runs = table.get("report_runs", False)
+    if runs:
+        titles.update({"top1": "mean top-1 over the runs (%)",
+                       "eta": "ETA: mean top-1 of the worst 10 % of runs (%)",
+                       "spread": "spread: standard deviation of the per-run top-1 (points)"})
+        out += _pivot_section(table) + _published_only_section(table)
     for measure in measures:
         if len(measures) > 1:
             out += [f"## {titles.get(measure, measure)}", ""]
@@ -87,7 +152,7 @@ def render_markdown(table: dict[str, Any]) -> str:
         out += ["## Rows not run", ""] + [f"- {r}: {why}" for r, why in table["rows_not_run"].items()] + [""]
     out += ["## Protocol notes", ""] + [f"- {n}" for n in table["notes"]]
     out += [f"- {row['name']}: {row['note']}" for row in table["rows"] if row["note"]] + [""]
-    out += ["## Cells", ""] + _cells_table(table) + [""]
+    out += ["## Cells", ""] + (_runs_cells_table(table) if runs else _cells_table(table)) + [""]
     if table["prompts"]:
         out += ["## Prompts trained", "", "| preset | epochs | seconds | checkpoint |", "| --- | --- | --- | --- |"]
         for preset, rec in table["prompts"].items():

@@ -96,6 +96,28 @@ def _table_row(protocol: Protocol, row: Row, records: dict[str, dict]) -> dict[s
     }
 
 
+def _pivot(protocol: Protocol, rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The protocol's method × setting summary of the rows' first average (StatA's layout), with the
+    published-only methods (not implemented here) as rows of their own; None without a pivot."""
+    if not protocol.pivot:
+        return None
+    average = protocol.averages[0].name
+    by_name = {row["name"]: row["averages"][average] for row in rows}
+    settings = list(dict.fromkeys(setting for _, _, setting, _ in protocol.pivot))
+    cells = []
+    for row, method, setting, published in protocol.pivot:
+        mine = by_name[row]
+        cells.append({"method": method, "setting": setting, "row": row, "implemented": True,
+                      **_entry(mine["top1"]["ours"], published),
+                      "eta": mine.get("eta", {}).get("ours"), "complete": mine["top1"]["complete"], "of": mine["top1"]["of"]})
+    for method, setting, published in protocol.published_only:
+        if setting in settings:
+            cells.append({"method": method, "setting": setting, "row": None, "implemented": False,
+                          **_entry(None, published), "eta": None, "complete": 0, "of": 0})
+    return {"average": average, "settings": settings, "methods": list(dict.fromkeys(c["method"] for c in cells)),
+            "cells": cells}
+
+
 def build_table(
     protocol: Protocol, config: ReproduceConfig, cells: list[Cell], folder: RunFolder, found: Availability,
     external_problem: Optional[str], prompts: dict[str, dict[str, Any]],
@@ -103,6 +125,17 @@ def build_table(
     """The table payload, built from the cell files on disk only (so reruns give the same file)."""
     records = {c.key: r for c in cells if c.dataset in found.present for r in [folder.read_cell(c)] if r}
     not_run = {r.name: external_problem for r in protocol.rows if r.external and external_problem}
+    rows = [_table_row(protocol, row, records) for row in protocol.rows]
+    pivot = _pivot(protocol, rows)
+    shown = set(pivot["settings"]) if pivot else set()
+    extra = {}
+    if protocol.report_runs:
+        extra = {
+            "report_runs": True,
+            "pivot": pivot,
+            "published_only": [{"method": m, "setting": s, "published": v} for m, s, v in protocol.published_only
+                               if s not in shown],
+        }
     return {
         "format": TABLE_FORMAT,
         "table": protocol.name,
@@ -118,7 +151,7 @@ def build_table(
         "missing_datasets": dict(found.missing),
         "datasets_found": dict(found.found),
         "rows_not_run": not_run,
-        "rows": [_table_row(protocol, row, records) for row in protocol.rows],
+        "rows": rows,
         "cells": [records[c.key] for c in cells if c.key in records],
         "cells_not_run": [c.key for c in cells if c.key not in records],
         "prompts": prompts,
@@ -126,4 +159,5 @@ def build_table(
             "evaluation_seconds": round(sum(r["cost"]["seconds"] for r in records.values()), 3),
             "training_seconds": round(sum(float(p.get("cost", {}).get("seconds") or 0.0) for p in prompts.values()), 3),
         },
+        **extra,
     }

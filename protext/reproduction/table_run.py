@@ -229,10 +229,12 @@ def _raise_on_all(ctx: DistContext, message: str) -> None:
 
 
 def _online(cell: Cell) -> bool:
-    """Whether the cell's TTA adapts over one ordered stream (TDA), which ranks must not split."""
+    """Whether the cell's TTA adapts over one ordered stream (TDA), which ranks must not split, or
+    replays orders or a scenario from one encoding (one process: protext.evaluation.orders)."""
     from ..evaluation.config import ONLINE_METHODS
 
-    return bool(cell.tta) and cell.tta.get("method") in ONLINE_METHODS
+    replays = bool(cell.runs) and cell.runs["kind"] != "order-free"
+    return replays or (bool(cell.tta) and cell.tta.get("method") in ONLINE_METHODS)
 
 
 def _alone(runner: CellRunner, request: Optional[EvalRequest]) -> Optional[tuple]:
