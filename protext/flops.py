@@ -120,28 +120,6 @@ def image_tower_gflops(model: nn.Module, resolution: int = 224) -> float:
         return count_flops(tower, image) / 1e9
 
 
-def text_gflops(model: nn.Module, n_tokens: Optional[int] = 77) -> float:
-    """GFLOPs of one prompt of ``n_tokens`` tokens (end-of-text included) through the text tower.
-
-    The prompt runs through :func:`protext.text_tower.encode_tokens`, protext's own text call, which
-    stops the tower at the end-of-text token: ``n_tokens`` below the context length is the cost of a
-    shorter prompt as protext runs it. ``None`` means the whole context (77 for CLIP).
-    """
-    from .text_tower import encode_tokens, text_tower
-
-    tower = text_tower(model)
-    context = tower.context_length
-    n = context if n_tokens is None else n_tokens
-    if not 1 <= n <= context:
-        raise ValueError(f"n_tokens must be in 1..{context} (the context length), got {n_tokens!r}")
-    device = tower.token_embedding.weight.device
-    tokens = torch.zeros(1, context, dtype=torch.long, device=device)
-    tokens[0, :n] = 1
-    tokens[0, n - 1] = tower.token_embedding.num_embeddings - 1  # the end-of-text token: the largest id
-    with torch.no_grad():
-        return count_flops(encode_tokens, model, tokens) / 1e9
-
-
 # --------------------------------------------------------------------------------------------------
 # counting by part
 

@@ -152,12 +152,22 @@ def openai_imagenet_templates() -> tuple[str, ...]:
     return templates
 
 
+ENSEMBLE_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+"""ZERO+Ensemble's seven templates, for every dataset: class feature ``norm(mean_k norm(text_k))``."""
+
+
 def ensemble_templates(name: str) -> tuple[str, ...]:
     """The templates a :data:`TEMPLATE_ENSEMBLES` method averages (``ensemble`` or ``ensemble80``)."""
     if name == "ensemble":
-        from .tta.zero import ENSEMBLE_TEMPLATES
-
-        return tuple(ENSEMBLE_TEMPLATES)
+        return ENSEMBLE_TEMPLATES
     if name == "ensemble80":
         return openai_imagenet_templates()
     raise ValueError(f"unknown template ensemble {name!r}; expected one of {', '.join(TEMPLATE_ENSEMBLES)}")

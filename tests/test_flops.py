@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from protext.flops import FLOPS_PER_MAC, PUBLISHED_GFLOPS, count_flops, image_tower_gflops, text_gflops
+from protext.flops import FLOPS_PER_MAC, PUBLISHED_GFLOPS, count_flops, image_tower_gflops
+from protext.text_tower import text_gflops
 
 
 def vit_image_flops_by_hand(

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
-from ..flops import PARTS, PUBLISHED_GFLOPS, PartCounter, image_tower_gflops, text_gflops
+from ..flops import PARTS, PUBLISHED_GFLOPS, PartCounter, image_tower_gflops
+from ..text_tower import text_gflops
 
 _T = TypeVar("_T")
 

@@ -18,7 +18,7 @@ import torch
 from . import registry
 from .methods.common import IMAGENET_FAMILY, MAX_BATCH, MAX_STEPS, MAX_VIEWS, MAX_VIEWS_IN_FLIGHT, NATURAL_SHIFTS
 from .methods.ctpt import CTPT_LAMBDA
-from .methods.tda import TDA_NEGATIVE, TDA_POSITIVE
+from .published import TDA_NEGATIVE, TDA_POSITIVE
 from .registry import TTAConfigError, dataset_key
 
 __all__ = [

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..zeroshot import ImageEncoder, logit_scale
 from .base import AdaptResult, FeatureAdapter, Stopwatch
-from .methods.mta import NEIGHBOURS, fewest_views_with_a_neighbour, neighbour_count
+from .published import NEIGHBOURS, fewest_views_with_a_neighbour, neighbour_count
 
 __all__ = ["MTAAdapter", "MTAMode", "MTA_SETTINGS", "fewest_views_with_a_neighbour", "mta_mode", "neighbour_count", "view_bandwidths"]
 

@@ -22,8 +22,6 @@ the fp16 gradient-scaler path, the per-image reset. λ is 18 on ImageNet and the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,9 +29,6 @@ import torch.nn.functional as F
 from ..prompts import PromptedTextEncoder
 from .selection import marginal_entropy
 from .tpt import PromptTuner, TPTConfig
-
-if TYPE_CHECKING:
-    from .batched import BatchedTPTAdapter
 
 __all__ = ["OTPTTuner", "orthogonality"]
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..zeroshot import ImageEncoder, logit_scale
 from .base import AdaptResult, FeatureAdapter, Stopwatch
-from .config import TDA_NEGATIVE
+from .published import TDA_NEGATIVE
 from .selection import marginal_entropy, select_confident
 
 __all__ = ["CacheEntry", "Observation", "TDAAdapter", "TDACache", "observe"]

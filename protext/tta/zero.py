@@ -18,22 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..templates import ENSEMBLE_TEMPLATES  # noqa: F401  (re-exported: ZERO+Ensemble's templates)
 from ..zeroshot import ImageEncoder, logit_scale
 from .base import AdaptResult, FeatureAdapter, Stopwatch, cosines
 from .selection import confidence_order, n_confident
 
 __all__ = ["ENSEMBLE_TEMPLATES", "FP16_VOTE_SCALE", "PUBLISHED_SEED", "ZeroAdapter", "ZeroVotes", "zero_votes"]
 
-ENSEMBLE_TEMPLATES: tuple[str, ...] = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
-"""ZERO+Ensemble's seven templates, for every dataset: class feature ``norm(mean_k norm(text_k))``."""
 
 PUBLISHED_SEED = 1
 """ZERO's published default seed (TTA.md §1; its tables report 3 seeds). In protext it seeds the

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..registry import Context, Method, ViewRecipe, option, per_dataset, register
+from ..declare import Context, Method, ViewRecipe, option, per_dataset, register
 from . import common
 from .tda import TDA_POSITIVE, check_pair
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..registry import Context, TTAConfigError, option
+from ..declare import Context, TTAConfigError, option
 
 MAX_VIEWS = 1024
 """Views per image (published: 64)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry import Method, option, register
+from ..declare import Method, option, register
 from . import common
 from .tpt import TPTSettings, build_prompt_tuner, check_prompt_tuner, prompt_tuner_views
 

@@ -5,23 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from ..registry import Context, Method, TTAConfigError, ViewRecipe, register
+from ..declare import Context, Method, TTAConfigError, ViewRecipe, register
+from ..published import NEIGHBOURS, fewest_views_with_a_neighbour, neighbour_count  # noqa: F401  (re-exported)
 from . import common
-
-NEIGHBOURS = 0.3
-"""MTA's bandwidth averages the distances to the nearest 30 % of the other views."""
-
-
-def neighbour_count(n_views: int, share: float = NEIGHBOURS) -> int:
-    """``⌊share · (n - 1)⌋``: how many nearest other views set a view's bandwidth."""
-    return int(share * (n_views - 1))
-
-
-def fewest_views_with_a_neighbour(share: float = NEIGHBOURS) -> int:
-    n = 2
-    while neighbour_count(n, share) < 1:
-        n += 1
-    return n
 
 
 @dataclass(frozen=True)

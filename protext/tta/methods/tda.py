@@ -5,29 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from ..registry import Context, Method, TTAConfigError, ViewRecipe, option, per_dataset, register
+from ..declare import Context, Method, TTAConfigError, ViewRecipe, option, per_dataset, register
+from ..published import TDA_NEGATIVE, TDA_POSITIVE  # noqa: F401  (TDA_NEGATIVE re-exported)
 from . import common
-
-TDA_POSITIVE: dict[str, tuple[float, float]] = {
-    "imagenet": (2.0, 5.0),
-    "imagenet_a": (2.0, 5.0),
-    "imagenet_v2": (1.0, 8.0),
-    "imagenet_r": (1.0, 8.0),
-    "imagenet_sketch": (2.363, 7.45),
-    "caltech101": (5.0, 5.0),
-    "dtd": (2.0, 3.0),
-    "eurosat": (4.0, 8.0),
-    "fgvc_aircraft": (2.0, 2.0),
-    "food101": (1.0, 1.0),
-    "oxford_flowers": (1.0, 5.0),
-    "oxford_pets": (2.0, 7.0),
-    "stanford_cars": (1.0, 7.0),
-    "sun397": (2.0, 3.0),
-    "ucf101": (3.0, 8.0),
-}
-"""TDA's published positive-cache (α⁺, β⁺) per dataset (TTA.md §3.6); BoostAdapter's are the same."""
-TDA_NEGATIVE: tuple[float, float] = (0.117, 1.0)
-"""TDA's negative-cache (α⁻, β⁻), the same everywhere."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry import Method, ViewRecipe, register
+from ..declare import Method, ViewRecipe, register
 from . import common
 
 

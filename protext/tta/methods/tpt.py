@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from ..registry import Context, Method, TTAConfigError, ViewRecipe, register
+from ..declare import Context, Method, TTAConfigError, ViewRecipe, register
 from . import common
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry import Method, ViewRecipe, option, register
+from ..declare import Method, ViewRecipe, option, register
 from . import common
 
 
