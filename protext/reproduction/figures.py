@@ -361,7 +361,7 @@ def draw_cost_figure(table: Mapping[str, Any]) -> Optional["Figure"]:
     panels = cost_panels(table)
     if not any(p.points for p in panels):
         return None
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import LogFormatter
 
     columns = list(dict.fromkeys(p.average for p in panels))
     lines = list(dict.fromkeys(p.measure for p in panels))
@@ -383,7 +383,10 @@ def draw_cost_figure(table: Mapping[str, Any]) -> Optional["Figure"]:
         for p in panel.points:
             ax.annotate(p.row, (p.gflops, p.value), xytext=(5, 4), textcoords="offset points", fontsize=7)
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        # plain numbers (35, 100, 2300), and the minor ticks labelled when the points span under a decade
+        ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        ax.tick_params(axis="x", which="both", labelsize=7)
         ax.margins(x=0.25, y=0.15)
         found = "" if len(panel.datasets) == panel.of else f", {len(panel.datasets)} of {panel.of} datasets found"
         ax.set_title(f"{panel.average}{found}", fontsize=9)
