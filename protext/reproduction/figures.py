@@ -132,7 +132,7 @@ def _mean(values: Sequence[float]) -> float:
 def _records(table: Mapping[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
     """Every cell record by ``(row, dataset, split)``."""
     out = {}
-    for record in table.get("cells", []):
+    for record in table["cells"]:
         s = record["settings"]
         out[(s["row"], s["dataset"], s["split"])] = record
     return out
@@ -163,7 +163,7 @@ def _average_groups(table: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]
         protocol = get_protocol(table["table"])
     except UnknownTableError:
         protocol = None
-    rows = table.get("rows") or []
+    rows = table["rows"]
     named = list(rows[0]["averages"]) if rows else []
     if protocol is not None:
         known = {a.name: a.datasets for a in protocol.averages}
@@ -201,7 +201,7 @@ def _numbers(table: Mapping[str, Any], row: Mapping[str, Any], records, which: s
         numbers = {m: cells[m][which] for m in table["measures"]}
         if "ece" not in numbers and "hm" not in numbers:
             record = records.get((row["name"], dataset, "all"))
-            ece = (record or {}).get("metrics", {}).get("ece") if which == "ours" else None
+            ece = record["metrics"].get("ece") if record is not None and which == "ours" else None
             numbers["ece"] = None if ece is None else float(ece)
         out[dataset] = numbers
     return out
@@ -226,10 +226,10 @@ def cost_panels(table: Mapping[str, Any]) -> list[CostPanel]:
     GFLOPs per image. See the module's description for what is averaged.
     """
     records = _records(table)
-    by_key = {r["key"]: r for r in table.get("cells", [])}
-    missing = set(table.get("missing_datasets") or {})
-    not_run = table.get("rows_not_run") or {}
-    splits = table.get("splits") or ["all"]
+    by_key = {r["key"]: r for r in table["cells"]}
+    missing = set(table["missing_datasets"])
+    not_run = table["rows_not_run"]
+    splits = table["splits"]
     accuracy = _accuracy_measure(table)
     measures = [accuracy] if accuracy == "hm" else [accuracy, "ece"]
     panels = []
@@ -238,7 +238,7 @@ def cost_panels(table: Mapping[str, Any]) -> list[CostPanel]:
             datasets = tuple(d for d in group if d not in missing)
             full = len(datasets) == len(group)
             points, left_out = [], {}
-            for row in table.get("rows", []):
+            for row in table["rows"]:
                 if row["name"] in not_run:
                     left_out[row["name"]] = f"not run: {not_run[row['name']]}"
                     continue
@@ -260,8 +260,8 @@ def cost_panels(table: Mapping[str, Any]) -> list[CostPanel]:
                 if full and measure in table["measures"]:  # what the table prints, rounded as it is
                     entry = row["averages"][name][measure]
                     value = entry["ours"] if entry["ours"] is not None else value
-                    printed = entry.get("published")
-                    published = printed if printed is not None else entry.get("mean_of_published_cells")
+                    printed = entry["published"]
+                    published = printed if printed is not None else entry["mean_of_published_cells"]
                 x = _mean([gflops[d] for d in datasets])  # type: ignore[misc]
                 points.append(CostPoint(row["name"], x, value, published))  # type: ignore[arg-type]
             panels.append(CostPanel(name, measure, datasets, len(group), tuple(points), left_out))
@@ -297,17 +297,14 @@ def run_strips(table: Mapping[str, Any], datasets: Optional[Sequence[str]] = Non
     out: dict[str, list[RunStrip]] = {}
     for dataset in wanted:
         strips = []
-        for row in table.get("rows", []):
+        for row in table["rows"]:
             record = records.get((row["name"], dataset, "all"))
             if record is None:
                 continue
-            cell = row["cells"].get(dataset, {}).get("top1", {})
-            published = cell.get("published")
+            published = row["cells"][dataset]["top1"]["published"]
             runs = cell_runs(record)
             if runs is None:
-                top1 = record.get("metrics", {}).get("top1")
-                if top1 is not None:
-                    strips.append(RunStrip(row["name"], dataset, (), float(top1), None, 0, "once", published))
+                strips.append(RunStrip(row["name"], dataset, (), float(record["metrics"]["top1"]), None, 0, "once", published))
                 continue
             kind, values = runs
             summary = summarize_runs(values)
@@ -333,9 +330,9 @@ def _new_figure(width: float, height: float) -> "Figure":
 
 
 def _title(table: Mapping[str, Any], what: str) -> str:
-    run = table.get("run") or {}
-    title = f"{table['table']} ({run.get('model', '?')}, {run.get('pretrained', '?')}): {what}"
-    if run.get("limit") is not None:
+    run = table["run"]
+    title = f"{table['table']} ({run['model']}, {run['pretrained']}): {what}"
+    if run["limit"] is not None:
         title += f"; --limit {run['limit']} images per cell"
     return title
 
