@@ -290,6 +290,8 @@ def test_run_strips_have_the_tail_and_eta_by_hand():
     assert (zero.runs, zero.mean, zero.eta, zero.tail, zero.kind) == ((), 60.0, None, 0, "once")
     protocol = get_protocol("tta-ood")
     assert tda.published == protocol.published.get(("TDA", "imagenet_a", "top1"))
+    assert zero.dataset == tda.dataset == "imagenet_a"
+    assert zero.published == protocol.published[("ZERO", "imagenet_a", "top1")]  # the paper's number, run once too
     v2 = {s.row: s for s in strips["imagenet_v2"]}["ZERO + Ensemble"]
     assert v2.tail == 1 and v2.eta == 58.0 and v2.mean == pytest.approx(60.5) and v2.kind == "streams"
     assert list(run_strips(table, ["imagenet_v2", "imagenet_r"])) == ["imagenet_v2"]
