@@ -219,6 +219,8 @@ def _run_metrics(payload: dict[str, Any], runs: dict[str, Any], result: dict[str
         "summary": replay["summary"],
         "per_run_top1": [run["top1"] for run in replay["per_run"]],
         "per_run_ece": [run["ece"] for run in replay["per_run"]],
+        # each run's seed, size and first images (its wall time is a cost, kept by the evaluation's own file)
+        "per_run": [{k: v for k, v in run.items() if k != "seconds"} for run in replay["per_run"]],
     }
     result["cost"]["encode_seconds"] = payload["timing"].get("encode_seconds")
     return {"top1": summary["mean"], "eta": summary["eta"], "spread": summary["std"], "runs": summary["n_runs"],
