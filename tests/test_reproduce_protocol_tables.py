@@ -157,6 +157,9 @@ def test_oga_runs_end_to_end_on_tiny_clip(tmp_path, shared_dir, capsys):
                  "## spread: standard deviation of the per-run top-1 (points)", "| cell | template (rule) | TTA | runs |"):
         assert head in md
     assert "— (2/11 cells) (65.30)" in md  # the published 11-set average beside our incomplete one
+    for kind in ("cost", "runs"):  # the pictures beside the markdown, linked from it
+        png = out / "oga-runs" / f"oga-runs.{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{kind}](oga-runs.{kind}.png)" in md
 
 
 def _stata_rows(monkeypatch, keep: set[str]) -> None:

@@ -6,7 +6,8 @@ payload always gives the same file.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
 
 def _fmt(entry: dict[str, Any]) -> str:
@@ -123,8 +124,16 @@ def _datasets_section(table: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
-def render_markdown(table: dict[str, Any]) -> str:
-    """``TABLE.md``: ours (published, difference) per cell, recomputed averages, then every setting."""
+_FIGURE_CAPTIONS = {
+    "cost": "Average top-1 (and ECE) against GFLOPs per image, one point per row; hollow: the paper's number.",
+    "runs": "Every run's top-1 per dataset and row; red: the worst 10 % (the tail), ticks: mean and ETA.",
+}
+
+
+def render_markdown(table: dict[str, Any], figures: Optional[Mapping[str, Path]] = None) -> str:
+    """``TABLE.md``: ours (published, difference) per cell, recomputed averages, the pictures written
+    beside it (``figures``: kind -> path, from :func:`protext.reproduction.figures.write_table_figures`),
+    then every setting."""
     out = [f"# {table['table']}", "", table["title"], ""]
     out += ["Each cell: ours (published, ours − published). Averages and harmonic means are recomputed from the",
             "rows; the number in brackets under an average is the paper's printed average.", ""]
@@ -140,6 +149,8 @@ def render_markdown(table: dict[str, Any]) -> str:
         if len(measures) > 1:
             out += [f"## {titles.get(measure, measure)}", ""]
         out += _measure_table(table, measure) + [""]
+    for kind, path in (figures or {}).items():
+        out += [f"![{kind}]({Path(path).name})", "", _FIGURE_CAPTIONS.get(kind, ""), ""]
     if table["departures"]:
         out += ["## This run departs from the published protocol", ""] + [f"- {d}" for d in table["departures"]] + [""]
     out += ["## Where protext still departs from the paper's setting", ""]

@@ -44,6 +44,7 @@ from .availability import Availability, check_datasets, check_external
 from .backend import LibraryRunner
 from .config import ReproduceConfig, ReproduceError, slug, validate
 from .descriptions import classes_of, gather_descriptions, materialise
+from .figures import write_table_figures
 from .plan import Cell, plan_cells, preset_info
 from .render import render_markdown
 from .run_folder import CELL_FORMAT, RunFolder, read_json, write_json, write_text
@@ -144,7 +145,8 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
         state.run_put_aside()
         table = build_table(protocol, config, cells, folder, found, checked.external_problem, state.trained_records())
         write_json(json_path, table)
-        write_text(md_path, render_markdown(table))
+        figures = write_table_figures(table, md_path)  # TABLE.cost.png / TABLE.runs.png, those with something to show
+        write_text(md_path, render_markdown(table, figures))
     except UserError as err:
         team.stop(err)
         raise
