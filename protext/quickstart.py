@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "is emulated and far slower) [auto]")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs, 1 of them warm-up [10]")
     parser.add_argument("--depth", type=int, default=None,
-                        help="prompt depth [9, or 2 for the two-block tiny-clip]")
+                        help="prompt depth [the preset's 9; on a shallower text tower its block count, said in "
+                        "one line, as train does: 2 for tiny-clip]")
     parser.add_argument("--tta-views", type=int, default=8,
                         help="views per image for TPT, C-TPT, ZERO and MTA: 1, or 5 and more (MTA's bandwidth needs "
                         "other views); published: 64 [8]")
