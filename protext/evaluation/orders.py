@@ -18,6 +18,12 @@ of its batch in turn), ``--scenario online-low|medium|high|separate`` correlated
 of 128 (a fresh adapter per stream, state kept across its batches). Every draw comes from one
 Generator seeded by ``--stream-seed`` (StatA: 1), recorded, including the Dirichlet draw the original
 leaves unseeded. A run's accuracy is the mean of its per-batch accuracies, as OGA and StatA score.
+
+Within a batch the images go one at a time (each updates the method's state, then is predicted),
+unless ``--stream-update batch`` (TDA, DMN-ZS, with ``--stream-runs``) asks for OGA's rule
+(TTA2.md §11.1): the whole batch updates the state first (the adapter's ``observe``), then each of
+its images is predicted from that state (``predict``), so a batch's later images act on its earlier
+ones' predictions. The rule is recorded under the results' ``runs``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,19 @@ from .data import SeededViews, batches, progress_bar
 from .loop import ShardResult, build_adapter, build_setup, class_features
 from .preflight import AlreadyDone
 from .runtime import peak_memory, reset_peak_memory
+
+
+#: what each ``--stream-update`` rule does within a batch, as the results record it
+UPDATE_RULES = {
+    "image": "image by image: each image of a batch updates the state, then is predicted",
+    "batch": "OGA's batch rule (TTA2.md §11.1): the whole batch updates the state in its order, then each of its "
+             "images is predicted from that state",
+}
+
+
+def update_rule(setup, tta_cfg) -> str:
+    """The run's ``--stream-update`` (``image`` for a method without the option)."""
+    return getattr(tta_cfg.settings(setup.dataset.name), "stream_update", "image")
 
 
 def runs_log_path(out: Path) -> Path:
@@ -106,6 +125,8 @@ def evaluate_orders(config: EvalConfig, *, clip: Any = None, progress: bool = Tr
     # the tail is of accuracy; ECE gets its spread only (its "worst" runs are its highest)
     summary["ece"] = {k: v for k, v in summarize_runs([run["ece"] for run in runs]).to_dict().items()
                       if k not in ("eta", "tail_runs")}
+    rule = update_rule(setup, tta_cfg)
+    described = {**described, "update": rule, "update_rule": UPDATE_RULES[rule]}
     payload["runs"] = {**described, "n_runs": len(plan), "per_run": runs, "summary": summary,
                        "note": "a run's top-1 is the mean of its per-batch accuracies; ETA = mean top-1 of the worst "
                                "10% of runs; the predictions above are run 0's"}
@@ -204,19 +225,19 @@ def _one_run(setup, tta_cfg, text: torch.Tensor, encoded: list[torch.Tensor], la
     if done is not None and r > 0:
         return result, done
     adapter = build_adapter(setup, tta_cfg, text_features=text)
+    by_batch = update_rule(setup, tta_cfg) == "batch"
     predictions: list[Prediction] = []
     batch_accuracy: list[float] = []
     began = time.perf_counter()
     for batch in run_batches:
         right = 0
-        for index in batch:
-            if sample is not None and sample.images == 0:  # the method's own work on one image, counted
-                with PartCounter() as counter:
-                    out = adapter.adapt_features(encoded[index])
-                _add(sample.per_images, counter.per_call)
-                sample.images = 1
-            else:
-                out = adapter.adapt_features(encoded[index])
+        if by_batch:  # OGA: the whole batch into the state first, then every image read out
+            for k, index in enumerate(batch):  # the first image's observe counted, with its predict below
+                _counted(sample if k == 0 else None, lambda: adapter.observe(encoded[index]), done=False)
+            outs = [_counted(sample, lambda: adapter.predict(encoded[index])) for index in batch]
+        else:
+            outs = [_counted(sample, lambda: adapter.adapt_features(encoded[index])) for index in batch]
+        for index, out in zip(batch, outs):
             prediction = predictions_from_logits([index], [labels[index]], out.logits.float().cpu()[None],
                                                  keep_logits=setup.config.save_logits,
                                                  calibration_logits=out.calibration_logits.float().cpu()[None])[0]
@@ -230,6 +251,20 @@ def _one_run(setup, tta_cfg, text: torch.Tensor, encoded: list[torch.Tensor], la
               "images": len(predictions), "batches": len(run_batches), "first_indices": run_batches[0][:10],
               "seconds": result.seconds}
     return result, record
+
+
+def _counted(sample: Optional[FlopSample], call, done: bool = True):
+    """``call()``, its FLOPs added to ``sample`` while the sample has no image yet: the method's own
+    work on the first image (under the batch rule its observe, then its predict: ``done`` marks the
+    image counted after the predict)."""
+    if sample is None or sample.images:
+        return call()
+    with PartCounter() as counter:
+        out = call()
+    _add(sample.per_images, counter.per_call)
+    if done:
+        sample.images = 1
+    return out
 
 
 def _add(into: dict[str, int], counts: dict[str, int]) -> None:
@@ -269,4 +304,4 @@ class _RunsLog:
             handle.flush()
 
 
-__all__ = ["evaluate_orders", "plan_runs", "runs_log_path"]
+__all__ = ["UPDATE_RULES", "evaluate_orders", "plan_runs", "runs_log_path", "update_rule"]

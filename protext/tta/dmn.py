@@ -8,6 +8,9 @@ gives memory probabilities ``p_mem``. The final score is ``p_text + β₂·p_mem
 probabilities, not a multi-view average). The published runs choose β₂ per dataset by test-set
 accuracy after the stream (:func:`oracle_beta2`); the online prediction uses a β₂ fixed up front.
 The result depends on the stream order; ``state_dict`` saves the memory so a stream can resume.
+The two halves of an image's step are also offered apart, :meth:`DMNAdapter.observe` (the memory
+takes the image) and :meth:`DMNAdapter.predict` (the read-out with the memory as it is), for OGA's
+batch rule: a whole batch is written before any of its images is read out (TTA2.md §11.1).
 
 Only the dynamic memory exists here: the static (few-shot) memory of DMN is never built with
 ``--n_shot 0`` [dmn dmn_main.py:461]. All bias/affine terms of the official ``DualMem`` are zeros
@@ -210,24 +213,58 @@ class DMNAdapter(FeatureAdapter):
     def step(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one image into the memory, then read it out: ``(p_text, p_mem)`` (§6 steps 2-6)."""
         features = features.float()
-        probs = (self.scale * features @ self.classes.t()).softmax(dim=1)  # step 2, every view
-        label, entropy = pseudo_label(confident_mean(probs, self.fraction))  # steps 3-4
-        query = features[0]
-        self.memory.write(label, query, entropy)  # step 5: before the read-out
-        attended = self.memory.read(query, self.classes, self.beta)  # step 6
-        p_mem = (self.scale * attended @ query).softmax(dim=-1)
+        probs = self.text_probs(features)
+        self.write(features, probs)  # step 5: before the read-out
+        return probs[0], self.read(features)  # step 7 stores view 0's text probabilities only
+
+    def text_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Every view's text probabilities (n_views, n_classes) (§6 step 2)."""
+        return (self.scale * features @ self.classes.t()).softmax(dim=1)
+
+    def write(self, features: torch.Tensor, probs: torch.Tensor) -> None:
+        """View 0 into the memory under the pseudo-label of the confident views (§6 steps 3-5)."""
+        label, entropy = pseudo_label(confident_mean(probs, self.fraction))
+        self.memory.write(label, features[0], entropy)
         self.seen += 1
-        return probs[0], p_mem  # step 7 stores view 0's text probabilities only
+
+    def read(self, features: torch.Tensor) -> torch.Tensor:
+        """``p_mem`` of the view-0 query from the memory as it is (§6 step 6)."""
+        query = features[0]
+        attended = self.memory.read(query, self.classes, self.beta)
+        return (self.scale * attended @ query).softmax(dim=-1)
+
+    def fused(self, p_text: torch.Tensor, p_mem: torch.Tensor) -> AdaptResult:
+        """``log(p_text + β₂·p_mem)`` as the logits, the two parts in ``extras`` (§6 step 7)."""
+        fused = p_text + self.beta2 * p_mem  # probabilities not logits
+        logits = torch.log(fused).clamp(min=torch.finfo(fused.dtype).min)
+        logits = logits.detach().float().cpu()
+        extras = {"p_text": p_text.detach().cpu(), "p_mem": p_mem.detach().cpu()}
+        return AdaptResult(logits, logits, {}, extras)
 
     def adapt_features(self, features: torch.Tensor) -> AdaptResult:
         watch = Stopwatch()
         with watch("memory"):
             p_text, p_mem = self.step(features)
-            fused = p_text + self.beta2 * p_mem  # step 7, probabilities not logits
-            logits = torch.log(fused).clamp(min=torch.finfo(fused.dtype).min)
-        logits = logits.detach().float().cpu()
-        extras = {"p_text": p_text.detach().cpu(), "p_mem": p_mem.detach().cpu()}
-        return AdaptResult(logits, logits, watch.timings, extras)
+            out = self.fused(p_text, p_mem)
+        out.timings = watch.timings
+        return out
+
+    def observe(self, features: torch.Tensor) -> None:
+        """The first half of :meth:`adapt_features`: the memory takes the image (normalised view
+        features (n_views, D), view 0 first); nothing is read out. ``observe(f)`` then
+        ``predict(f)`` is ``adapt_features(f)``, bit for bit; OGA's batch rule observes a whole batch first."""
+        features = features.float()
+        self.write(features, self.text_probs(features))
+
+    def predict(self, features: torch.Tensor) -> AdaptResult:
+        """The second half of :meth:`adapt_features`: the image's fused score from the memory as it
+        is; the memory is left alone."""
+        watch = Stopwatch()
+        with watch("memory"):
+            features = features.float()
+            out = self.fused(self.text_probs(features)[0], self.read(features))
+        out.timings = watch.timings
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"memory": self.memory.state(), "seen": self.seen}

@@ -5,6 +5,12 @@ and, when its normalised entropy lies in the band ``0.2 < h < 0.5``, a negative 
 class, with the sample's probabilities); its prediction then adds the positive cache's affinity
 to its class and subtracts the negative cache's from the classes it was unsure about. The result
 depends on the order of the stream; ``state_dict`` saves the caches so a stream can resume.
+
+The cache sizes 3 and 2 are TDA's published ones; OGA's runs use 5 and 3 (TTA2.md §11.1), so the
+adapter takes them as ``positive_shots``/``negative_shots``. The two halves of an image's step are
+also offered apart, :meth:`TDAAdapter.observe` (the caches take the image) and
+:meth:`TDAAdapter.predict` (the read-out with the caches as they are), for OGA's batch rule: a
+whole batch is observed before any of its images is predicted.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from .selection import marginal_entropy, select_confident
 __all__ = ["CacheEntry", "Observation", "TDAAdapter", "TDACache", "observe"]
 
 POSITIVE_SHOTS = 3
+"""Entries per class of the positive cache, as published (TDA's default; OGA runs 5)."""
 NEGATIVE_SHOTS = 2
+"""Entries per class of the negative cache, as published (TDA's default; OGA runs 3)."""
 NEGATIVE_BAND = (0.2, 0.5)
 """``h = H / log₂ C`` must lie strictly inside this band for the negative cache (as published)."""
 NEGATIVE_MASK = (0.03, 1.0)
@@ -130,6 +138,8 @@ class TDAAdapter(FeatureAdapter):
         alpha, beta: the positive cache's (α⁺, β⁺); the negative cache uses (0.117, 1.0).
         fraction: share of views kept when there are several (0.1).
         image_dtype: image-encoding precision.
+        positive_shots, negative_shots: entries per class of the two caches (TDA's 3 and 2;
+            OGA's 5 and 3).
     """
 
     online = True
@@ -142,15 +152,20 @@ class TDAAdapter(FeatureAdapter):
         beta: float,
         fraction: float = 0.1,
         image_dtype: torch.dtype | None = None,
+        positive_shots: int = POSITIVE_SHOTS,
+        negative_shots: int = NEGATIVE_SHOTS,
     ) -> None:
+        for name, shots in (("positive_shots", positive_shots), ("negative_shots", negative_shots)):
+            if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+                raise ValueError(f"TDAAdapter {name} must be a positive int, got {shots!r}")
         self.classes = F.normalize(class_features.detach().float(), dim=-1).to(next(model.parameters()).device)
         self.scale = float(logit_scale(model))
         self.alpha, self.beta = alpha, beta
         self.neg_alpha, self.neg_beta = TDA_NEGATIVE
         self.fraction = fraction
         self.image_encoder = ImageEncoder(model, image_dtype)
-        self.positive = TDACache(POSITIVE_SHOTS)
-        self.negative = TDACache(NEGATIVE_SHOTS)
+        self.positive = TDACache(positive_shots)
+        self.negative = TDACache(negative_shots)
         self.seen = 0
 
     def normalised_entropy(self, entropy: float) -> float:
@@ -159,12 +174,20 @@ class TDAAdapter(FeatureAdapter):
 
     def step(self, obs: Observation) -> torch.Tensor:
         """Update the caches with ``obs`` and return its final logits (TTA.md §3.3–3.5)."""
+        self.update(obs)
+        return self.read(obs)
+
+    def update(self, obs: Observation) -> None:
+        """The caches take ``obs`` under its zero-shot pseudo-label (TTA.md §3.3–3.4)."""
         label = obs.prediction
         self.positive.update(label, CacheEntry(obs.feature, obs.entropy))
         h = self.normalised_entropy(obs.entropy)
         if NEGATIVE_BAND[0] < h < NEGATIVE_BAND[1]:
             self.negative.update(label, CacheEntry(obs.feature, obs.entropy, obs.probs))
         self.seen += 1
+
+    def read(self, obs: Observation) -> torch.Tensor:
+        """``obs``'s final logits from the caches as they are, which it leaves alone (TTA.md §3.5)."""
         final = obs.logits.clone()
         n_classes = self.classes.shape[0]
         if self.positive:
@@ -185,6 +208,29 @@ class TDAAdapter(FeatureAdapter):
             final = self.step(obs)
         logits = final.detach().float().cpu()
         return AdaptResult(logits, logits, watch.timings)
+
+    def observe(self, features: torch.Tensor) -> None:
+        """The first half of :meth:`adapt_features`: the caches take the image (normalised view
+        features (n_views, D)), nothing is predicted. ``observe(f)`` then ``predict(f)`` is
+        ``adapt_features(f)``, bit for bit; OGA's batch rule observes a whole batch first."""
+        self._own_split()
+        self.update(observe(features, self.classes, self.scale, self.fraction))
+
+    def predict(self, features: torch.Tensor) -> AdaptResult:
+        """The second half of :meth:`adapt_features`: the image's final logits from the caches as
+        they are; the caches are left alone."""
+        self._own_split()
+        watch = Stopwatch()
+        with watch("cache"):
+            final = self.read(observe(features, self.classes, self.scale, self.fraction))
+        logits = final.detach().float().cpu()
+        return AdaptResult(logits, logits, watch.timings)
+
+    def _own_split(self) -> None:
+        """The split is TDA's own step: a subclass with another per-image rule (BoostAdapter, whose
+        cache also takes the image's boosting views) has no such halves."""
+        if type(self).adapt_features is not TDAAdapter.adapt_features:
+            raise TypeError(f"{type(self).__name__} adapts each image by its own rule; observe/predict split TDA's")
 
     def state_dict(self) -> dict[str, Any]:
         return {"positive": self.positive.state(), "negative": self.negative.state(), "seen": self.seen}

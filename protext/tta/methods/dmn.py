@@ -12,6 +12,7 @@ from typing import Any
 
 from ..declare import Method, ViewRecipe, option, register
 from . import common
+from .tda import stream_update
 
 DMN_CROP_SCALE = (0.5, 1.0)
 """DMN's random crops keep at least half the image [dmn data/datautils.py:84-126]."""
@@ -40,6 +41,7 @@ class DMNOracleSettings:
 class DMNSettings(DMNOracleSettings):
     dmn_beta2: float = option("--dmn-beta2", "Weight of the memory probabilities in the final score (announced, "
                               "not searched).", default=1.0, shown="1", low=0.0, metavar="W")
+    stream_update: str = stream_update()
 
 
 def _views(settings: Any) -> ViewRecipe:

@@ -9,6 +9,20 @@ from ..declare import Context, Method, TTAConfigError, ViewRecipe, option, per_d
 from ..published import TDA_NEGATIVE, TDA_POSITIVE  # noqa: F401  (TDA_NEGATIVE re-exported)
 from . import common
 
+STREAM_UPDATES = ("image", "batch")
+"""How ``--stream-runs`` feeds a batch of its orders to a method whose step splits into a write and a
+read-out: ``image`` (each image updates the state, then is predicted) or ``batch`` (OGA, TTA2.md
+§11.1: the whole batch updates the state, then each of its images is predicted)."""
+
+
+def stream_update() -> Any:
+    """The ``--stream-update`` option, declared alike by every method with the write/read split
+    (TDA here, DMN-ZS in :mod:`.dmn`); the others refuse the flag."""
+    return option("--stream-update", "How --stream-runs feeds each batch of 32: image (each image updates the state, "
+                  "then is predicted) or batch (OGA's rule: the whole batch updates the state, then each of its images "
+                  "is predicted, so a batch's later images act on its earlier ones); batch needs --stream-runs.",
+                  type=str, choices=STREAM_UPDATES, default="image", shown="image", metavar="RULE")
+
 
 @dataclass(frozen=True)
 class TDASettings:
@@ -19,6 +33,13 @@ class TDASettings:
                               default=per_dataset({k: v[0] for k, v in TDA_POSITIVE.items()}), shown="published per dataset")
     tda_beta: float = option("--tda-beta", "TDA's positive-cache sharpness beta.", low=0.0, low_open=True, metavar="B",
                              default=per_dataset({k: v[1] for k, v in TDA_POSITIVE.items()}), shown="published per dataset")
+    tda_positive_shots: int = option("--tda-positive-shots", "Entries per class of TDA's positive cache (TDA's "
+                                     "published 3; OGA's runs use 5).", type=int, default=3, shown="3", low=1,
+                                     high=10_000, metavar="N")
+    tda_negative_shots: int = option("--tda-negative-shots", "Entries per class of TDA's negative cache (TDA's "
+                                     "published 2; OGA's runs use 3).", type=int, default=2, shown="2", low=1,
+                                     high=10_000, metavar="N")
+    stream_update: str = stream_update()
 
 
 def check_pair(name: str, given: Mapping[str, Any], context: Optional[Context], alpha: str = "tda_alpha", beta: str = "tda_beta") -> None:
@@ -34,7 +55,8 @@ def check_pair(name: str, given: Mapping[str, Any], context: Optional[Context], 
 def _build(settings: TDASettings, model: Any, *, text_features: Any, image_dtype: Any = None, **_: Any) -> Any:
     from ..tda import TDAAdapter
 
-    return TDAAdapter(model, text_features, settings.tda_alpha, settings.tda_beta, settings.selection, image_dtype)
+    return TDAAdapter(model, text_features, settings.tda_alpha, settings.tda_beta, settings.selection, image_dtype,
+                      positive_shots=settings.tda_positive_shots, negative_shots=settings.tda_negative_shots)
 
 
 TDA = register(Method(
