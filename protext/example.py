@@ -118,17 +118,16 @@ def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path, re
     ``resume``: this workdir's earlier run had the same settings, so a finished checkpoint is kept
     and an interrupted training continues from its resume state.
     """
-    from .architectures import text_tower_shape
     from .training import TrainJob, run_training, side_paths
 
-    # the published depth 9, or every block of a shallower tower (tiny-clip has 2)
-    shape = text_tower_shape(cfg.model)
-    depth = cfg.depth if cfg.depth is not None else min(9, shape.blocks if shape else 9)
+    # --depth only when given: else the preset's 9, which training lowers to a shallower tower's
+    # blocks (tiny-clip has 2) by its one rule, in one line (protext.architectures.fit_prompts)
+    depth = ["--depth", cfg.depth] if cfg.depth is not None else []
     # the preset's batch of 256 holds every description of the example (84 with the offline templates),
     # kept as one step per epoch (--keep-last-batch): each step encodes each class prompt once
     # whatever the batch size, so this is a third of the steps that batches of 32 took
     _say("python -m protext.train", [
-        "--descriptions", descriptions, "--preset", "cross_dataset", "--depth", depth, "--epochs", cfg.epochs,
+        "--descriptions", descriptions, "--preset", "cross_dataset", *depth, "--epochs", cfg.epochs,
         "--warmup-epochs", 1, "--keep-last-batch", "--model", cfg.model,
         "--pretrained", cfg.pretrained, "--device", cfg.device, "--seed", cfg.seed, "--out", out, "--overwrite",
     ])
@@ -138,7 +137,7 @@ def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path, re
         return
     resume = resume and files["state"].is_file()
     job = TrainJob(
-        descriptions=descriptions, preset="cross_dataset", depth=depth, epochs=cfg.epochs, warmup_epochs=1, out=out,
+        descriptions=descriptions, preset="cross_dataset", depth=cfg.depth, epochs=cfg.epochs, warmup_epochs=1, out=out,
         overwrite=not resume, resume=resume, model=cfg.model, pretrained=cfg.pretrained, device=cfg.device,
         seed=cfg.seed, keep_last_batch=True,
     )
@@ -147,6 +146,8 @@ def train_prompts(cfg: QuickstartConfig, clip, descriptions: Path, out: Path, re
         from .errors import UserError
 
         raise UserError(f"quickstart: training stopped: {outcome.message}")
+    if outcome.depth_note:  # the one line of the run the quickstart shows: the depth it trained with
+        print(f"quickstart: {outcome.depth_note}", flush=True)
     resumed = f", resumed after epoch {outcome.resumed_from}" if outcome.resumed_from else ""
     print(f"quickstart: trained prompts, {len(outcome.history)} epochs, final loss {outcome.final_loss:.4g}, "
           f"{outcome.seconds:.0f} s{resumed}", flush=True)
@@ -249,6 +250,7 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     from .atomic import atomic_write
     import contextlib
 
+    from .devices import resolve_device
     from .feature_memo import FeatureMemo, remember_image_features
     from .models import load_clip
 
@@ -264,13 +266,13 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     names = write_example_images(images)
     describe(cfg, names, descriptions, work / "classes.txt")
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
+    device = resolve_device(cfg.device)
     print(f"\nloading {cfg.model} ({cfg.pretrained}) once for every stage", flush=True)
     clip = load_clip(cfg.model, cfg.pretrained, device=device, seed=cfg.seed)
     if cfg.precision == "auto":
         from .hardware import auto_precision
 
-        precision, why = auto_precision(device.split(":")[0])
+        precision, why = auto_precision(device.type)
         print(f"quickstart: precision auto: {precision} ({why})", flush=True)
     train_prompts(cfg, clip, descriptions, checkpoint, resume=resume)
     # the rows share pixels (every zero-shot row encodes the same crops; TPT and C-TPT, ZERO and MTA
@@ -317,12 +319,6 @@ def _resume_or_start_afresh(cfg: QuickstartConfig, outputs: Sequence[Path]) -> b
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(ours, indent=2) + "\n"))
     return False
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -10,6 +10,7 @@ from protext.descriptions import read_descriptions
 from protext.example import EXAMPLE_PHOTOS, TTA_SHOWN
 from protext.quickstart import main
 
+DEPTH_NOTE = "depth: the preset's 9 is above tiny-clip's 2 text blocks; using 2"
 METHODS = ["clip", "cupl", "prompts", *(f"prompts+{m}" for m in ("tpt", "ctpt", "zero", "tda", "mta"))]
 
 
@@ -27,6 +28,8 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path, capsys):
 
     checkpoint = load_prompts(work / "checkpoints" / "example.safetensors")
     assert (checkpoint.n_ctx, checkpoint.depth, checkpoint.width) == (4, 2, 64)
+    # the preset's depth 9 on tiny-clip's two blocks: training's one rule, said once (issue 16)
+    assert checkpoint.meta["depth_note"] == DEPTH_NOTE
     assert sorted(checkpoint.meta["classes"]) == sorted(EXAMPLE_PHOTOS)
 
     rows = json.loads((work / "results" / "summary.json").read_text())
@@ -43,6 +46,9 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path, capsys):
     assert tda["tta"]["settings"]["views"] == 1  # one view on a plain folder, as published for the fine-grained sets
 
     table = capsys.readouterr().out
+    assert [line for line in table.splitlines() if "depth:" in line] == [f"quickstart: {DEPTH_NOTE}"]
+    train = next(line for line in table.splitlines() if line.startswith("$ python -m protext.train "))
+    assert "--depth" not in train  # the preset's, fitted by train itself when the command runs alone
     assert "| prompts+mta |" in table and "chance-level" in table
     assert "$ python -m protext.eval --dataset folder" in table
     assert [line.split(":")[1].strip() for line in _run_lines(table)] == [f"row {i}/8 {m}" for i, m in enumerate(METHODS, 1)]

@@ -44,18 +44,10 @@ class LibraryRunner:
 
     def _load(self):
         if self._clip is None:
-            import torch
-
+            from ..devices import resolve_device
             from ..models import load_clip
 
-            name = self.config.device
-            name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-            if name.startswith("cuda") and not torch.cuda.is_available():
-                raise ReproduceError(f"--device {self.config.device}: CUDA is not available on this machine; use --device cpu or auto.")
-            try:
-                self._device = torch.device(name)
-            except RuntimeError:
-                raise ReproduceError(f"--device must be auto, cpu, cuda or cuda:N, got {self.config.device!r}.") from None
+            self._device = resolve_device(self.config.device)  # a DeviceError (a UserError) names --device
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
                 try:
@@ -110,7 +102,7 @@ class LibraryRunner:
         return {
             "cost": {"seconds": round(float(outcome.seconds), 3)}, "epochs": len(outcome.history),
             "final_loss": getattr(last, "loss", None), "samples": outcome.samples, "classes": len(outcome.classes),
-            "settings": _jsonable(train_job.settings()),
+            "settings": _jsonable(outcome.settings or train_job.settings()),  # the depth fitted to the tower
         }
 
     def eval_config(self, request: EvalRequest):
