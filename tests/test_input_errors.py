@@ -83,6 +83,8 @@ CASES = [
     ("protext.reproduce", REPRODUCE + REPRODUCE_OUT + ["--batch-size", "0"], "--batch-size must be between 1 and"),
     ("protext.reproduce", REPRODUCE + REPRODUCE_OUT + ["--seed", HUGE], "--seed must be between"),
     ("protext.reproduce", REPRODUCE + ["--out", "{afile}"], "--out {afile} is a file, not a directory"),
+    ("protext.reproduce", REPRODUCE + REPRODUCE_OUT + ["--model", "tiny-clip", "--depth", "3"],
+     "--depth 3: tiny-clip's text tower has only 2 blocks; pass --depth 2 or less."),
     # export and datasets check: inputs that need no model are checked before torch
     ("protext.export", ["--format", "coop", "{tmp}/nope.safetensors", "{tmp}/out/o.pth"], "{tmp}/nope.safetensors: no such prompt checkpoint"),
     ("protext.datasets.__main__", ["check", "--root", "{data}", "--splits", "{tmp}/nope"], "--splits {tmp}/nope: no such folder"),

@@ -139,6 +139,12 @@ def validate(config: ReproduceConfig) -> None:
         if value is not None and value < 1:
             raise ReproduceError(f"{flag} must be at least 1, got {value}.")
     check_run_counts(config)
+    if config.depth is not None:  # a given --depth above the tower: the one rule, before any weights load
+        from ..architectures import fit_prompts, text_tower_shape
+
+        shape = text_tower_shape(config.model)
+        if shape is not None:
+            fit_prompts(shape, 1, config.depth, depth_given=True)
     if not 0 <= config.workers <= MAX_WORKERS:
         raise ReproduceError(f"--workers must be between 0 and {MAX_WORKERS} (DataLoader processes), got {config.workers}.")
     if not 1 <= config.batch_size <= MAX_BATCH_SIZE:
