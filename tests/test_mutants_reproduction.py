@@ -1,0 +1,452 @@
+"""Mutation-testing survivors of :mod:`protext.reproduction` (issue 16), each killed by a test written here.
+
+Every expected value is written out by hand from the design docs (PUBLISHED.md, PRESETS.md, TTA2.md
+§11) or computed by hand in the test, never with the package's own helpers. The inputs are chosen so
+the rule matters: a harmonic mean that differs from the mean, a row with a missing cell, odd class
+counts, a run that departs on every flag. Nothing here reads a dataset or imports a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from protext.protocols import Average, Protocol, Row, RunSpec, TTASpec
+from protext.reproduction.availability import Availability
+from protext.reproduction.config import MAX_RUNS, ReproduceConfig, ReproduceError, check_run_counts, slug, validate
+from protext.reproduction.plan import Cell, cell_key, describe_plan, describe_runs, plan_cells, resolved_runs
+from protext.reproduction.render import render_markdown
+from protext.reproduction.table_math import build_table, harmonic_mean
+
+# --------------------------------------------------------------------------------------------------
+# a small protocol of our own, so every number below is chosen by hand
+
+_DATASETS = ("dtd", "eurosat", "oxford_pets")  # 47, 10 and 37 classes: two odd counts
+
+
+def _protocol(**kw) -> Protocol:
+    fields: dict[str, Any] = dict(
+        name="mini", title="a hand-made table", datasets=_DATASETS, splits=("all",),
+        rows=(Row("CLIP", "clip", "coop", note="the coop rule"), Row("Other", "clip", "tpt")),
+        averages=(Average("avg (2)", ("dtd", "eurosat")), Average("avg (3)", _DATASETS)),
+        published={("CLIP", "dtd", "top1"): 44.0, ("CLIP", "eurosat", "top1"): 48.0},
+        published_averages={("CLIP", "avg (2)", "top1"): 46.5},
+        notes=("a note",), departures=("a departure",),
+    )
+    fields.update(kw)
+    return Protocol(**fields)
+
+
+class _Folder:
+    """Stands in for the run folder: the records the test wrote, by cell key."""
+
+    def __init__(self, records: dict[str, dict]):
+        self.records = records
+
+    def read_cell(self, cell: Cell) -> Optional[dict]:
+        return self.records.get(cell.key)
+
+
+def _record(cell: Cell, top1: float, seconds: float = 1.0, **metrics) -> dict:
+    return {"key": cell.key, "settings": cell.settings(), "metrics": {"top1": top1, **metrics},
+            "cost": {"seconds": seconds}, "template_used": cell.template, "environment": {"device": "cpu"}}
+
+
+def _build(protocol: Protocol, values: dict, present=_DATASETS, external_problem=None, prompts=None, **config_kw):
+    config = ReproduceConfig(protocol.name, "ROOT", **config_kw)
+    cells = plan_cells(protocol, config)
+    by_key = {(c.row, c.dataset, c.split): c for c in cells}
+    records = {by_key[k].key: _record(by_key[k], v) for k, v in values.items()}
+    found = Availability(present=list(present), missing={d: "absent: place it" for d in protocol.datasets if d not in present})
+    return build_table(protocol, config, cells, _Folder(records), found, external_problem, prompts or {}), cells
+
+
+# --------------------------------------------------------------------------------------------------
+# table_math
+
+
+def test_harmonic_mean_by_hand():
+    assert harmonic_mean(80.0, 20.0) == pytest.approx(32.0)  # 2·80·20/100, not the mean 50
+    assert harmonic_mean(0.0, 0.0) == 0.0
+    assert harmonic_mean(0.0, 50.0) == 0.0
+    assert harmonic_mean(None, 50.0) is None and harmonic_mean(50.0, None) is None
+
+
+def test_a_row_missing_a_cell_has_no_average_over_it_and_counts_what_it_has():
+    table, _ = _build(_protocol(), {("CLIP", "dtd", "all"): 40.0, ("CLIP", "eurosat", "all"): 50.0,
+                                    ("Other", "dtd", "all"): 30.0})
+    clip, other = table["rows"]
+    two, three = clip["averages"]["avg (2)"]["top1"], clip["averages"]["avg (3)"]["top1"]
+    assert two == {"ours": 45.0, "published": 46.5, "difference": -1.5, "mean_of_published_cells": 46.0,
+                   "complete": 2, "of": 2}
+    # no pets cell: no average over the three, and the paper printed none (its mean of cells: pets unpublished)
+    assert three == {"ours": None, "published": None, "difference": None, "mean_of_published_cells": None,
+                     "complete": 2, "of": 3}
+    assert other["averages"]["avg (2)"]["top1"]["ours"] is None
+    assert other["averages"]["avg (2)"]["top1"]["complete"] == 1
+    assert clip["cells"]["dtd"]["top1"] == {"ours": 40.0, "published": 44.0, "difference": -4.0}
+    assert clip["cells"]["oxford_pets"]["top1"] == {"ours": None, "published": None, "difference": None}
+    assert other["cells"]["eurosat"]["top1"] == {"ours": None, "published": None, "difference": None}
+    assert table["cells_not_run"] == ["clip__oxford_pets__all", "other__eurosat__all", "other__oxford_pets__all"]
+    assert [c["key"] for c in table["cells"]] == ["clip__dtd__all", "clip__eurosat__all", "other__dtd__all"]
+
+
+def test_numbers_are_rounded_to_four_places_and_the_published_kept_as_printed():
+    table, _ = _build(_protocol(), {("CLIP", "dtd", "all"): 40.123456, ("CLIP", "eurosat", "all"): 50.0,
+                                    ("CLIP", "oxford_pets", "all"): 60.0})
+    clip = table["rows"][0]
+    assert clip["cells"]["dtd"]["top1"] == {"ours": 40.1235, "published": 44.0, "difference": -3.8765}
+    # (40.123456 + 50 + 60) / 3 = 50.041152
+    assert clip["averages"]["avg (3)"]["top1"]["ours"] == 50.0412
+    assert clip["averages"]["avg (3)"]["top1"]["complete"] == 3
+
+
+def test_base_to_novel_hm_per_cell_and_of_the_averages():
+    p = _protocol(splits=("base", "novel"), averages=(Average("average", ("dtd", "eurosat")),),
+                  published={("CLIP", "dtd", "hm"): 30.0}, published_averages={})
+    values = {("CLIP", "dtd", "base"): 80.0, ("CLIP", "dtd", "novel"): 20.0,
+              ("CLIP", "eurosat", "base"): 40.0, ("CLIP", "eurosat", "novel"): 60.0,
+              ("CLIP", "oxford_pets", "base"): 50.0}
+    table, _ = _build(p, values)
+    assert table["measures"] == ["base", "novel", "hm"] and table["splits"] == ["base", "novel"]
+    clip = table["rows"][0]
+    assert clip["cells"]["dtd"]["hm"] == {"ours": 32.0, "published": 30.0, "difference": 2.0}  # 2·80·20/100
+    assert clip["cells"]["eurosat"]["hm"]["ours"] == 48.0  # 2·40·60/100
+    assert clip["cells"]["oxford_pets"]["hm"]["ours"] is None  # no novel half
+    assert clip["cells"]["oxford_pets"]["base"]["ours"] == 50.0
+    avg = clip["averages"]["average"]
+    assert avg["base"]["ours"] == 60.0 and avg["novel"]["ours"] == 40.0
+    # the HM of the two means (2·60·40/100 = 48), not the mean of the HMs ((32 + 48) / 2 = 40)
+    assert avg["hm"]["ours"] == 48.0
+    assert avg["hm"]["complete"] == 2 and avg["hm"]["of"] == 2
+
+
+def test_the_payload_around_the_rows():
+    prompts = {"text_only/dtd": {"cost": {"seconds": 2.25}}, "x": {"cost": {"seconds": None}}, "y": {}}
+    p = _protocol(rows=(Row("CLIP", "clip", "coop"), Row("Ext", "clip", "tpt", external="coop", note="needs it")))
+    table, _ = _build(p, {("CLIP", "dtd", "all"): 40.0, ("CLIP", "eurosat", "all"): 50.0},
+                      present=("dtd",), external_problem="no --coop", prompts=prompts, limit=3, epochs=2)
+    # eurosat is not present: its record is not read even though a file is there
+    assert [c["key"] for c in table["cells"]] == ["clip__dtd__all"]
+    assert table["rows_not_run"] == {"Ext": "no --coop"}
+    assert table["missing_datasets"] == {"eurosat": "absent: place it", "oxford_pets": "absent: place it"}
+    assert table["cost"] == {"evaluation_seconds": 1.0, "training_seconds": 2.25}
+    assert table["format"] == "protext-reproduce-table/1" and table["table"] == "mini"
+    assert table["title"] == "a hand-made table" and table["notes"] == ["a note"]
+    assert table["datasets"] == list(_DATASETS) and table["measures"] == ["top1"]
+    assert table["run"]["root"] == "ROOT" and table["run"]["descriptions"] is None and table["run"]["limit"] == 3
+    # no row trains prompts: --epochs departs nothing, --limit does
+    assert table["departures"] == ["--limit 3: only the first 3 test images of each cell"]
+    assert table["protocol_departures"][0] == "a departure" and len(table["protocol_departures"]) == 2
+    assert "report_runs" not in table and "pivot" not in table
+    row = table["rows"][1]
+    assert (row["name"], row["features"], row["template_rule"], row["preset"], row["tta"], row["note"]) == \
+        ("Ext", "clip", "tpt", None, None, "needs it")
+    # without an external problem no row is listed as not run
+    assert _build(p, {}, present=("dtd",))[0]["rows_not_run"] == {}
+
+
+def _runs_protocol() -> Protocol:
+    rows = (Row("Zero", "clip", "coop"), Row("M (low)", "clip", "coop", runs=RunSpec(scenario="low")),
+            Row("M (high)", "clip", "coop", runs=RunSpec(scenario="high")))
+    return _protocol(
+        rows=rows, report_runs=True, published={}, published_averages={("Zero", "avg (2)", "top1"): 41.0},
+        published_only=(("S", "low", 70.0), ("S", "elsewhere", 60.0), ("T", "high", 50.0)),
+        pivot=(("Zero", "Zero", "low", 41.0), ("Zero", "Zero", "high", 41.0), ("M (low)", "M", "low", None),
+               ("M (high)", "M", "high", 45.5)),
+    )
+
+
+def test_the_pivot_and_what_is_published_beside_it_by_hand():
+    p = _runs_protocol()
+    values = {("Zero", "dtd", "all"): 40.0, ("Zero", "eurosat", "all"): 44.0,
+              ("M (high)", "dtd", "all"): 50.0, ("M (high)", "eurosat", "all"): 46.0, ("M (low)", "dtd", "all"): 30.0}
+    config = ReproduceConfig("mini", "ROOT")
+    cells = plan_cells(p, config)
+    recs = {}
+    for c in cells:
+        if (c.row, c.dataset, c.split) in values:
+            top1 = values[(c.row, c.dataset, c.split)]
+            recs[c.key] = _record(c, top1, eta=top1 - 10, spread=1.0)
+    table = build_table(p, config, cells, _Folder(recs), Availability(present=list(_DATASETS)), None, {})
+    assert table["measures"] == ["top1", "eta", "spread"] and table["report_runs"] is True
+    pivot = table["pivot"]
+    assert pivot["average"] == "avg (2)" and pivot["settings"] == ["low", "high"]
+    assert pivot["methods"] == ["Zero", "M", "S", "T"]
+    cells_by = {(c["method"], c["setting"]): c for c in pivot["cells"]}
+    assert cells_by[("Zero", "low")] == {"method": "Zero", "setting": "low", "row": "Zero", "implemented": True,
+                                         "ours": 42.0, "published": 41.0, "difference": 1.0, "eta": 32.0,
+                                         "complete": 2, "of": 2}
+    assert cells_by[("M", "high")]["ours"] == 48.0 and cells_by[("M", "high")]["difference"] == 2.5
+    assert cells_by[("M", "high")]["eta"] == 38.0
+    assert cells_by[("M", "low")] == {"method": "M", "setting": "low", "row": "M (low)", "implemented": True,
+                                      "ours": None, "published": None, "difference": None, "eta": None,
+                                      "complete": 1, "of": 2}
+    assert cells_by[("S", "low")] == {"method": "S", "setting": "low", "row": None, "implemented": False,
+                                      "ours": None, "published": 70.0, "difference": None, "eta": None,
+                                      "complete": 0, "of": 0}
+    assert ("S", "elsewhere") not in cells_by and cells_by[("T", "high")]["published"] == 50.0
+    # only the setting the pivot does not show stays in the list beside it
+    assert table["published_only"] == [{"method": "S", "setting": "elsewhere", "published": 60.0}]
+    assert len(pivot["cells"]) == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# plan
+
+
+def test_cell_key_and_slug():
+    assert slug("C-TPT (acc / ECE)") == "c-tpt-acc-ece"
+    assert slug("  A__b  ") == "a-b"
+    assert cell_key("DMN-ZS (beta2 = 1)", "dtd", "base") == "dmn-zs-beta2-1__dtd__base"
+
+
+def test_class_counts_of_the_halves_for_odd_counts():
+    p = _protocol(splits=("base", "novel"), averages=(), published={}, published_averages={})
+    cells = {(c.dataset, c.split): c.n_classes for c in plan_cells(p, ReproduceConfig("mini", "x")) if c.row == "CLIP"}
+    # CoOp: base = the first ceil(n/2) labels; DTD 47 -> 24/23, EuroSAT 10 -> 5/5, Pets 37 -> 19/18
+    assert cells == {("dtd", "base"): 24, ("dtd", "novel"): 23, ("eurosat", "base"): 5, ("eurosat", "novel"): 5,
+                     ("oxford_pets", "base"): 19, ("oxford_pets", "novel"): 18}
+
+
+def test_cell_settings_templates_and_sources_by_hand():
+    rows = (
+        Row("CLIP", "clip", "coop"),
+        Row("CuPL", "cupl", "coop", novel_features="clip"),
+        Row("ProText", "prompts", "protext", preset="text_only/{dataset}"),
+        Row("Cross", "prompts", "protext", preset="cross_dataset"),
+        Row("Mix", "template+cupl", "coop", features_by_dataset=(("eurosat", "ensemble+cupl"), ("dtd", "ensemble80"))),
+        Row("Ens", "ensemble", "tpt"),
+    )
+    p = _protocol(rows=rows, splits=("base", "novel"), averages=(), published={}, published_averages={})
+    cells = {(c.row, c.dataset, c.split): c for c in plan_cells(p, ReproduceConfig("mini", "x"))}
+    clip = cells[("CLIP", "dtd", "base")]
+    assert (clip.template, clip.template_source, clip.n_ctx, clip.preset) == ("{} texture.", "coop rule", None, None)
+    assert not clip.in_domain and "runs" not in clip.settings() and clip.settings()["n_classes"] == 24
+    cupl = cells[("CuPL", "eurosat", "base")]
+    assert (cupl.features, cupl.template, cupl.template_source) == \
+        ("cupl", "a centered satellite photo of {}.", "not used: the class's CuPL descriptions")
+    assert cells[("CuPL", "eurosat", "novel")].features == "clip"
+    assert cells[("CuPL", "eurosat", "novel")].template_source == "coop rule"
+    # in-domain prompts keep their training template (ProText's "a photo of a {}." with the context phrase)
+    own = cells[("ProText", "dtd", "base")]
+    assert (own.preset, own.n_ctx, own.template) == ("text_only/dtd", 16, "a photo of a {}.")
+    assert own.in_domain and own.template_source == "training template (in-domain prompts)"
+    assert cells[("ProText", "eurosat", "base")].n_ctx == 4  # PRESETS.md: eurosat text-only n_ctx 4
+    cross = cells[("Cross", "oxford_pets", "base")]
+    assert (cross.preset, cross.n_ctx, cross.template, cross.template_source) == \
+        ("cross_dataset", 4, "a photo of a {}, a type of pet.", "protext rule")
+    mix = cells[("Mix", "oxford_pets", "base")]
+    assert (mix.template, mix.template_source) == \
+        ("a photo of a {}, a type of pet.", "coop rule, and the class's CuPL descriptions in one mean")
+    mix_ens = cells[("Mix", "eurosat", "base")]
+    assert mix_ens.template == "ensemble of 7 templates + CuPL descriptions"
+    assert mix_ens.template_source == "ZERO+Ensemble's seven templates (TTA.md §1.6), and the class's CuPL descriptions in one mean"
+    assert cells[("Mix", "dtd", "base")].template == "ensemble of CLIP's 80 templates"
+    assert cells[("Ens", "dtd", "novel")].template == "ensemble of 7 templates"
+    assert cells[("Ens", "dtd", "novel")].template_source == "ZERO+Ensemble's seven templates (TTA.md §1.6)"
+
+
+def test_computation_tells_apart_what_changes_a_number_only():
+    rows = (Row("A", "clip", "coop"), Row("B", "clip", "coop", note="other note"), Row("C", "clip", "tpt"),
+            Row("D", "clip", "coop", tta=TTASpec("tda", views=None, selection=None, steps=None, lr=None, init=None)))
+    p = _protocol(rows=rows, published={}, published_averages={})
+    cells = {(c.row, c.dataset): c for c in plan_cells(p, ReproduceConfig("mini", "x"))}
+    assert cells[("A", "dtd")].computation() == cells[("B", "dtd")].computation()
+    assert cells[("A", "dtd")].computation() != cells[("C", "dtd")].computation()  # another template
+    assert cells[("A", "dtd")].computation() != cells[("A", "eurosat")].computation()
+    assert cells[("A", "dtd")].computation() != cells[("D", "dtd")].computation()  # a test-time method
+
+
+def test_tta_views_shrink_the_views_but_not_a_single_view_and_tpt_starts_from_a_photo_of_a():
+    rows = (Row("TPT", "clip", "tpt", tta=TTASpec()), Row("One", "clip", "coop", tta=TTASpec("tda", views=1, selection=None,
+                                                                                             steps=None, lr=None, init=None)),
+            Row("TDA", "clip", "coop", tta=TTASpec("tda", views=None, selection=None, steps=None, lr=None, init=None)),
+            Row("TPT-P", "prompts", "protext", preset="cross_dataset", tta=TTASpec(init="prompts")))
+    p = _protocol(rows=rows, published={}, published_averages={})
+    cells = {c.row: c for c in plan_cells(p, ReproduceConfig("mini", "x", tta_views=3)) if c.dataset == "dtd"}
+    assert cells["TPT"].tta["views"] == 3 and cells["TPT"].n_ctx == 4
+    assert cells["One"].tta["views"] == 1 and cells["One"].n_ctx is None
+    assert cells["TDA"].tta["views"] == 3 and cells["TDA"].n_ctx is None
+    assert cells["TPT-P"].n_ctx == 4 and cells["TPT-P"].tta["init"] == "prompts"  # the preset's n_ctx
+    plain = {c.row: c for c in plan_cells(p, ReproduceConfig("mini", "x")) if c.dataset == "dtd"}
+    assert plain["TPT"].tta["views"] == 64 and plain["TDA"].tta["views"] is None
+
+
+def _runs_rows() -> Protocol:
+    rows = (Row("Free", "clip", "coop"), Row("Orders", "clip", "coop", runs=RunSpec(stream_runs=5)),
+            Row("Seeded", "clip", "coop", runs=RunSpec(stream_runs=5, stream_seed=9)),
+            Row("Low", "clip", "coop", runs=RunSpec(scenario="low")),
+            Row("All", "clip", "coop", runs=RunSpec(scenario="all", tasks=7, stream_seed=3)),
+            Row("Online", "clip", "coop", runs=RunSpec(scenario="online-high")),
+            Row("Sep", "clip", "coop", runs=RunSpec(scenario="online-separate", tasks=4)))
+    return _protocol(rows=rows, report_runs=True, published={}, published_averages={})
+
+
+def test_resolved_runs_fill_in_the_published_counts_and_seeds():
+    p = _runs_rows()
+    runs = {r.name: resolved_runs(p, r, ReproduceConfig("mini", "x")) for r in p.rows}
+    # TTA2.md §11: OGA 32 per batch, seed 42; StatA seed 1, 1000 tasks, 100 streams of 128
+    assert runs["Free"] == {"kind": "order-free", "runs": 1}
+    assert runs["Orders"] == {"kind": "orders", "stream_runs": 5, "stream_seed": 42, "batch_size": 32,
+                              "last_batch": "kept, shorter"}
+    assert runs["Seeded"]["stream_seed"] == 9
+    assert runs["Low"] == {"kind": "tasks", "scenario": "low", "tasks": 1000, "stream_seed": 1, "batch_size": 64,
+                           "k_min": 2, "k_max": 10}
+    assert runs["All"] == {"kind": "tasks", "scenario": "all", "tasks": 7, "stream_seed": 3, "batch_size": -1,
+                           "k_min": None, "k_max": None}
+    assert runs["Online"] == {"kind": "streams", "scenario": "online-high", "tasks": 100, "stream_seed": 1,
+                              "batch_size": 128, "gamma": 0.001, "last_batch": "dropped when incomplete"}
+    assert runs["Sep"]["tasks"] == 4 and runs["Sep"]["gamma"] == -1
+    small = {r.name: resolved_runs(p, r, ReproduceConfig("mini", "x", stream_runs=2, tasks=3)) for r in p.rows}
+    assert small["Orders"]["stream_runs"] == 2 and small["Low"]["tasks"] == 3 and small["All"]["tasks"] == 3
+    assert small["Online"]["tasks"] == 3 and small["Free"] == {"kind": "order-free", "runs": 1}
+    assert resolved_runs(_protocol(), _protocol().rows[0], ReproduceConfig("mini", "x")) is None
+
+
+def test_describe_runs_in_words():
+    p = _runs_rows()
+    words = {r.name: describe_runs(resolved_runs(p, r, ReproduceConfig("mini", "x"))) for r in p.rows}
+    assert words == {
+        "Free": "order-free (1 run)",
+        "Orders": "orders runs:5 seed:42 batch:32",
+        "Seeded": "orders runs:5 seed:9 batch:32",
+        "Low": "scenario:low tasks:1000 seed:1 batch:64 K:2-10",
+        "All": "scenario:all tasks:7 seed:3 batch:whole pool all classes",
+        "Online": "scenario:online-high streams:100 seed:1 batch:128 gamma:0.001",
+        "Sep": "scenario:online-separate streams:4 seed:1 batch:128 gamma:-1",
+    }
+
+
+def test_describe_plan_of_a_table_by_hand():
+    text = describe_plan(ReproduceConfig("tpt-ood", "x", limit=2))
+    lines = text.splitlines()
+    assert lines[0] == "tpt-ood: TPT (NeurIPS'22) Table 1: natural distribution shifts"
+    clip = next(ln for ln in lines if ln.startswith("  clip-a-photo-of-a__imagenet_a__all:"))
+    assert clip == ("  clip-a-photo-of-a__imagenet_a__all: clip, 200 classes, template 'a photo of a {}.' (tpt rule)")
+    coop = next(ln for ln in lines if ln.startswith("  coop-16-shot__imagenet__all:"))
+    assert coop.endswith(" needs --coop") and "n_ctx" not in coop
+    tpt = next(ln for ln in lines if ln.startswith("  tpt__imagenet_r__all:"))
+    assert " n_ctx=4 tta=tpt " in tpt and "runs=" not in tpt
+    assert "  departs: --limit 2: only the first 2 test images of each cell" in lines
+    assert sum(ln.startswith("  known departure: ") for ln in lines) == 2
+    preset = describe_plan(ReproduceConfig("protext-dg", "x")).splitlines()
+    assert next(ln for ln in preset if ln.startswith("  protext__imagenet_a__all:")) == (
+        "  protext__imagenet_a__all: prompts, 200 classes, template 'a photo of a {}.' (protext rule) "
+        "preset=text_only/imagenet n_ctx=16")
+    runs = describe_plan(ReproduceConfig("oga-runs", "x", stream_runs=3)).splitlines()
+    tda = next(ln for ln in runs if ln.startswith("  tda__dtd__all:"))
+    assert tda.endswith(" runs=[orders runs:3 seed:42 batch:32]")
+    assert "  departs: --stream-runs 3: 3 stream orders per cell, not OGA's 100" in runs
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+def test_identity_and_prompt_folder_by_hand():
+    c = ReproduceConfig("protext-dg", "root", out="o", coop="/x/y/coop.pth", epochs=3)
+    assert c.identity() == {"table": "protext-dg", "model": "ViT-B-16", "pretrained": "openai", "limit": None,
+                            "epochs": 3, "tta_views": None, "depth": None, "seed": 0, "coop": "coop.pth"}
+    assert ReproduceConfig("t", "r", stream_runs=4, tasks=5).identity()["stream_runs"] == 4
+    assert ReproduceConfig("t", "r", stream_runs=4, tasks=5).identity()["tasks"] == 5
+    assert "tasks" not in ReproduceConfig("t", "r").identity() and ReproduceConfig("t", "r").identity()["coop"] is None
+    assert c.output_dir() == Path("o/protext-dg") and ReproduceConfig("t", "r").output_dir() == Path("reproduction/t")
+    key = {"model": "ViT-B-16", "pretrained": "openai", "epochs": 3, "depth": None, "seed": None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    assert c.prompts_dir() == Path("o") / "prompts" / f"vit-b-16-openai-{digest}"
+    # the seed is part of random weights only
+    assert ReproduceConfig("t", "r", seed=1).prompts_dir() == ReproduceConfig("t", "r", seed=2).prompts_dir()
+    random = [ReproduceConfig("t", "r", pretrained="random", seed=s).prompts_dir() for s in (1, 2)]
+    assert random[0] != random[1] and random[0].parent == Path("reproduction/prompts")
+    assert random[0].name.startswith("vit-b-16-random-")
+    weights = ReproduceConfig("t", "r", pretrained="/w/My_Weights.pt").prompts_dir().name
+    assert weights.startswith("vit-b-16-my-weights-")
+    assert ReproduceConfig("t", "r", depth=2).prompts_dir() != ReproduceConfig("t", "r").prompts_dir()
+
+
+def test_departures_of_every_flag_in_words():
+    c = ReproduceConfig("t", "r", model="tiny-clip", pretrained="random", limit=5, epochs=2, tta_views=8, depth=1,
+                        stream_runs=3, tasks=4)
+    assert c.departures() == [
+        "model tiny-clip / weights random (published: ViT-B-16 / openai)",
+        "--limit 5: only the first 5 test images of each cell",
+        "--epochs 2: every preset trained for 2 epochs, not its own",
+        "--tta-views 8: test-time adaptation on 8 views, not 64",
+        "--depth 1: prompts 1 blocks deep, not 9 (for text towers with fewer blocks)",
+        "--stream-runs 3: 3 stream orders per cell, not OGA's 100",
+        "--tasks 4: 4 tasks or streams per scenario cell, not StatA's 1000 / 100",
+    ]
+    assert [d.split(":")[0] for d in c.departures(trains=False)] == [
+        "model tiny-clip / weights random (published", "--limit 5", "--tta-views 8", "--stream-runs 3", "--tasks 4"]
+    assert ReproduceConfig("t", "r").departures() == []
+    assert ReproduceConfig("t", "r", model="ViT-B-16", pretrained="laion").departures() == [
+        "model ViT-B-16 / weights laion (published: ViT-B-16 / openai)"]
+    assert ReproduceConfig("t", "r", model="ViT-L-14").departures()[0].startswith("model ViT-L-14 / weights openai")
+
+
+@pytest.mark.parametrize("flag, value", [("stream_runs", 1), ("stream_runs", MAX_RUNS), ("tasks", 1), ("tasks", MAX_RUNS)])
+def test_run_counts_at_their_bounds_are_taken(flag, value):
+    table = "oga-runs" if flag == "stream_runs" else "stata"
+    check_run_counts(ReproduceConfig(table, "x", **{flag: value}))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("stream_runs", 0, "--stream-runs must be between 1 and 10000, got 0."),
+    ("stream_runs", 10_001, "--stream-runs must be between 1 and 10000, got 10001."),
+    ("tasks", 0, "--tasks must be between 1 and 10000, got 0."),
+    ("tasks", 10_001, "--tasks must be between 1 and 10000, got 10001."),
+])
+def test_run_counts_out_of_range(flag, value, message):
+    table = "oga-runs" if flag == "stream_runs" else "stata"
+    with pytest.raises(ReproduceError) as err:
+        check_run_counts(ReproduceConfig(table, "x", **{flag: value}))
+    assert str(err.value) == message
+
+
+def test_run_counts_only_where_the_cells_replay_them():
+    with pytest.raises(ReproduceError) as err:
+        check_run_counts(ReproduceConfig("stata", "x", stream_runs=2))
+    assert str(err.value) == ("--stream-runs applies to tables whose cells replay stream orders (oga-runs); stata has "
+                              "none: drop it.")
+    with pytest.raises(ReproduceError) as err:
+        check_run_counts(ReproduceConfig("oga-runs", "x", tasks=2))
+    assert str(err.value) == "--tasks applies to tables whose cells replay a StatA scenario (stata); oga-runs has none: drop it."
+    with pytest.raises(ReproduceError):
+        check_run_counts(ReproduceConfig("tpt-ood", "x", tasks=2))
+    check_run_counts(ReproduceConfig("tpt-ood", "x"))
+
+
+@pytest.mark.parametrize("kw", [dict(workers=0), dict(workers=256), dict(batch_size=1), dict(batch_size=1_000_000),
+                                dict(seed=-(2**63)), dict(seed=2**64 - 1), dict(limit=1, epochs=1, tta_views=1, depth=1)])
+def test_validate_takes_the_bounds(kw, tmp_path):
+    validate(ReproduceConfig("tpt-ood", str(tmp_path), out=str(tmp_path / "out"), **kw))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(limit=0), "--limit must be at least 1, got 0."),
+    (dict(epochs=0), "--epochs must be at least 1, got 0."),
+    (dict(tta_views=0), "--tta-views must be at least 1, got 0."),
+    (dict(depth=0), "--depth must be at least 1, got 0."),
+    (dict(workers=-1), "--workers must be between 0 and 256 (DataLoader processes), got -1."),
+    (dict(workers=257), "--workers must be between 0 and 256 (DataLoader processes), got 257."),
+    (dict(batch_size=0), "--batch-size must be between 1 and 1000000, got 0."),
+    (dict(batch_size=1_000_001), "--batch-size must be between 1 and 1000000, got 1000001."),
+    (dict(seed=-(2**63) - 1), f"--seed must be between {-(2**63)} and {2**64 - 1}, got {-(2**63) - 1}."),
+    (dict(seed=2**64), f"--seed must be between {-(2**63)} and {2**64 - 1}, got {2**64}."),
+    (dict(stream_runs=2), "--stream-runs applies to tables"),
+])
+def test_validate_refuses_out_of_range(kw, message, tmp_path):
+    with pytest.raises(ReproduceError) as err:
+        validate(ReproduceConfig("tpt-ood", str(tmp_path), out=str(tmp_path / "out"), **kw))
+    assert str(err.value).startswith(message)
+
+
+def test_validate_refuses_a_missing_root(tmp_path):
+    with pytest.raises(ReproduceError) as err:
+        validate(ReproduceConfig("tpt-ood", str(tmp_path / "none"), out=str(tmp_path / "out")))
+    assert str(err.value) == f"--root {tmp_path / 'none'}: no such folder (the folder holding the datasets)."
