@@ -41,15 +41,25 @@ def _cells_table(table: dict[str, Any]) -> list[str]:
     lines = [head, "|" + " --- |" * 12]
     for rec in table["cells"]:
         s, m = rec["settings"], rec["metrics"]
-        tta = "—" if not s["tta"] else " ".join(
-            f"{k} {v}" for k, v in s["tta"].items() if v is not None and k not in ("steps", "lr", "selection"))
-        seconds = f"= {rec['same_as']}" if rec.get("same_as") else f"{rec['cost']['seconds']:.1f}"
+        tta, seconds = _tta_text(s["tta"], ("steps", "lr", "selection")), _seconds(rec)
         lines.append(
             f"| {rec['key']} | {s['features']} | {s['split']} | {m.get('n_classes', s['n_classes'])} | "
             f"`{rec['template_used']}` ({s['template_rule']}) | {s['n_ctx'] or '—'} | {s['preset'] or '—'} | {tta} | "
             f"{m.get('n_images', '?')} | {m['top1']:.2f} | {seconds} | {rec['environment'].get('device', '?')} |"
         )
     return lines
+
+
+def _tta_text(tta: Optional[dict[str, Any]], skip: tuple[str, ...]) -> str:
+    """A cell's TTA settings in one line (``—`` without TTA), leaving out ``skip`` and unset values."""
+    if not tta:
+        return "—"
+    return " ".join(f"{k} {v}" for k, v in tta.items() if v is not None and k not in skip)
+
+
+def _seconds(rec: dict[str, Any]) -> str:
+    """A cell's seconds, or ``= KEY`` for a cell copied from an equal one."""
+    return f"= {rec['same_as']}" if rec.get("same_as") else f"{rec['cost']['seconds']:.1f}"
 
 
 def _num(value: Any, spec: str = ".2f") -> str:
@@ -63,12 +73,11 @@ def _runs_cells_table(table: dict[str, Any]) -> list[str]:
     lines = [head, "|" + " --- |" * 11]
     for rec in table["cells"]:
         s, m, cost = rec["settings"], rec["metrics"], rec["cost"]
-        tta = "—" if not s["tta"] else " ".join(
-            f"{k} {v}" for k, v in s["tta"].items() if v is not None and k not in ("steps", "lr", "selection", "init"))
+        tta = _tta_text(s["tta"], ("steps", "lr", "selection", "init"))
         runs = s.get("runs") or {}
         what = " ".join(f"{k} {v}" for k, v in runs.items() if k not in ("last_batch",) and v is not None)
         gflops = cost.get("gflops_per_image")
-        seconds = f"= {rec['same_as']}" if rec.get("same_as") else f"{cost['seconds']:.1f}"
+        seconds = _seconds(rec)
         lines.append(
             f"| {rec['key']} | `{rec['template_used']}` ({s['template_rule']}) | {tta} | {what} | {m.get('n_images', '?')} | "
             f"{_num(m.get('top1'))} | {_num(m.get('eta'))} | {_num(m.get('spread'))} | {_num(gflops, '.3g')} | "
