@@ -450,3 +450,179 @@ def test_validate_refuses_a_missing_root(tmp_path):
     with pytest.raises(ReproduceError) as err:
         validate(ReproduceConfig("tpt-ood", str(tmp_path / "none"), out=str(tmp_path / "out")))
     assert str(err.value) == f"--root {tmp_path / 'none'}: no such folder (the folder holding the datasets)."
+
+
+# --------------------------------------------------------------------------------------------------
+# render: whole TABLE.md files written out by hand from payloads written out by hand
+
+
+def _e(ours, published=None, difference=None) -> dict:
+    return {"ours": ours, "published": published, "difference": difference}
+
+
+def _a(ours, published=None, difference=None, complete=0, of=2) -> dict:
+    return {**_e(ours, published, difference), "complete": complete, "of": of}
+
+
+def _table_payload() -> dict:
+    return {
+        "table": "mini", "title": "A title", "measures": ["top1", "ece"], "datasets": ["dtd", "eurosat"],
+        "rows": [
+            {"name": "CLIP", "note": "n1",
+             "cells": {"dtd": {"top1": _e(40.0, 44.0, -4.0), "ece": _e(5.0)},
+                       "eurosat": {"top1": _e(None, 48.0), "ece": _e(None)}},
+             "averages": {"avg (2)": {"top1": _a(None, 46.5, None, 1), "ece": _a(None)}}},
+            {"name": "Other", "note": "",
+             "cells": {"dtd": {"top1": _e(30.256), "ece": _e(1.0, 2.0, -1.0)},
+                       "eurosat": {"top1": _e(50.0, 49.5, 0.5), "ece": _e(3.0)}},
+             "averages": {"avg (2)": {"top1": _a(40.128, complete=2), "ece": _a(2.0, 2.5, -0.5, 2)}}},
+        ],
+        "departures": ["d1"], "protocol_departures": ["p1", "p2"],
+        "datasets_found": {"dtd": {"layout": "coop", "test_images": 1880, "published_test_images": 1880},
+                           "eurosat": {"layout": "folder", "test_images": 10, "published_test_images": 8100}},
+        "missing_datasets": {"oxford_pets": "missing: place it"}, "rows_not_run": {"Ext": "no --coop"},
+        "notes": ["note a"],
+        "cells": [
+            {"key": "clip__dtd__all", "template_used": "{} texture.", "cost": {"seconds": 12.345},
+             "settings": {"features": "clip", "split": "all", "n_classes": 47, "template_rule": "coop", "n_ctx": None,
+                          "preset": None, "tta": None},
+             "metrics": {"top1": 40.0, "n_images": 1880, "n_classes": 47}, "environment": {"device": "cpu"}},
+            {"key": "other__dtd__all", "template_used": "a photo of a {}.", "cost": {"seconds": 0.0},
+             "same_as": "clip__dtd__all",
+             "settings": {"features": "prompts", "split": "base", "n_classes": 24, "template_rule": "tpt", "n_ctx": 4,
+                          "preset": "cross_dataset",
+                          "tta": {"method": "tpt", "views": 64, "selection": 0.1, "steps": 1, "lr": 0.005,
+                                  "init": "prompts", "augmix": None}},
+             "metrics": {"top1": 30.256}, "environment": {}},
+        ],
+        "prompts": {"cross_dataset": {"epochs": 10, "cost": {"seconds": 61.0}, "checkpoint": "p/c.pt"}, "b": {}},
+        "run": {"table": "mini", "seed": 0}, "cost": {"evaluation_seconds": 12.345, "training_seconds": 61.0},
+    }
+
+
+def test_table_md_of_a_table_written_out_by_hand():
+    figures = {"cost": Path("/x/t.cost.png"), "other": Path("a/t.other.png")}
+    want = [
+        "# mini", "", "A title", "",
+        "Each cell: ours (published, ours − published). Averages and harmonic means are recomputed from the",
+        "rows; the number in brackets under an average is the paper's printed average.", "",
+        "## top-1 accuracy (%)", "",
+        "| method | dtd | eurosat | avg (2) |", "| --- | --- | --- | --- |",
+        "| CLIP | 40.00 (44.00, -4.00) | — (48.00) | — (1/2 cells) (46.50) |",
+        "| Other | 30.26 | 50.00 (49.50, +0.50) | 40.13 |", "",
+        "## expected calibration error (%)", "",
+        "| method | dtd | eurosat | avg (2) |", "| --- | --- | --- | --- |",
+        "| CLIP | 5.00 | — | — |",
+        "| Other | 1.00 (2.00, -1.00) | 3.00 | 2.00 (2.50, -0.50) |", "",
+        "![cost](t.cost.png)", "",
+        "Average top-1 (and ECE) against GFLOPs per image, one point per row; hollow: the paper's number.", "",
+        "![other](t.other.png)", "", "", "",
+        "## This run departs from the published protocol", "", "- d1", "",
+        "## Where protext still departs from the paper's setting", "", "- p1", "- p2", "",
+        "## Datasets found", "", "| dataset | layout | test images | published test set |", "| --- | --- | --- | --- |",
+        "| dtd | coop | 1880 | 1880 |",
+        "| eurosat | folder | 10 (not the published test set: numbers are not comparable) | 8100 |", "",
+        "## Missing datasets (not run)", "", "- oxford_pets: missing: place it", "",
+        "## Rows not run", "", "- Ext: no --coop", "",
+        "## Protocol notes", "", "- note a", "- CLIP: n1", "",
+        "## Cells", "",
+        "| cell | features | split | classes | template (rule) | n_ctx | preset | TTA | images | top-1 | seconds | device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| clip__dtd__all | clip | all | 47 | `{} texture.` (coop) | — | — | — | 1880 | 40.00 | 12.3 | cpu |",
+        "| other__dtd__all | prompts | base | 24 | `a photo of a {}.` (tpt) | 4 | cross_dataset | "
+        "method tpt views 64 init prompts | ? | 30.26 | = clip__dtd__all | ? |", "",
+        "## Prompts trained", "", "| preset | epochs | seconds | checkpoint |", "| --- | --- | --- | --- |",
+        "| cross_dataset | 10 | 61.0 | p/c.pt |", "| b | ? | ? | ? |", "",
+        "## Run", "", "- table: mini", "- seed: 0", "- device: cpu",
+        "- seconds: evaluation 12.345, training 61.0", "",
+    ]
+    assert render_markdown(_table_payload(), figures).split("\n") == want
+
+
+def test_table_md_leaves_out_what_is_empty():
+    table = _table_payload()
+    table.update(measures=["top1"], departures=[], datasets_found={}, missing_datasets={}, rows_not_run={}, prompts={},
+                 cells=[], notes=[])
+    table["rows"][0]["note"] = ""
+    text = render_markdown(table)
+    assert "## top-1" not in text and "![" not in text and "## This run departs" not in text
+    assert "## Datasets found" not in text and "## Missing datasets" not in text and "## Rows not run" not in text
+    assert "## Prompts trained" not in text
+    assert "## Protocol notes\n\n\n## Cells" in text
+    assert text.endswith("## Run\n\n- table: mini\n- seed: 0\n- seconds: evaluation 12.345, training 61.0\n")
+    table["rows"] = []
+    assert "| method | dtd | eurosat |\n| --- | --- | --- |\n\n" in render_markdown(table)
+
+
+def _runs_payload() -> dict:
+    one = {"complete": 1, "of": 1}
+    return {
+        "table": "r", "title": "T", "measures": ["top1", "eta", "spread"], "datasets": ["dtd"], "report_runs": True,
+        "rows": [{"name": "Zero", "note": "",
+                  "cells": {"dtd": {"top1": _e(40.0), "eta": _e(30.0), "spread": _e(0.0)}},
+                  "averages": {"avg (1)": {"top1": {**_e(40.0, 41.0, -1.0), **one}, "eta": {**_e(30.0), **one},
+                                           "spread": {**_e(0.0), **one}}}}],
+        "pivot": {"average": "avg (1)", "settings": ["low", "high"], "methods": ["Zero", "S"], "cells": [
+            {"method": "Zero", "setting": "low", "row": "Zero", "implemented": True, **_e(40.0, 41.0, -1.0), "eta": 30.0,
+             "complete": 1, "of": 1},
+            {"method": "Zero", "setting": "high", "row": "Zero", "implemented": True, **_e(None), "eta": None,
+             "complete": 1, "of": 2},
+            {"method": "S", "setting": "high", "row": None, "implemented": False, **_e(None, 70.0), "eta": None,
+             "complete": 0, "of": 0}]},
+        "published_only": [{"method": "T", "setting": "elsewhere", "published": 60.0}],
+        "departures": [], "protocol_departures": ["p"], "datasets_found": {}, "missing_datasets": {}, "rows_not_run": {},
+        "notes": [], "prompts": {}, "run": {"table": "r"}, "cost": {"evaluation_seconds": 5.0, "training_seconds": 0.0},
+        "cells": [
+            {"key": "tda__dtd__all", "template_used": "{} texture.", "environment": {"device": "cuda"},
+             "settings": {"template_rule": "coop",
+                          "tta": {"method": "tda", "views": 1, "init": "x", "augmix": False, "selection": None,
+                                  "steps": 1, "lr": 0.1, "options": {"tda_alpha": 2.0}},
+                          "runs": {"kind": "orders", "stream_runs": 100, "stream_seed": 42, "batch_size": 32,
+                                   "last_batch": "kept, shorter", "k_min": None}},
+             "metrics": {"top1": 40.0, "eta": 30.0, "spread": 1.234, "n_images": 1880},
+             "cost": {"seconds": 3.0, "gflops_per_image": 35.123}},
+            {"key": "zero__dtd__all", "template_used": "t", "environment": {}, "same_as": "x",
+             "settings": {"template_rule": "coop", "tta": None}, "metrics": {"top1": 40.0}, "cost": {"seconds": 2.0}},
+        ],
+    }
+
+
+def test_table_md_of_a_protocol_table_written_out_by_hand():
+    want = [
+        "# r", "", "T", "",
+        "Each cell: ours (published, ours − published). Averages and harmonic means are recomputed from the",
+        "rows; the number in brackets under an average is the paper's printed average.", "",
+        "## avg (1) by method and setting", "",
+        "Each cell: our mean (published, ours − published) · our ETA. Rows marked * are not implemented in protext: "
+        "their published numbers only.", "",
+        "| method / setting | low | high |", "| --- | --- | --- |",
+        "| Zero | 40.00 (41.00, -1.00) · 30.00 | — (1/2 cells) |",
+        "| S * |  | * (70.00) |", "",
+        "## Published numbers without a row here", "",
+        "Methods protext does not implement, or settings this table does not run; shown for reference only.", "",
+        "| published method | setting | published |", "| --- | --- | --- |", "| T | elsewhere | 60.00 |", "",
+        "## mean top-1 over the runs (%)", "",
+        "| method | dtd | avg (1) |", "| --- | --- | --- |", "| Zero | 40.00 | 40.00 (41.00, -1.00) |", "",
+        "## ETA: mean top-1 of the worst 10 % of runs (%)", "",
+        "| method | dtd | avg (1) |", "| --- | --- | --- |", "| Zero | 30.00 | 30.00 |", "",
+        "## spread: standard deviation of the per-run top-1 (points)", "",
+        "| method | dtd | avg (1) |", "| --- | --- | --- |", "| Zero | 0.00 | 0.00 |", "",
+        "## Where protext still departs from the paper's setting", "", "- p", "",
+        "## Protocol notes", "", "",
+        "## Cells", "",
+        "| cell | template (rule) | TTA | runs | images | mean top-1 | ETA | spread | GFLOPs/image | seconds | device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| tda__dtd__all | `{} texture.` (coop) | method tda views 1 augmix False options {'tda_alpha': 2.0} | "
+        "kind orders stream_runs 100 stream_seed 42 batch_size 32 | 1880 | 40.00 | 30.00 | 1.23 | 35.1 | 3.0 | cuda |",
+        "| zero__dtd__all | `t` (coop) | — |  | ? | 40.00 | ? | ? | ? | = x | ? |", "",
+        "## Run", "", "- table: r", "- device: cuda", "- seconds: evaluation 5.0, training 0.0", "",
+    ]
+    assert render_markdown(_runs_payload()).split("\n") == want
+
+
+def test_a_protocol_table_without_pivot_or_published_only_has_neither_section():
+    table = _runs_payload()
+    table.update(pivot=None, published_only=[])
+    text = render_markdown(table)
+    assert "by method and setting" not in text and "## Published numbers without a row here" not in text
+    assert "## mean top-1 over the runs (%)" in text
