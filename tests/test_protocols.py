@@ -437,8 +437,12 @@ def test_stata_published_averages_are_those_of_tta2_11_2(section_11):
 
 
 #: the settings of TTA2.md §11, written out by hand
-_OGA_TDA = {"views": 1, "augmix": False, "options": {"tda_alpha": 2.0, "tda_beta": 5.0}}
-_OGA_DMN = {"views": 1, "augmix": False, "options": {"dmn_memory": 8, "dmn_beta2": 1.0}}
+_OGA_TDA = {"views": 1, "augmix": False, "options": {"tda_alpha": 2.0, "tda_beta": 5.0, "tda_positive_shots": 5,
+                                                     "tda_negative_shots": 3, "stream_update": "batch"}}
+_OGA_DMN = {"views": 1, "augmix": False, "options": {"dmn_memory": 8, "dmn_beta2": 1.0, "stream_update": "batch"}}
+#: StatA's cells: OGA's hyper-parameters, TDA's own cache sizes, image by image (the batch rule is --stream-runs's)
+_STATA_TDA = {"views": 1, "augmix": False, "options": {"tda_alpha": 2.0, "tda_beta": 5.0}}
+_STATA_DMN = {"views": 1, "augmix": False, "options": {"dmn_memory": 8, "dmn_beta2": 1.0}}
 _STATA_BATCH = {"very_low": (64, 1, 4), "low": (64, 2, 10), "medium_64": (64, 5, 25), "medium_1000": (1000, 5, 25),
                 "high": (1000, 25, 50), "very_high": (1000, 50, 100), "all": (-1, None, None)}
 _STATA_ONLINE = {"online-low": 0.1, "online-medium": 0.01, "online-high": 0.001, "online-separate": -1}
@@ -468,9 +472,15 @@ def test_oga_cells_run_ogas_settings():
     plan = describe_plan(ReproduceConfig("oga-runs", "x")).splitlines()
     tda = next(ln for ln in plan if ln.strip().startswith("tda__dtd__all"))
     assert "tda views:1 " in tda and "tda_alpha:2.0 tda_beta:5.0" in tda and "runs=[orders runs:100 seed:42 batch:32]" in tda
+    assert "tda_positive_shots:5 tda_negative_shots:3" in tda and "stream_update:batch" in tda  # OGA's 5/3, its batch rule
     dmn = next(ln for ln in plan if ln.strip().startswith("dmn-zs__eurosat__all"))
-    assert "dmn_memory:8" in dmn and "dmn_beta2:1.0" in dmn and "views:1 " in dmn
-    assert any("update the memory with the whole batch" in ln or "whole batch of 32" in ln for ln in plan)
+    assert "dmn_memory:8" in dmn and "dmn_beta2:1.0" in dmn and "views:1 " in dmn and "stream_update:batch" in dmn
+    dpe = next(ln for ln in plan if ln.strip().startswith("dpe__eurosat__all"))
+    assert "stream_update" not in dpe  # DPE has no write/read split: image by image, a departure
+    departures = [ln for ln in plan if ln.strip().startswith("known departure:")]
+    assert not any("No option sets them" in ln or "3 positive, 2 negative" in ln for ln in departures)
+    assert [ln for ln in departures if "whole batch of 32" in ln] == [
+        ln for ln in departures if ln.strip().startswith("known departure: DPE") and "one at a time" in ln]
     # --stream-runs shrinks every replayed cell, and only those
     small = plan_cells(p, ReproduceConfig("oga-runs", "x", stream_runs=3))
     assert {c.runs.get("stream_runs") for c in small if c.row != "Zero-shot CLIP"} == {3}
@@ -490,7 +500,7 @@ def test_stata_cells_run_statas_scenarios():
             assert (c.tta is None) == (c.row == "CLIP zero-shot")
             continue
         method, scenario = c.row[:-1].split(" (")
-        assert _sub(c.tta, _OGA_TDA if method == "TDA" else _OGA_DMN) == (_OGA_TDA if method == "TDA" else _OGA_DMN)
+        assert _sub(c.tta, _STATA_TDA if method == "TDA" else _STATA_DMN) == (_STATA_TDA if method == "TDA" else _STATA_DMN)
         if scenario in _STATA_BATCH:  # 1000 tasks, StatA's seed 1
             b, k_min, k_max = _STATA_BATCH[scenario]
             assert c.runs == {"kind": "tasks", "scenario": scenario, "tasks": 1000, "stream_seed": 1, "batch_size": b,
@@ -535,8 +545,8 @@ def test_library_runner_gives_the_protocol_cells_their_runs(monkeypatch, tmp_pat
             assert results[keys[0]]["metrics"] == {"top1": 40.0, "eta": 40.0, "spread": 0.0, "runs": 1, "n_images": 3,
                                                    "n_classes": 10}
             assert (second.tta, second.stream_runs, second.stream_seed, second.tta_views) == ("tda", 100, 42, 1)
-            assert second.tta_options == {"tda_alpha": 2.0, "tda_beta": 5.0} and second.augmix is False
-            assert third.tta_options == {"dmn_memory": 8, "dmn_beta2": 1.0} and third.scenario is None
+            assert second.tta_options == _OGA_TDA["options"] and second.augmix is False
+            assert third.tta_options == _OGA_DMN["options"] and third.scenario is None
             tda = results[keys[1]]
             assert _sub(tda["metrics"], ("top1", "eta", "spread", "runs")) == {"top1": 25.0, "eta": 10.0, "spread": 11.18, "runs": 4}
             assert tda["details"]["runs"]["per_run_top1"] == [10.0, 20.0, 30.0, 40.0]

@@ -147,8 +147,12 @@ def test_oga_runs_end_to_end_on_tiny_clip(tmp_path, shared_dir, capsys):
         assert [r["images"] for r in per_run] == [n] * 3 and [r["batches"] for r in per_run] == [math.ceil(n / 32)] * 3
         tda = cells[f"tda__{dataset}__all"]["evaluation"]["tta"]["settings"]
         assert (tda["tda_alpha"], tda["tda_beta"]) == (2.0, 5.0)
+        assert (tda["tda_positive_shots"], tda["tda_negative_shots"], tda["stream_update"]) == (5, 3, "batch")
         dmn = cells[f"dmn-zs__{dataset}__all"]["evaluation"]["tta"]["settings"]
-        assert (dmn["dmn_memory"], dmn["dmn_beta2"]) == (8, 1.0)
+        assert (dmn["dmn_memory"], dmn["dmn_beta2"], dmn["stream_update"]) == (8, 1.0, "batch")
+        # OGA's batch rule for TDA and DMN-ZS, recorded with the runs; DPE image by image
+        assert [cells[f"{row}__{dataset}__all"]["evaluation"]["runs"]["update"] for row in ("tda", "dmn-zs", "dpe")] \
+            == ["batch", "batch", "image"]
     table = json.loads((out / "oga-runs" / "oga-runs.json").read_text())
     assert table["measures"] == ["top1", "eta", "spread"]
     assert any(d.startswith("--stream-runs 3:") for d in table["departures"])

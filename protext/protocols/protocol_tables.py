@@ -22,12 +22,22 @@ AVG = "avg (11)"
 OGA_RUNS = RunSpec(stream_runs=100, stream_seed=42)
 #: one pre-computed view per image (view 0: CLIP's resize and centre crop), no augmentation
 _SINGLE_VIEW = dict(views=1, selection=None, steps=None, lr=None, init=None, augmix=False)
-#: OGA's TDA: α⁺ 2.0, β⁺ 5 on every dataset (α⁻ 0.117, β⁻ 1 are protext's TDA constants) [oga main.py:43-45]
-OGA_TDA = TTASpec("tda", **_SINGLE_VIEW, options=(("tda_alpha", 2.0), ("tda_beta", 5.0)))
+#: OGA's batch rule [oga runner.py:231-268]: per batch of 32, the whole batch updates the memory, then
+#: the batch is predicted (``--stream-update batch``; TDA and DMN-ZS split their step so)
+_BATCH_RULE = (("stream_update", "batch"),)
+#: OGA's TDA: α⁺ 2.0, β⁺ 5 on every dataset (α⁻ 0.117, β⁻ 1 are protext's TDA constants), shot capacity
+#: 8 split 5 positive / 3 negative [oga main.py:18, 43-45; runner.py:168-171]
+OGA_TDA = TTASpec("tda", **_SINGLE_VIEW, options=(("tda_alpha", 2.0), ("tda_beta", 5.0), ("tda_positive_shots", 5),
+                                                  ("tda_negative_shots", 3)) + _BATCH_RULE)
 #: OGA's DMN: memory 8 per class, fusion factor (β₂) 1.0 (TTA2.md §6, §11.1)
-OGA_DMN = TTASpec("dmn", **_SINGLE_VIEW, options=(("dmn_memory", 8), ("dmn_beta2", 1.0)))
-#: DPE on the same single view, its published per-dataset hyper-parameters (no OGA number exists)
+OGA_DMN = TTASpec("dmn", **_SINGLE_VIEW, options=(("dmn_memory", 8), ("dmn_beta2", 1.0)) + _BATCH_RULE)
+#: DPE on the same single view, its published per-dataset hyper-parameters (no OGA number exists); image
+#: by image, DPE's step has no write/read split
 OGA_DPE = TTASpec("dpe", **_SINGLE_VIEW)
+#: StatA's cells run OGA's hyper-parameters with TDA's own cache sizes, image by image (TTA2.md §11.2
+#: names neither; --stream-update batch is for --stream-runs only)
+STATA_TDA = TTASpec("tda", **_SINGLE_VIEW, options=(("tda_alpha", 2.0), ("tda_beta", 5.0)))
+STATA_DMN = TTASpec("dmn", **_SINGLE_VIEW, options=(("dmn_memory", 8), ("dmn_beta2", 1.0)))
 
 _STANDARD = "OGA's 'standard' prompts: one template per dataset, CoOp's (the coop rule)"
 _ZERO_SHOT_NOTE = ("order-free: its predictions do not depend on the order, so it is one run over the whole test set "
@@ -36,11 +46,15 @@ _ZERO_SHOT_NOTE = ("order-free: its predictions do not depend on the order, so i
 _OGA_ROWS = (
     Row("Zero-shot CLIP", "clip", "coop", note=f"{_STANDARD}; {_ZERO_SHOT_NOTE}"),
     Row("TDA", "clip", "coop", tta=OGA_TDA, runs=OGA_RUNS,
-        note="OGA's TDA: 1 view, α⁺ 2.0 and β⁺ 5 on every set, α⁻ 0.117, β⁻ 1; a fresh cache per order"),
+        note="OGA's TDA: 1 view, α⁺ 2.0 and β⁺ 5 on every set, α⁻ 0.117, β⁻ 1, caches of 5 positive and 3 negative "
+             "entries per class; OGA's batch rule (each batch of 32 updates the caches, then is predicted); a fresh "
+             "cache per order"),
     Row("DMN-ZS", "clip", "coop", tta=OGA_DMN, runs=OGA_RUNS,
-        note="OGA's DMN-ZS: 1 view, memory 8 per class, fusion factor β₂ 1.0 (announced, not searched)"),
+        note="OGA's DMN-ZS: 1 view, memory 8 per class, fusion factor β₂ 1.0 (announced, not searched); OGA's batch "
+             "rule (each batch of 32 is written to the memory, then read out)"),
     Row("DPE", "clip", "coop", tta=OGA_DPE, runs=OGA_RUNS,
-        note="not in OGA's tables: DPE's published per-dataset settings on the single view and the standard prompts"),
+        note="not in OGA's tables: DPE's published per-dataset settings on the single view and the standard prompts, "
+             "image by image"),
 )
 _OGA_PUBLISHED = {("Zero-shot CLIP", AVG, "top1"): 65.3, ("TDA", AVG, "top1"): 67.7, ("DMN-ZS", AVG, "top1"): 67.5}
 _OGA_PUBLISHED_ONLY = (
@@ -62,11 +76,10 @@ _OGA_NOTES = (
     "implemented in protext, its number is listed beside the table only.",
 )
 _OGA_DEPARTURES = (
-    "Within a batch protext's online methods take the images one at a time in the order's sequence (each image "
-    "updates the state, then is predicted); OGA first updates the memory with the whole batch of 32 and then "
-    "predicts the batch, so a batch's later images can influence its earlier ones there, not here.",
-    "protext's TDA keeps TDA's own cache sizes (3 positive, 2 negative entries per class, fixed in protext.tta.tda); "
-    "OGA runs TDA with shot capacity 8 split 5 positive / 3 negative. No option sets them yet.",
+    "DPE (not in OGA's tables, which never ran it) takes a batch's images one at a time in the order's sequence "
+    "(each image updates its state, then is predicted): its step has no write/read split for OGA's batch rule "
+    "(the whole batch of 32 updates the memory, then the batch is predicted), which TDA and DMN-ZS follow here "
+    "(--stream-update batch).",
     "OGA's 'standard' template comes from its own dataset files (e.g. `{} texture` for DTD, `a photo of a {}.` for "
     "ImageNet); protext uses CoOp's one template per dataset (`{} texture.` for DTD), which has not been compared "
     "word for word with OGA's files.",
@@ -85,7 +98,7 @@ ONLINE_SCENARIOS = ("online-low", "online-medium", "online-high", "online-separa
 #: StatA's global seed [stata main.py:20] seeds the one Generator of every draw
 STATA_SEED = 1
 
-_STATA_METHODS = (("TDA", OGA_TDA), ("DMN-ZS", OGA_DMN))
+_STATA_METHODS = (("TDA", STATA_TDA), ("DMN-ZS", STATA_DMN))
 #: TTA2.md §11.2, online table: (low, medium, high correlation, separate)
 _STATA_ONLINE = {"TDA": (67.7, 67.1, 66.8, 66.6), "DMN-ZS": (67.2, 66.5, 66.3, 65.8)}
 _STATA_CLIP, _STATA_MTA = 65.2, 66.6
@@ -142,7 +155,8 @@ _STATA_DEPARTURES = (
     "The draws are seeded and replayable, so they are not StatA's own: StatA draws from numpy's global RNG after "
     "set_random_seed(1) and its Dirichlet from fresh OS entropy; protext draws everything from default_rng(1).",
     "TTA2.md §11.2 does not give StatA's TDA and DMN-ZS hyper-parameters; protext runs OGA's (§11.1: one view, "
-    "TDA α⁺ 2, β⁺ 5; DMN-ZS memory 8, β₂ 1), with TDA's own cache sizes 3/2 (see oga-runs).",
+    "TDA α⁺ 2, β⁺ 5; DMN-ZS memory 8, β₂ 1), with TDA's own cache sizes 3 positive / 2 negative (oga-runs uses "
+    "OGA's 5/3).",
     "CLIP zero-shot and MTA are order-free: one run each over the whole test set, shown under every scenario; "
     "StatA's score (the mean of per-batch accuracies over the drawn tasks or streams) weighs images by the draw, so "
     "the same predictions can score slightly differently there.",
