@@ -3,9 +3,16 @@
 The photos ship with scikit-image (astronaut, cat, coffee, rocket, …), one class each. :func:`run`
 goes stage by stage: class descriptions (offline templates, or an LLM), ProText prompts trained on
 them, then zero-shot classification with CLIP's template, the CuPL ensemble and the learned prompts,
-and every test-time adaptation method (TPT, C-TPT, ZERO, TDA, MTA) on the learned prompts. Every stage
-is a library call; the equivalent command line of each is printed before it runs. The command line
-is ``python -m protext.quickstart``.
+and every test-time adaptation method of the registry (TPT, C-TPT, O-TPT, ZERO, TDA, MTA, DMN-ZS, DPE,
+BoostAdapter, TPS; not the oracle ``dmn-oracle``) on the learned prompts. Every stage is a library
+call; the equivalent command line of each is printed before it runs. The command line is
+``python -m protext.quickstart``.
+
+Each adaptation row's settings are :func:`tta_row_options`: ``--tta-views`` (8) views where the
+method takes several, in a recipe another row already encodes (so the feature memo shares them),
+one view where the method's published setting here is one (TDA, DPE) or where its own crops would
+be the only ones of their kind (DMN-ZS, as OGA runs it); a value the folder has no published entry
+for is ImageNet's.
 """
 
 from __future__ import annotations
@@ -31,8 +38,21 @@ EXAMPLE_PHOTOS: dict[str, str] = {
     "horse": "horse",
 }
 
-#: the adaptation methods shown, each on the learned prompts
-TTA_SHOWN = ("tpt", "ctpt", "zero", "tda", "mta")
+def _shown_methods() -> tuple[str, ...]:
+    from .tta import registry  # torch-free: the declarations only
+
+    return tuple(name for name in registry.names() if not registry.get(name).oracle)
+
+
+#: the adaptation methods shown, each on the learned prompts: every method of the registry, in its
+#: order, but an oracle (``dmn-oracle`` picks its fusion weight on the test labels: not a test-time method)
+TTA_SHOWN = _shown_methods()
+
+#: methods shown with one view although they take several: their own view recipe would be encoded for
+#: them alone (the memo shares nothing), and one view is a setting they are run with elsewhere
+ONE_VIEW: dict[str, str] = {
+    "dmn": "DMN-ZS's crops keep at least half the image, a recipe no other row draws; one view, as OGA's runs of DMN-ZS",
+}
 
 
 @dataclass
@@ -189,8 +209,10 @@ def evaluate_all(clip, runs: Sequence[tuple[str, Any]]) -> list[dict]:
         start = time.perf_counter()
         payload = evaluation.evaluate(config, clip=clip, progress=False)
         metrics, timing = payload["metrics"], payload["timing"]
+        tta = payload.get("tta") or {}
         rows.append({
             "method": label,
+            "views": tta.get("settings", {}).get("views"),  # None: a zero-shot row (one centre crop)
             "top1": metrics["top1"],
             "top5": metrics["top5"],
             "ece": metrics["ece"],
@@ -211,22 +233,66 @@ def example_runs(cfg: QuickstartConfig, base, descriptions: Path, checkpoint: Pa
     ]
     for method in TTA_SHOWN:
         config = replace(base, method="prompts", prompts=str(checkpoint), tta=method)
-        if method == "tda":  # one view on a plain folder; a folder has no published (alpha, beta): ImageNet's
-            config = replace(config, tda_alpha=2.0, tda_beta=5.0)
-        else:
-            config = replace(config, tta_views=cfg.tta_views)
-        runs.append((f"prompts+{method}", config))
+        runs.append((f"prompts+{method}", with_tta_options(config, tta_row_options(method, base.dataset, cfg.tta_views))))
     return runs
 
 
-def eval_argv(config) -> list[Any]:
-    """The ``python -m protext.eval`` flags that run ``config`` on its own (every non-default setting)."""
+def tta_row_options(method: str, dataset: str, views: int) -> dict[str, Any]:
+    """The options (by flag dest) the quickstart sets for ``method``'s row; the rest are its defaults.
+
+    * views: the method's own count where that is one view on this dataset (TDA; DPE outside the
+      ImageNet family), one view for the methods in :data:`ONE_VIEW`, else ``views``. With 8 views
+      the recipes are TPT's (AugMix: TPT, C-TPT, O-TPT, TPS) or ZERO's (no AugMix: ZERO, MTA,
+      BoostAdapter), so each row after the first of its recipe reads encodings the memo holds;
+    * BoostAdapter boosts with ``int(views x 0.1)`` views, none below 10 views: with fewer, the
+      share is ``1 / views``, so that its most confident view boosts (as published with 10 to 19);
+    * an option the dataset has no published value for (a folder's TDA (alpha, beta), BoostAdapter's
+      delta, DPE's five) takes ImageNet's.
+    """
+    from .tta import registry
+
+    here, imagenet = registry.context(dataset), registry.context("imagenet")
+    declared = registry.get(method)
+    options: dict[str, Any] = {}
+    for field_name, opt in registry.options(declared):
+        key = registry.dest(opt.flag)
+        if field_name == "views":
+            own = opt.resolve(here)
+            if method in ONE_VIEW:
+                options[key] = 1
+            elif own != 1:
+                options[key] = views
+        elif opt.resolve(here) is registry.NO_DEFAULT:
+            options[key] = opt.resolve(imagenet)
+    if method == "boost":  # protext.tta.boost.n_boosting's rule, int(n x share), without importing torch
+        share = next(opt for name, opt in registry.options(declared) if name == "selection").resolve(here)
+        count = options.get("tta_views", views)
+        if count > 1 and int(count * share) == 0:
+            options["tta_selection"] = 1 / count
+    return options
+
+
+def with_tta_options(config, options: dict[str, Any]):
+    """``config`` with ``options`` set where ``python -m protext.eval`` puts them: on the
+    :class:`~protext.evaluation.EvalConfig` field of that name if there is one, else in
+    ``tta_options`` (so the printed command parses back to an equal config, fingerprint included)."""
     from .evaluation import EvalConfig
+
+    fields = set(EvalConfig.__dataclass_fields__)
+    own = {key: value for key, value in options.items() if key in fields}
+    extra = {**(config.tta_options or {}), **{key: value for key, value in options.items() if key not in fields}}
+    return replace(config, **own, tta_options=extra or None)
+
+
+def eval_argv(config) -> list[Any]:
+    """The ``python -m protext.eval`` flags that run ``config`` on its own (every non-default setting;
+    the test-time options as the registry declares their flags)."""
+    from .evaluation import EvalConfig
+    from .tta import registry
 
     flags: list[Any] = ["--dataset", config.dataset, "--root", config.root, "--method", config.method]
     optional = [
         ("descriptions", "--descriptions"), ("prompts", "--prompts"), ("tta", "--tta"),
-        ("tta_views", "--tta-views"), ("tda_alpha", "--tda-alpha"), ("tda_beta", "--tda-beta"),
         ("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"),
         ("precision", "--precision"), ("seed", "--seed"), ("workers", "--workers"),
     ]
@@ -235,6 +301,15 @@ def eval_argv(config) -> list[Any]:
         value = getattr(config, name)
         if value is not None and value != getattr(default, name):
             flags += [flag, value]
+    values = config.tta_values()
+    for flag, (opt, _) in registry.shared_flags().items():  # in the registry's order
+        key = registry.dest(flag)
+        if key not in values:
+            continue
+        if opt.type is bool:  # a --flag/--no-flag pair, or a switch that tta_values keeps only when on
+            flags.append(flag if values[key] else "--no-" + flag[2:])
+        else:
+            flags += [flag, values[key]]
     return [*flags, "--out", config.out]
 
 
@@ -275,12 +350,15 @@ def run(cfg: QuickstartConfig) -> list[dict]:
         precision, why = auto_precision(device.type)
         print(f"quickstart: precision auto: {precision} ({why})", flush=True)
     train_prompts(cfg, clip, descriptions, checkpoint, resume=resume)
-    # the rows share pixels (every zero-shot row encodes the same crops; TPT and C-TPT, ZERO and MTA
-    # draw the same seeded views): each distinct batch goes through the image tower once, exactly
+    # the rows share pixels (every zero-shot row encodes the same crops; TPT, C-TPT, O-TPT and TPS draw
+    # the same seeded AugMix views, ZERO, MTA and BoostAdapter the same plain ones, TDA, DMN-ZS and DPE
+    # view 0 alone): each distinct batch goes through the image tower once, exactly
     with remember_image_features() if cfg.share_encodings else contextlib.nullcontext(FeatureMemo()) as memo:
         rows = evaluate_all(clip, runs)
     if memo.images_saved:
-        print(f"quickstart: {memo.images_saved} image encodings shared between rows instead of recomputed", flush=True)
+        computed = sum(features.shape[0] for features in memo.store.values())
+        print(f"quickstart: {computed} image encodings computed, {memo.images_saved} shared between rows instead of "
+              "recomputed", flush=True)
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(rows, indent=2) + "\n")
@@ -324,12 +402,13 @@ def _resume_or_start_afresh(cfg: QuickstartConfig, outputs: Sequence[Path]) -> b
 def format_table(rows: Sequence[dict]) -> str:
     """The summary as a markdown table."""
     lines = [
-        "| method | top-1 (%) | top-5 (%) | ECE (%) | images | s / image |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | views | top-1 (%) | top-5 (%) | ECE (%) | images | s / image |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        views = r.get("views")  # rows written before the column have none
         lines.append(
-            f"| {r['method']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['ece']:.2f} | {r['n_images']} "
-            f"| {r['seconds_per_image']:.3f} |"
+            f"| {r['method']} | {'—' if views is None else views} | {r['top1']:.2f} | {r['top5']:.2f} | {r['ece']:.2f} "
+            f"| {r['n_images']} | {r['seconds_per_image']:.3f} |"
         )
     return "\n".join(lines)

@@ -3,8 +3,8 @@
 The example is twelve real photos that ship with scikit-image (astronaut, cat, coffee, rocket, …),
 one class each. Stage by stage: class descriptions (offline templates, or an LLM), ProText prompts
 trained on them, then zero-shot classification with CLIP's template, the CuPL ensemble and the
-learned prompts, and every test-time adaptation method (TPT, C-TPT, ZERO, TDA, MTA) on the learned
-prompts. The model is loaded once and every stage is a library call (``protext.example.run``); the
+learned prompts, and every test-time adaptation method (TPT, C-TPT, O-TPT, ZERO, TDA, MTA, DMN-ZS, DPE,
+BoostAdapter, TPS) on the learned prompts. The model is loaded once and every stage is a library call (``protext.example.run``); the
 equivalent command line of each stage is printed before it runs::
 
     python -m protext.quickstart                       # real ViT-B/16 weights (needs internet once)
@@ -14,7 +14,10 @@ equivalent command line of each stage is printed before it runs::
 With random weights the accuracies are chance-level: the run shows that every stage works, not
 what the prompts are worth. The adaptation methods use 8 views per image here (published: 64), so
 that the example stays under 2 minutes on a 2-core CPU; ``--tta-views 64 --precision fp32`` gives the
-published setting. ``--precision auto`` is the machine's choice (:func:`protext.hardware.auto_precision`):
+published setting. TDA and DPE take one view (their published setting outside the ImageNet family),
+DMN-ZS one view too (as OGA runs it: its own crops would be encoded for it alone), BoostAdapter
+boosts with its most confident view (below 10 views its published share of 0.1 is none), and what a
+folder has no published value for is ImageNet's; each row's printed command shows its settings. ``--precision auto`` is the machine's choice (:func:`protext.hardware.auto_precision`):
 fp16 on CUDA, a bfloat16 image tower on a CPU that computes bf16 natively, fp32 on any other CPU.
 Rows share image encodings where their pixels are the same (exact), and a rerun resumes.
 """
@@ -31,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m protext.quickstart",
         description="Run descriptions -> train -> eval on twelve example photos and print every method "
-        "side by side: CLIP, CuPL, learned prompts, and the learned prompts with TPT, C-TPT, ZERO, TDA and MTA.",
+        "side by side: CLIP, CuPL, learned prompts, and the learned prompts with TPT, C-TPT, O-TPT, ZERO, TDA, MTA, "
+        "DMN-ZS, DPE, BoostAdapter and TPS.",
     )
     parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture [ViT-B-16]")
     parser.add_argument("--pretrained", default="openai",
@@ -49,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt depth [the preset's 9; on a shallower text tower its block count, said in "
                         "one line, as train does: 2 for tiny-clip]")
     parser.add_argument("--tta-views", type=int, default=8,
-                        help="views per image for TPT, C-TPT, ZERO and MTA: 1, or 5 and more (MTA's bandwidth needs "
-                        "other views); published: 64 [8]")
+                        help="views per image for TPT, C-TPT, O-TPT, ZERO, MTA, BoostAdapter and TPS (TDA, DMN-ZS and "
+                        "DPE take one): 1, or 5 and more (MTA's bandwidth needs other views); published: 64 [8]")
     parser.add_argument("--llm-model", default=None,
                         help="describe the classes with this LLM instead of the offline templates "
                         "(key from $OPENAI_API_KEY)")
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeping finished stages and rows")
     parser.add_argument("--no-shared-encodings", dest="share_encodings", action="store_false",
                         help="encode every row's images in that row (slower, same results): by default a batch of "
-                        "pixels that an earlier row already encoded, such as the views TPT and C-TPT share, is not "
+                        "pixels that an earlier row already encoded, such as the views TPT, C-TPT, O-TPT and TPS share, is not "
                         "encoded again")
     return parser
 
