@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if not args.root:
             raise ReproduceError("--root DATA is required: the folder holding the table's datasets.")
-        from .reproduction.table_run import SharedError
+        from .reproduction.team import SharedError
 
         finished = False
         try:

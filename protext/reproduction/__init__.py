@@ -16,8 +16,11 @@ The package reads like the pipeline, one module per step:
 ``availability``   which datasets are under ``--root``; whether ``--coop`` rows can run
 ``descriptions``   CuPL's descriptions of every class a cell scores or a preset trains on
 ``table_run``      :func:`reproduce`: pre-flight, then train and evaluate the missing cells
+``team``           the ranks of a torchrun job: who checks, computes and writes
 ``table_math``     the table payload: ours beside the paper's, averages and harmonic means
 ``render``         ``TABLE.md``
+``figure_data``    what the table's pictures show (points, per-run strips), as plain data
+``figures``        ``TABLE.cost.png`` and ``TABLE.runs.png``
 ``backend``        :class:`LibraryRunner`, the adapter onto protext's training and evaluation
 =================  ===========================================================================
 
