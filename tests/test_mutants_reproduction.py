@@ -626,3 +626,20 @@ def test_a_protocol_table_without_pivot_or_published_only_has_neither_section():
     text = render_markdown(table)
     assert "by method and setting" not in text and "## Published numbers without a row here" not in text
     assert "## mean top-1 over the runs (%)" in text
+
+
+def test_resolved_tta_in_the_plan_names_the_published_settings_and_the_init_and_seed_once():
+    tpt = next(ln for ln in describe_plan(ReproduceConfig("tpt-ood", "x")).splitlines()
+               if ln.startswith("  tpt__imagenet_r__all:"))
+    settings = tpt.split(" tta=", 1)[1].split()
+    # TPT (PUBLISHED.md): 64 views, 10 % kept, one step at 5e-3, no AugMix off the fine-grained sets, "a photo of a"
+    assert settings[0] == "tpt" and settings[-1] == "init:handcrafted"
+    assert [s for s in settings if s.split(":")[0] in ("views", "selection", "steps", "lr", "augmix")] == [
+        "views:64", "selection:0.1", "steps:1", "lr:0.005", "augmix:False"]
+    assert sum(s.startswith("init:") for s in settings) == 1 and not any(s.startswith("method:") for s in settings)
+    zero = next(ln for ln in describe_plan(ReproduceConfig("tta-ood", "x")).splitlines()
+                if ln.startswith("  zero__imagenet__all:"))
+    settings = zero.split(" tta=", 1)[1].split()
+    # ZERO (TTA.md §1): 64 views, 30 % kept, seed 1; it has no prompt init
+    assert settings[0] == "zero" and settings[-1] == "seed:1" and "views:64" in settings and "selection:0.3" in settings
+    assert not any(s.startswith(("init:", "method:")) for s in settings)
