@@ -119,3 +119,142 @@ def test_tta2_numbers_sit_at_the_dataset_their_section_prints_them_under(tta2_se
     assert dict(xd.published_averages) == want_xd_avg
     assert dict(ood.published) == want_ood
     assert dict(ood.published_averages) == want_ood_avg
+
+
+# --------------------------------------------------------------------------------------------------
+# base: the number helpers run at import (their mutants are only reached by calling them) and the types
+
+
+def test_row_numbers_key_each_number_by_row_dataset_and_measure():
+    assert base.row_numbers("R", ("a", "b"), (1.5, 2.5)) == {("R", "a", "top1"): 1.5, ("R", "b", "top1"): 2.5}
+    assert base.row_numbers("R", ("a",), (3.0,), "ece") == {("R", "a", "ece"): 3.0}
+    for values in ((1.0,), (1.0, 2.0, 3.0)):
+        with pytest.raises(ValueError) as err:
+            base.row_numbers("R", ("a", "b"), values)
+        assert str(err.value) == f"R: {len(values)} numbers for 2 datasets"
+
+
+def test_b2n_sparse_and_by_row_numbers():
+    assert base.b2n_numbers("R", {"a": (1.0, 2.0, 3.0), "b": (4.0, 5.0, 6.0)}) == {
+        ("R", "a", "base"): 1.0, ("R", "a", "novel"): 2.0, ("R", "a", "hm"): 3.0,
+        ("R", "b", "base"): 4.0, ("R", "b", "novel"): 5.0, ("R", "b", "hm"): 6.0}
+    order = ("a", "b", "c", "d")
+    assert base.sparse_numbers({"R": (None, 2.0, None, 4.0), "S": (1.0, None, None, None)}, order) == {
+        ("R", "b", "top1"): 2.0, ("R", "d", "top1"): 4.0, ("S", "a", "top1"): 1.0}
+    assert base.sparse_numbers({"R": (None, 0.5, None, None)}, order, "ece") == {("R", "b", "ece"): 0.5}
+    assert base.numbers_by_row({"R": (1.0, 2.0), "S": (3.0, 4.0)}, ("a", "b")) == {
+        ("R", "a", "top1"): 1.0, ("R", "b", "top1"): 2.0, ("S", "a", "top1"): 3.0, ("S", "b", "top1"): 4.0}
+    with pytest.raises(ValueError):
+        base.numbers_by_row({"R": (1.0,)}, ("a", "b"))
+
+
+def test_a_runspec_replays_orders_or_a_scenario_never_both_nor_neither():
+    assert RunSpec(stream_runs=3).scenario is None and RunSpec(scenario="low", tasks=4).tasks == 4
+    for kw in ({}, {"stream_runs": 3, "scenario": "low"}):
+        with pytest.raises(ValueError) as err:
+            RunSpec(**kw)
+        assert str(err.value) == "a RunSpec replays either stream_runs orders or a scenario"
+    with pytest.raises(ValueError) as err:
+        RunSpec(stream_runs=3, tasks=2)
+    assert str(err.value) == "tasks count a scenario's tasks or streams"
+
+
+def test_ttaspec_as_dict_and_per_dataset_settings_by_hand():
+    assert TTASpec().as_dict() == {"method": "tpt", "views": 64, "selection": 0.1, "steps": 1, "lr": 5e-3,
+                                   "init": "handcrafted", "augmix": None, "augmix_by_dataset": {}, "seed": None}
+    spec = TTASpec("ctpt", augmix=True, augmix_by_dataset=(("imagenet", False), ("imagenet_a", True)), seed=1,
+                   options=(("tda_alpha", 2.0),))
+    as_dict = spec.as_dict()
+    assert as_dict["augmix_by_dataset"] == {"imagenet": False, "imagenet_a": True}
+    assert as_dict["options"] == {"tda_alpha": 2.0} and as_dict["seed"] == 1 and as_dict["augmix"] is True
+    assert spec.augmix_for("imagenet") is False and spec.augmix_for("dtd") is True
+    assert TTASpec(augmix=None).augmix_for("dtd") is None
+    assert spec.for_dataset("imagenet") == {"method": "ctpt", "views": 64, "selection": 0.1, "steps": 1, "lr": 5e-3,
+                                            "init": "handcrafted", "augmix": False, "seed": 1,
+                                            "options": {"tda_alpha": 2.0}}
+    plain = TTASpec("tda", views=None).for_dataset("dtd")
+    assert "seed" not in plain and "options" not in plain and "augmix_by_dataset" not in plain
+    assert plain["views"] is None and plain["augmix"] is None
+
+
+def test_row_features_and_presets_per_cell():
+    row = Row("R", "cupl", "coop", preset="text_only/{dataset}", novel_features="clip",
+              features_by_dataset=(("dtd", "ensemble"),))
+    assert row.features_for("eurosat", "base") == "cupl" and row.features_for("eurosat", "all") == "cupl"
+    assert row.features_for("eurosat", "novel") == "clip" and row.features_for("dtd", "novel") == "clip"
+    assert row.features_for("dtd", "base") == "ensemble"
+    assert row.preset_for("dtd") == "text_only/dtd" and Row("S", "clip", "coop").preset_for("dtd") is None
+    assert Row("T", "clip", "coop", features_by_dataset=(("dtd", "ensemble"),)).features_for("dtd", "novel") == "ensemble"
+
+
+def _mini(**kw) -> Protocol:
+    fields = dict(name="mini", title="t", datasets=("dtd", "eurosat"), splits=("all",),
+                  rows=(Row("A", "clip", "coop"), Row("B", "clip", "tpt")), averages=(Average("avg", ("dtd", "eurosat")),))
+    fields.update(kw)
+    return Protocol(**fields)
+
+
+def test_protocol_measures_rows_and_departures():
+    assert _mini().measures() == ("top1",) and not _mini().base_to_novel
+    assert _mini(report_ece=True).measures() == ("top1", "ece")
+    assert _mini(report_runs=True, report_ece=True).measures() == ("top1", "eta", "spread")
+    b2n = _mini(splits=("base", "novel"), report_runs=True, report_ece=True)
+    assert b2n.base_to_novel and b2n.measures() == ("base", "novel", "hm")
+    assert not _mini(splits=("novel", "base")).base_to_novel
+    assert _mini().row("B").template_rule == "tpt"
+    with pytest.raises(KeyError) as err:
+        _mini().row("C")
+    assert err.value.args[0] == "mini has no row 'C'"
+    assert _mini(departures=("d",)).all_departures() == ["d", *base.COMMON_DEPARTURES]
+    assert len(base.COMMON_DEPARTURES) == 1 and "fp32" in base.COMMON_DEPARTURES[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# the package: its table list, its error, and the import-time consistency check
+
+
+def test_table_names_in_the_order_of_published_md_then_tta2():
+    assert table_names() == [
+        "protext-text-only", "protext-base2novel", "protext-cross-dataset", "protext-dg", "tpt-ood", "tpt-xd",
+        "protext-tpt", "tta-ood", "tta-xd", "tta2-xd", "tta2-ood", "oga-runs", "stata"]
+    assert get_protocol("tpt-xd") is PROTOCOLS["tpt-xd"]
+
+
+def test_an_unknown_table_is_a_user_error_naming_every_table():
+    with pytest.raises(protocols.UnknownTableError) as err:
+        get_protocol("nope")
+    assert isinstance(err.value, UserError)
+    assert str(err.value) == "unknown table 'nope'; the tables are: " + ", ".join(table_names())
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def _check(monkeypatch, *tables: Protocol) -> None:
+    monkeypatch.setattr(protocols, "_PROTOCOLS", tables)
+    monkeypatch.setattr(protocols, "PROTOCOLS", {p.name: p for p in tables})
+    protocols._check_protocols()
+
+
+@pytest.mark.parametrize("bad", [
+    dict(rows=(Row("A", "clip", "coop"), Row("A", "clip", "tpt"))),  # two rows share a name
+    dict(rows=(Row("A", "clip", "nope"),)),  # not a template rule
+    dict(rows=(Row("A", "pixels", "coop"),)),  # not class features
+    dict(rows=(Row("A", "clip", "coop", runs=RunSpec(stream_runs=2)),)),  # runs outside a protocol table
+    dict(published={("Z", "dtd", "top1"): 1.0}),  # an unknown row
+    dict(published={("A", "imagenet", "top1"): 1.0}),  # an unknown column
+    dict(published={("A", "dtd", "ece"): 1.0}),  # a measure the table does not report
+    dict(published_averages={("Z", "avg", "top1"): 1.0}),
+    dict(published_averages={("A", "avg (9)", "top1"): 1.0}),
+    dict(published_averages={("A", "avg", "hm"): 1.0}),
+    dict(pivot=(("Z", "Z", "s", None),)),  # the pivot names an unknown row
+])
+def test_the_import_time_check_refuses_an_inconsistent_table(monkeypatch, bad):
+    _check(monkeypatch, _mini())  # the well-formed table passes
+    _check(monkeypatch, _mini(report_runs=True, rows=(Row("A", "clip", "coop", runs=RunSpec(stream_runs=2)),),
+                              published_averages={("A", "avg", "eta"): 1.0}, pivot=(("A", "A", "s", 1.0),)))
+    with pytest.raises(AssertionError):
+        _check(monkeypatch, _mini(**bad))
+
+
+def test_the_import_time_check_refuses_two_tables_of_one_name(monkeypatch):
+    with pytest.raises(AssertionError):
+        _check(monkeypatch, _mini(), replace(_mini(), title="other"))
