@@ -50,6 +50,7 @@ def test_length_chunks_edges():
     assert [c.tolist() for c in length_chunks(torch.tensor([5]))] == [[0]]
     # a row longer than the budget on its own still gets a batch, alone
     assert [c.tolist() for c in length_chunks(torch.tensor([50, 2, 60]), token_budget=10)] == [[1], [0], [2]]
+    assert [c.tolist() for c in length_chunks(torch.tensor([30, 40]), token_budget=10)] == [[0], [1]]  # no empty batch
     # the default budget: 8192 tokens, so 106 rows of 77 tokens (8162) but not 107 (8239)
     full = length_chunks(torch.full((200,), 76))
     assert [len(c) for c in full] == [106, 94]
@@ -110,16 +111,17 @@ def test_cupl_features_average_each_class_own_descriptions(tiny_clip):
     torch.testing.assert_close(got, torch.stack(rows), atol=1e-5, rtol=0)
 
 
-def test_cupl_error_lists_at_most_ten_classes_and_ten_unused_keys(tiny_clip):
-    names = [f"class{i:02d}" for i in range(12)] + ["ok"]
-    descriptions = {"ok": ["fine."], **{f"key{i:02d}": ["x."] for i in range(12)}}
+@pytest.mark.parametrize("n", [10, 11, 12])
+def test_cupl_error_lists_at_most_ten_classes_and_ten_unused_keys(tiny_clip, n):
+    names = [f"class{i:02d}" for i in range(n)] + ["ok"]
+    descriptions = {"ok": ["fine."], **{f"key{i:02d}": ["x."] for i in range(n)}}
     with pytest.raises(ZeroShotError) as info:
         cupl_text_features(tiny_clip.model, tiny_clip.tokenizer, names, descriptions, source="d.json")
-    shown = ", ".join(f"'class{i:02d}'" for i in range(10))
-    unused = ", ".join(f"'key{i:02d}'" for i in range(10))
+    shown = ", ".join(f"'class{i:02d}'" for i in range(10)) + (f", … ({n} in all)" if n > 10 else "")
+    unused = ", ".join(f"'key{i:02d}'" for i in range(10)) + (" …" if n > 10 else "")
     assert str(info.value) == (
-        f"d.json has no descriptions for 12 of 13 classes: {shown}, … (12 in all). "
-        f"Keys in d.json that match no class: {unused} …. "
+        f"d.json has no descriptions for {n} of {n + 1} classes: {shown}. "
+        f"Keys in d.json that match no class: {unused}. "
         "Every class needs at least one description; regenerate or re-key the descriptions."
     )
 
