@@ -258,3 +258,24 @@ def test_the_import_time_check_refuses_an_inconsistent_table(monkeypatch, bad):
 def test_the_import_time_check_refuses_two_tables_of_one_name(monkeypatch):
     with pytest.raises(AssertionError):
         _check(monkeypatch, _mini(), replace(_mini(), title="other"))
+
+
+def test_a_stata_scenario_row_by_hand():
+    from protext.protocols import protocol_tables
+
+    spec = TTASpec("tda", views=1)
+    batch = protocol_tables._scenario_row("TDA", spec, "medium_64")
+    assert batch == Row("TDA (medium_64)", "clip", "coop", tta=spec, runs=RunSpec(scenario="medium_64", stream_seed=1),
+                        note="TDA with OGA's settings in StatA's medium_64 scenario: one task at a time, a fresh adapter "
+                             "per task")
+    online = protocol_tables._scenario_row("DMN-ZS", spec, "online-low")
+    assert online.name == "DMN-ZS (online-low)" and online.runs == RunSpec(scenario="online-low", stream_seed=1)
+    assert online.note == ("DMN-ZS with OGA's settings in StatA's online-low scenario: a fresh adapter per stream, "
+                           "state kept across its batches of 128")
+    # the table's rows are these, for both methods and every scenario (TTA2.md §11.2)
+    stata = get_protocol("stata")
+    for method in ("TDA", "DMN-ZS"):
+        for scenario in ("very_low", "low", "medium_64", "medium_1000", "high", "very_high", "all"):
+            assert stata.row(f"{method} ({scenario})").note.endswith("one task at a time, a fresh adapter per task")
+        for scenario in ("online-low", "online-medium", "online-high", "online-separate"):
+            assert stata.row(f"{method} ({scenario})").runs == RunSpec(scenario=scenario, stream_seed=1)
