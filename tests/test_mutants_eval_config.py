@@ -376,6 +376,17 @@ def test_default_results_name(tmp_path, monkeypatch):
     assert stem.startswith("dtd-all-clip-" + "m" * 40 + "-openai-")
     assert _cfg(model="...").output_path().name.startswith("dtd-all-clip-_-openai-")
     assert len(config.output_path().stem.rsplit("-", 1)[1]) == 10
+    assert _cfg(model="XL-X").output_path().name.startswith("dtd-all-clip-XL-X-openai-")  # only '.' and '_' are trimmed
+    assert _cfg(pretrained="..").output_path().name.startswith("dtd-all-clip-ViT-B-16-_-")  # a tag as is, never dropped
+
+
+def test_path_objects_from_python_callers_are_named_and_fingerprinted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _cfg(root=Path("imgs"), classes=Path("dtd"))  # a built-in list, kept as given
+    assert config.identity()["classes"] == Path("dtd")
+    assert config.output_path().name.startswith("dtd-all-clip-ViT-B-16-openai-")
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "overwrite", "workers", "progress", "limit")}
+    assert config.fingerprint({}) == _hash({"settings": settings, "files": {}})
 
 
 def test_fingerprint_by_hand():
