@@ -234,30 +234,32 @@ def _check(monkeypatch, *tables: Protocol) -> None:
     protocols._check_protocols()
 
 
-@pytest.mark.parametrize("bad", [
-    dict(rows=(Row("A", "clip", "coop"), Row("A", "clip", "tpt"))),  # two rows share a name
-    dict(rows=(Row("A", "clip", "nope"),)),  # not a template rule
-    dict(rows=(Row("A", "pixels", "coop"),)),  # not class features
-    dict(rows=(Row("A", "clip", "coop", runs=RunSpec(stream_runs=2)),)),  # runs outside a protocol table
-    dict(published={("Z", "dtd", "top1"): 1.0}),  # an unknown row
-    dict(published={("A", "imagenet", "top1"): 1.0}),  # an unknown column
-    dict(published={("A", "dtd", "ece"): 1.0}),  # a measure the table does not report
-    dict(published_averages={("Z", "avg", "top1"): 1.0}),
-    dict(published_averages={("A", "avg (9)", "top1"): 1.0}),
-    dict(published_averages={("A", "avg", "hm"): 1.0}),
-    dict(pivot=(("Z", "Z", "s", None),)),  # the pivot names an unknown row
+@pytest.mark.parametrize("bad, message", [
+    (dict(rows=(Row("A", "clip", "coop"), Row("A", "clip", "tpt"))), "('mini', 'two rows share a name')"),
+    (dict(rows=(Row("A", "clip", "nope"),)), "('mini', 'A')"),  # not a template rule
+    (dict(rows=(Row("A", "pixels", "coop"),)), "('mini', 'A')"),  # not class features
+    (dict(rows=(Row("A", "clip", "coop", runs=RunSpec(stream_runs=2)),)), "('mini', 'A', 'runs outside a protocol table')"),
+    (dict(published={("Z", "dtd", "top1"): 1.0}), "('mini', 'Z', 'dtd', 'top1')"),  # an unknown row
+    (dict(published={("A", "imagenet", "top1"): 1.0}), "('mini', 'A', 'imagenet', 'top1')"),  # an unknown column
+    (dict(published={("A", "dtd", "ece"): 1.0}), "('mini', 'A', 'dtd', 'ece')"),  # a measure not reported
+    (dict(published_averages={("Z", "avg", "top1"): 1.0}), "('mini', 'Z', 'avg')"),
+    (dict(published_averages={("A", "avg (9)", "top1"): 1.0}), "('mini', 'A', 'avg (9)')"),
+    (dict(published_averages={("A", "avg", "hm"): 1.0}), "('mini', 'A', 'avg')"),
+    (dict(pivot=(("Z", "Z", "s", None),)), "('mini', 'pivot names an unknown row')"),
 ])
-def test_the_import_time_check_refuses_an_inconsistent_table(monkeypatch, bad):
+def test_the_import_time_check_refuses_an_inconsistent_table(monkeypatch, bad, message):
     _check(monkeypatch, _mini())  # the well-formed table passes
     _check(monkeypatch, _mini(report_runs=True, rows=(Row("A", "clip", "coop", runs=RunSpec(stream_runs=2)),),
                               published_averages={("A", "avg", "eta"): 1.0}, pivot=(("A", "A", "s", 1.0),)))
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError) as err:
         _check(monkeypatch, _mini(**bad))
+    assert str(err.value) == message
 
 
 def test_the_import_time_check_refuses_two_tables_of_one_name(monkeypatch):
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError) as err:
         _check(monkeypatch, _mini(), replace(_mini(), title="other"))
+    assert str(err.value) == "two tables share a name"
 
 
 def test_a_stata_scenario_row_by_hand():
