@@ -70,6 +70,9 @@ def test_check_distinct_classes_shows_three_labels_and_counts_the_rest():
     assert "five.json: classes 0 'x' and 1 'X' and 2 'x_' (and 2 more) are one class name" in message
     assert "'x '" not in message
     with pytest.raises(ClassListError) as info:
+        check_distinct_classes(["x", "X", "x_", "x "], "four.json")
+    assert "four.json: classes 0 'x' and 1 'X' and 2 'x_' (and 1 more) are one class name" in str(info.value)
+    with pytest.raises(ClassListError) as info:
         check_distinct_classes(["x", "X", "x_"], "three.json")
     assert "three.json: classes 0 'x' and 1 'X' and 2 'x_' are one class name" in str(info.value)
 
