@@ -79,7 +79,8 @@ def test_resolved_fills_fields_and_keeps_the_rest_in_options():
     assert {key for key in resolved.options if key.startswith("dpe_")} >= {"dpe_align", "dpe_alpha", "dpe_beta"}
     assert not set(resolved.options) & set(OPTION_DEST), "a field's value must not be duplicated in options"
     tda = TTAConfig(method="tda").resolved("dtd")
-    assert (tda.tda_alpha, tda.tda_beta, tda.options) == (2, 3, {})  # TTA.md §3.6: DTD's (alpha+, beta+)
+    assert (tda.tda_alpha, tda.tda_beta) == (2, 3)  # TTA.md §3.6: DTD's (alpha+, beta+)
+    assert not set(tda.options) & set(OPTION_DEST)
 
 
 def test_record_is_every_field_and_option_as_plain_values():
