@@ -245,12 +245,12 @@ def _check(monkeypatch, *tables: Protocol) -> None:
     (dict(published_averages={("Z", "avg", "top1"): 1.0}), "('mini', 'Z', 'avg')"),
     (dict(published_averages={("A", "avg (9)", "top1"): 1.0}), "('mini', 'A', 'avg (9)')"),
     (dict(published_averages={("A", "avg", "hm"): 1.0}), "('mini', 'A', 'avg')"),
-    (dict(pivot=(("Z", "Z", "s", None),)), "('mini', 'pivot names an unknown row')"),
+    (dict(pivot=(("Z", "A", "s", None),)), "('mini', 'pivot names an unknown row')"),  # the row, not the method
 ])
 def test_the_import_time_check_refuses_an_inconsistent_table(monkeypatch, bad, message):
     _check(monkeypatch, _mini())  # the well-formed table passes
     _check(monkeypatch, _mini(report_runs=True, rows=(Row("A", "clip", "coop", runs=RunSpec(stream_runs=2)),),
-                              published_averages={("A", "avg", "eta"): 1.0}, pivot=(("A", "A", "s", 1.0),)))
+                              published_averages={("A", "avg", "eta"): 1.0}, pivot=(("A", "method M", "s", 1.0),)))
     with pytest.raises(AssertionError) as err:
         _check(monkeypatch, _mini(**bad))
     assert str(err.value) == message
