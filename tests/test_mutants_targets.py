@@ -105,9 +105,13 @@ def test_a_tokenizer_that_drops_eot_is_refused():
     def dropping(texts, context_length=6):
         return word_tokenizer(texts, context_length, keep_eot=False)
 
-    with pytest.raises(RuntimeError, match="without keeping the end-of-text token last"):
+    with pytest.raises(RuntimeError) as info:
         # 7 tokens at 7 slots, so it is cut; cut to 6 without EOT its last id (3) is not its largest (7)
         tokenize_descriptions(dropping, ["fits", "eeeee dddd ccc bb a"], 6)
+    assert str(info.value) == (
+        "the tokenizer truncates long texts without keeping the end-of-text token last; CLIP features are read "
+        "at that token, so truncated descriptions would be encoded wrongly."
+    )
     assert tokenize_descriptions(dropping, ["fits", "a b"], 6).truncated == []  # nothing cut: nothing to check
 
 
@@ -273,6 +277,25 @@ def test_no_texts_no_work(tiny_clip, tmp_path, encode_calls):
     assert got.shape == (0, 32) and encode_calls == []
     assert (stats.total, stats.unique, stats.cached, stats.computed) == (0, 0, 0, 0)
     assert list(tmp_path.iterdir()) == []
+    # with rows already cached, still an empty (0, embed_dim) answer
+    description_targets(tiny_clip.model, tiny_clip.tokenizer, TEXTS[:1], cache_dir=tmp_path, progress=False)
+    got, _ = description_targets(tiny_clip.model, tiny_clip.tokenizer, [], cache_dir=tmp_path, progress=False)
+    assert got.shape == (0, 32) and got.dtype == torch.float32
+
+
+def test_the_default_chunk_is_4096_texts(tiny_clip, tmp_path, monkeypatch):
+    """4,097 new texts reach the cache in two chunks (4,096, then 1); the encoder is faked, since only
+    the chunking is looked at, and the hand-made tokenizer keeps tokenising fast."""
+    calls = []
+
+    def fake(model, tokens, batch_size=256, progress=True):
+        calls.append(tokens.shape[0])
+        return torch.ones(tokens.shape[0], 32)
+
+    monkeypatch.setattr(targets_mod, "encode_descriptions", fake)
+    texts = [f"text {i}" for i in range(4097)]
+    got, stats = description_targets(tiny_clip.model, word_tokenizer, texts, cache_dir=tmp_path, progress=False)
+    assert calls == [4096, 1] and stats.computed == 4097 and got.shape == (4097, 32)
 
 
 def test_the_default_cache_dir_is_used_when_none_is_given(tiny_clip, tmp_path, monkeypatch):
