@@ -49,7 +49,7 @@ def test_methods_that_read_descriptions():
         assert uses_descriptions(method) is (method in readers), method
 
 
-def test_max_workers_is_four_per_usable_core(monkeypatch):
+def test_loader_processes_are_four_per_usable_core(monkeypatch):  # no 'worker' in the name: mutmut's -k drops those
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert max_workers() == 12
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(), raising=False)
@@ -113,7 +113,8 @@ def test_good_devices(device):
 
 @pytest.mark.parametrize("template", ["a {} of {}", "a photo of a {name}", "a photo", "a {{}} photo", "a { photo {}"])
 def test_bad_templates(template):
-    _refused(f"--template '{template}' must hold exactly one '{{}}'", template=template)
+    message = _refused(f"--template '{template}' must hold exactly one '{{}}'", template=template)
+    assert message.endswith("no other braces (write a literal brace as '{{' or '}}').")
 
 
 def test_dataset_and_empty_paths():
@@ -270,7 +271,8 @@ def test_several_methods_in_one_pass():
     _cfg(tta="zero,tda", tda_alpha=1.0, tda_beta=1.0).validate()
     _refused("--tta must be one of", tta="zero,nope")
     _refused("got ''", tta="zero,")
-    _refused("--tta zero,tpt: tpt tunes prompts through the text tower", tta="zero,tpt")
+    assert _refused("--tta zero,tpt: tpt tunes prompts through the text tower", tta="zero,tpt").endswith(
+        "cannot share one encoding of the views with other methods; run it on its own.")
     _refused("--tta zero,zero: name each method once, at least two of them.", tta="zero,zero")
     _refused("--tda-alpha does not apply to any of --tta zero,mta; drop it.", tta="zero,mta", tda_alpha=1.0)
     _refused("--tda-alpha must be", tta="zero,tda", tda_alpha=-1.0, tda_beta=1.0)
@@ -282,7 +284,8 @@ def test_several_methods_in_one_pass():
     ("stream_runs", 2, "--stream-runs"), ("scenario", "low", "--scenario"),
 ])
 def test_one_pass_refuses_what_adapts_one_stream(field, value, flag):
-    _refused(f"{flag} is not supported with several methods in one pass", tta="zero,tda", **{field: value})
+    message = _refused(f"{flag} is not supported with several methods in one pass", tta="zero,tda", **{field: value})
+    assert message.endswith("(it adapts one image at a time over one stream); run the methods one at a time.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,6 +371,7 @@ def test_default_results_name(tmp_path, monkeypatch):
     assert _cfg(method="prompts", prompts="ck/p.safetensors").output_path().name.startswith(
         "dtd-all-prompts-ViT-B-16-openai-p.safetensors-")
     assert _cfg(method="cupl", descriptions="d/x.jsonl").output_path().name.startswith("dtd-all-cupl-ViT-B-16-openai-x.jsonl-")
+    assert "x.jsonl" not in _cfg(descriptions="d/x.jsonl").output_path().name  # --method clip reads no descriptions
     assert _cfg(tta="tpt", tta_init="coop", prompts="c.pth").output_path().name.startswith("dtd-all-clip-tpt-ViT-B-16-openai-c.pth-")
     # flags validate refuses still get a name, without a source
     assert _cfg(tta="tpt", method="ensemble").output_path().name.startswith("dtd-all-ensemble-tpt-ViT-B-16-openai-")
