@@ -414,3 +414,13 @@ def test_config_keeps_every_name_it_had():
                  "SCENARIOS", "MAX_SEED", "WORKERS_PER_CORE", "EvalConfig", "EvalError", "max_workers",
                  "parse_stream_seeds", "uses_descriptions", "_NOT_IN_FINGERPRINT"):
         assert hasattr(eval_config, name), name
+
+
+def test_batch_stream_update_needs_stream_runs():
+    for tta in ("tda", "tda,dmn"):  # a single method and a pass of several
+        message = _refused("--stream-update batch is OGA's rule for the batches of 32 of --stream-runs's orders",
+                           tta=tta, tta_options={"stream_update": "batch"})
+        assert "not for a plain run, --stream-seeds or --scenario;" in message
+        assert message.endswith("add --stream-runs N or drop it.")
+    _cfg(tta="tda", stream_runs=2, tta_options={"stream_update": "batch"}).validate()
+    _cfg(tta="tda", tta_options={"stream_update": "image"}).validate()
