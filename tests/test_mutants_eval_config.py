@@ -309,8 +309,10 @@ def test_init_and_checkpoint_use():
     assert _cfg(tta="tpt").resolved_tta_init() == "handcrafted"
     for path, init in (("a.pth", "coop"), ("a.pt", "coop"), ("a.tar", "coop"), ("a.safetensors", "prompts"), (None, "prompts")):
         assert _cfg(tta="tpt", method="prompts", prompts=path).resolved_tta_init() == init, path
-    with pytest.raises(EvalError, match="Use --method clip or --method prompts, or pass --tta-init"):
+    with pytest.raises(EvalError) as err:
         _cfg(tta="tpt", method="ensemble").resolved_tta_init()
+    assert str(err.value).startswith("--tta tpt tunes prompt vectors, and --method ensemble has none (its classes are averaged")
+    assert str(err.value).endswith(" text features). Use --method clip or --method prompts, or pass --tta-init.")
     assert _cfg(tta="tpt").tunes_prompts and not _cfg(tta="tda").tunes_prompts and not _cfg().tunes_prompts
     assert _cfg(method="prompts").uses_checkpoint()
     assert not _cfg(tta="tpt").uses_checkpoint()
