@@ -169,6 +169,10 @@ def test_tta_options_without_tta(field, value, flag):
     assert message.startswith(flag + " ")
 
 
+def test_a_run_option_set_to_true_without_tta_is_refused():
+    _refused("--stream-runs is a test-time adaptation option", stream_runs=True)
+
+
 def test_switches_left_off_without_tta_pass():
     _cfg(tta_naive=False, tta_options={"tda_alpha": None}).validate()
 
@@ -200,7 +204,7 @@ def test_unknown_method():
 
 def test_stream_runs_need_an_online_method():
     message = _refused("--stream-runs: --tta tpt treats every image on its own", tta="tpt", stream_runs=2)
-    assert "drop --stream-runs" in message
+    assert message.endswith("so its result does not depend on the stream order; one run is all there is (drop --stream-runs).")
     _cfg(tta="tda", stream_runs=2).validate()
 
 
