@@ -116,6 +116,8 @@ BAD = [
     (["--tta", "zero", "--otpt-lambda", "2"], "--otpt-lambda"),
     (["--method", "ensemble+cupl"], "--descriptions"),
     (["--dpe-align", "0.2"], "--dpe-align"),
+    (["--tta", "dmn-oracle", "--stream-runs", "3"], "--stream-runs: --tta dmn-oracle picks beta2 on the test labels"),
+    (["--tta", "dmn-oracle", "--scenario", "low"], "--scenario: --tta dmn-oracle picks beta2 on the test labels"),
 ]
 
 

@@ -86,6 +86,10 @@ def _validate_tta(config: "EvalConfig") -> None:
     if config.stream_runs is not None and config.tta not in ONLINE_METHODS:
         raise EvalError(f"--stream-runs: --tta {config.tta} treats every image on its own, so its result does not depend "
                         "on the stream order; one run is all there is (drop --stream-runs).")
+    if config.tta == "dmn-oracle" and (config.stream_runs is not None or config.scenario is not None):
+        flag = "--stream-runs" if config.stream_runs is not None else "--scenario"
+        raise EvalError(f"{flag}: --tta dmn-oracle picks beta2 on the test labels after one whole stream, which the "
+                        "replayed runs do not do; use --tta dmn (beta2 announced) or drop the flag.")
     for name, (flag, methods) in RUN_OPTIONS.items():
         if is_set(getattr(config, name)) and config.tta not in methods:
             raise EvalError(f"{flag} does not apply to --tta {config.tta} (it is for --tta {', '.join(methods)}); drop it.")
