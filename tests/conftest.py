@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import warnings
 from pathlib import Path
 
 import pytest
+
+# A background job of a shell without job control starts with SIGINT ignored, and every process it
+# starts inherits that: the tests that Ctrl-C a command would then wait for a signal nobody acts on.
+# A handler of our own (Python's usual one) is reset to the default by exec, so every command a test
+# starts gets the default SIGINT disposition, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 # PROTEXT_SHARED lets a copy of the tree (mutmut runs the tests from mutants/) find the same data
