@@ -531,7 +531,9 @@ BAD = [
     (["--tta", "dpe", "--stream-runs", "3", "--stream-update", "batch"], "--stream-update does not apply to --tta dpe"),
     (["--tta", "boost", "--tda-alpha", "2", "--tda-beta", "5", "--stream-runs", "3", "--stream-update", "batch"],
      "--stream-update does not apply to --tta boost"),
-    (["--tta", "dmn-oracle", "--stream-runs", "3", "--stream-update", "batch"], "does not apply to --tta dmn-oracle"),
+    (["--tta", "dmn-oracle", "--stream-update", "image"], "--stream-update does not apply to --tta dmn-oracle"),
+    # the oracle never replays orders at all (beta2 is picked after one whole stream)
+    (["--tta", "dmn-oracle", "--stream-runs", "3", "--stream-update", "batch"], "--stream-runs: --tta dmn-oracle picks beta2"),
     (["--stream-update", "batch"], "--stream-update"),
     ([*_TDA, "--tda-positive-shots", "0"], "--tda-positive-shots must be between 1 and 10000, got 0."),
     ([*_TDA, "--tda-negative-shots", "0"], "--tda-negative-shots must be between 1 and 10000, got 0."),
