@@ -107,8 +107,8 @@ def reproduce(config: ReproduceConfig, runner: Optional[CellRunner] = None, *, s
         if ranks == 1:
             raise
         problem = err  # told to every rank first, so that all of them stop with one report
-    ctx = join(config, problem, checked)
-    assert checked is not None  # _join raised on every rank otherwise
+    ctx = join(config, problem, sorted(checked.found.present) if checked else None)
+    assert checked is not None  # join raised on every rank otherwise
     folder, cells, found = checked.folder, checked.cells, checked.found
     runner = runner if runner is not None else LibraryRunner(config)
     environment = runner.environment()  # loads the model: a bad --model/--pretrained/--device fails here

@@ -17,6 +17,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..devices import DeviceError, resolve_device, uses_cuda
 from ..errors import UserError
 from ..launch import launched_world_size
 from .config import ReproduceConfig, ReproduceError
@@ -26,7 +27,6 @@ from .runner import CellRunner, EvalRequest
 
 if TYPE_CHECKING:
     from ..distributed import DistContext
-    from .table_run import _Preflight
 
 
 def _dist():
@@ -57,42 +57,37 @@ def check_torchrun(config: ReproduceConfig) -> None:
         return  # other names are refused with the model's device, like in one process
     import torch
 
-    if not torch.cuda.is_available():
-        if config.device == "auto":
-            return
-        raise error(f"--device {config.device}: CUDA is not available on this machine; use --device cpu or auto.")
+    try:
+        resolve_device(config.device)  # the one rule and message for a CUDA device without CUDA
+    except DeviceError as err:
+        raise error(str(err)) from None
+    if not torch.cuda.is_available():  # auto on a machine without CUDA: the CPU
+        return
     local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local_rank >= gpus:
         raise ReproduceError(f"--nproc_per_node: rank {os.environ.get('RANK')} is process {local_rank} of its node, which has "
                              f"{gpus} GPU(s); start at most one process per GPU (or pass --device cpu).")
 
 
-def _uses_cuda(config: ReproduceConfig) -> bool:
-    """Whether the ranks talk over nccl: the evaluation's own rule, once :func:`check_torchrun` passed."""
-    import torch
-
-    return config.device != "cpu" and torch.cuda.is_available()
-
-
-def join(config: ReproduceConfig, problem: Optional[UserError], checked: Optional["_Preflight"]) -> DistContext:
+def join(config: ReproduceConfig, problem: Optional[UserError], present: Optional[list[str]]) -> DistContext:
     """Join the torchrun job (if any) and compare every rank's pre-flight; raise on every rank if one failed.
 
-    The ranks also compare the datasets each finds under ``--root``: on several nodes each reads
-    its own ``--root``, and a cell is evaluated by all ranks, so all must hold the same datasets.
+    The ranks also compare the datasets each finds under ``--root`` (``present``, sorted; None when
+    its pre-flight failed): on several nodes each reads its own ``--root``, and a cell is evaluated
+    by all ranks, so all must hold the same datasets.
     """
     if launched_world_size() == 1:
         return _dist().DistContext()
-    ctx = _dist().init_distributed(use_cuda=_uses_cuda(config))
-    mine = (str(problem) if problem else None, sorted(checked.found.present) if checked else None)
-    reports = _dist().exchange(mine, ctx)
+    ctx = _dist().init_distributed(use_cuda=uses_cuda(config.device))  # the evaluation's own rule
+    reports = _dist().exchange((str(problem) if problem else None, present), ctx)
     failed = [(rank, message) for rank, (message, _) in enumerate(reports) if message]
     if failed:
         rank, message = failed[0]
         raise_on_all(ctx, message if rank == 0 else f"rank {rank}: {message}")
-    present = [datasets for _, datasets in reports]
-    for rank, datasets in enumerate(present):
-        if datasets != present[0]:
-            raise_on_all(ctx, f"--root {config.root}: rank {rank} finds the datasets {datasets}, rank 0 finds {present[0]}; "
+    seen = [datasets for _, datasets in reports]
+    for rank, datasets in enumerate(seen):
+        if datasets != seen[0]:
+            raise_on_all(ctx, f"--root {config.root}: rank {rank} finds the datasets {datasets}, rank 0 finds {seen[0]}; "
                                "every node must see the same datasets at the same --root.")
     return ctx
 
