@@ -184,8 +184,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> EvalConfig:
     # options declared by the registry without an EvalConfig field of their own travel in tta_options
     fields = set(EvalConfig.__dataclass_fields__)
     extra = {key: values.pop(key) for key in list(values) if key not in fields}
-    values["tta_options"] = {key: value for key, value in extra.items() if value is not None} or None
-    return EvalConfig(**values)
+    return EvalConfig(**values).with_tta_values(extra)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -233,7 +233,7 @@ def example_runs(cfg: QuickstartConfig, base, descriptions: Path, checkpoint: Pa
     ]
     for method in TTA_SHOWN:
         config = replace(base, method="prompts", prompts=str(checkpoint), tta=method)
-        runs.append((f"prompts+{method}", with_tta_options(config, tta_row_options(method, base.dataset, cfg.tta_views))))
+        runs.append((f"prompts+{method}", config.with_tta_values(tta_row_options(method, base.dataset, cfg.tta_views))))
     return runs
 
 
@@ -270,18 +270,6 @@ def tta_row_options(method: str, dataset: str, views: int) -> dict[str, Any]:
         if count > 1 and int(count * share) == 0:
             options["tta_selection"] = 1 / count
     return options
-
-
-def with_tta_options(config, options: dict[str, Any]):
-    """``config`` with ``options`` set where ``python -m protext.eval`` puts them: on the
-    :class:`~protext.evaluation.EvalConfig` field of that name if there is one, else in
-    ``tta_options`` (so the printed command parses back to an equal config, fingerprint included)."""
-    from .evaluation import EvalConfig
-
-    fields = set(EvalConfig.__dataclass_fields__)
-    own = {key: value for key, value in options.items() if key in fields}
-    extra = {**(config.tta_options or {}), **{key: value for key, value in options.items() if key not in fields}}
-    return replace(config, **own, tta_options=extra or None)
 
 
 def eval_argv(config) -> list[Any]:

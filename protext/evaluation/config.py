@@ -11,9 +11,9 @@ these names, and a bad combination of flags is refused before anything heavy is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from ..tta import registry as _registry
 from . import identity as _identity
@@ -106,6 +106,15 @@ class EvalConfig:
             if values.get(key) is None or (values[key] is False and opt.default is False):
                 values.pop(key, None)
         return values
+
+    def with_tta_values(self, values: Mapping[str, Any]) -> "EvalConfig":
+        """This config with test-time options (by flag dest) set where ``python -m protext.eval``
+        puts them: on the field of that name where there is one (the flags older than the registry),
+        else in :attr:`tta_options`; ``None`` (not given) is dropped. The inverse of :meth:`tta_values`."""
+        fields = {key: value for key, value in values.items() if key in self.__dataclass_fields__}
+        extra = {**(self.tta_options or {}),
+                 **{key: value for key, value in values.items() if key not in fields and value is not None}}
+        return replace(self, **fields, tta_options=extra or None)
 
     @property
     def scenario_seed(self) -> int:
