@@ -397,3 +397,15 @@ def make_dataset_tree(tmp_path_factory, shared_dir):
         return make_tree(root, datasets, layout, per_class, classes_per_dataset, shared=shared_dir)
 
     return make
+
+
+def noise_folder(root: Path, names: Sequence[str], per_class: int, seed: int, shape: tuple[int, int]) -> Path:
+    """``root/NAME/I.png``: ``per_class`` images of seeded uniform noise (``shape`` = (height, width))
+    for each class of ``names``, drawn class by class from one ``default_rng(seed)``; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        for i in range(per_class):
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(path)
+    return root

@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
 import protext.evaluation.loop as loop
 from protext.evaluation import EvalConfig, evaluate
 from protext.evaluation.cost import flops_record
 from protext.flops import PARTS, PartCounter, count_flops, counted_as, image_tower_gflops, once_per_run
+from synthetic_datasets import noise_folder
 
 NAMES = ["ant", "bee", "cow", "doe", "elk"]
 #: the options the folder dataset needs (it has no published values), as tests/test_evaluation_tta2.py
@@ -33,14 +32,7 @@ NEEDS = {
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cost")
-    rng = np.random.default_rng(17)
-    for name in NAMES:
-        for i in range(2):
-            path = root / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(path)
-    return root
+    return noise_folder(tmp_path_factory.mktemp("cost"), NAMES, per_class=2, seed=17, shape=(36, 44))
 
 
 def run(folder: Path, out: Path, clip, **settings) -> dict:

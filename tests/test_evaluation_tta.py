@@ -20,6 +20,7 @@ from protext.distributed import DistContext
 from protext.errors import UserError
 from protext.evaluation import EvalConfig, evaluate
 from protext.prompts import PromptedTextEncoder
+from synthetic_datasets import noise_folder
 
 NAMES = ["ant", "bee", "cow", "doe", "elk", "fox", "gnu"]
 
@@ -27,14 +28,7 @@ NAMES = ["ant", "bee", "cow", "doe", "elk", "fox", "gnu"]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """7 classes x 2 noise images (top-5 is not trivially 100 with 7 classes)."""
-    root = tmp_path_factory.mktemp("tta")
-    rng = np.random.default_rng(11)
-    for name in NAMES:
-        for i in range(2):
-            path = root / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(path)
-    return root
+    return noise_folder(tmp_path_factory.mktemp("tta"), NAMES, per_class=2, seed=11, shape=(36, 44))
 
 
 def run(folder: Path, out: Path, clip, **settings) -> dict:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from conftest import assert_one_error_line_before_torch
 from protext.evaluation import EvalConfig, evaluate
+from synthetic_datasets import noise_folder
 
 NAMES = ["ant", "bee", "cow", "doe", "elk"]
 #: the options the folder dataset needs (it has no published values)
@@ -26,14 +25,7 @@ NEEDS = {
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tta2")
-    rng = np.random.default_rng(5)
-    for name in NAMES:
-        for i in range(3):
-            path = root / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
-    return root
+    return noise_folder(tmp_path_factory.mktemp("tta2"), NAMES, per_class=3, seed=5, shape=(40, 48))
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from conftest import assert_one_error_line_before_torch
 from protext.evaluation import EvalConfig, evaluate
+from synthetic_datasets import noise_folder
 
 C, N, D, BATCH = 4, 40, 8, 5
 ALPHA, BETA = 2.0, 5.0
@@ -415,14 +415,7 @@ NAMES = ["ant", "bee", "cow", "doe"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("oga_batch")
-    rng = np.random.default_rng(5)
-    for name in NAMES:
-        for i in range(10):
-            path = root / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-    return root
+    return noise_folder(tmp_path_factory.mktemp("oga_batch"), NAMES, per_class=10, seed=5, shape=(40, 40))
 
 
 def _config(folder: Path, out: Path, method: str = "tda", **options) -> EvalConfig:

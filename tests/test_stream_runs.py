@@ -8,24 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import assert_one_error_line_before_torch
 from protext.evaluation import EvalConfig, evaluate
+from synthetic_datasets import noise_folder
 
 NAMES = ["ant", "bee", "cow", "doe"]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("orders")
-    rng = np.random.default_rng(3)
-    for name in NAMES:
-        for i in range(4):
-            path = root / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-    return root
+    return noise_folder(tmp_path_factory.mktemp("orders"), NAMES, per_class=4, seed=3, shape=(40, 40))
 
 
 def _config(folder: Path, out: Path, **extra) -> EvalConfig:
