@@ -205,7 +205,7 @@ def evaluate_all(clip, runs: Sequence[tuple[str, Any]]) -> list[dict]:
 
     rows = []
     for number, (label, config) in enumerate(runs, 1):
-        _say("python -m protext.eval", eval_argv(config))
+        _say("python -m protext.eval", config.command_line())
         start = time.perf_counter()
         payload = evaluation.evaluate(config, clip=clip, progress=False)
         metrics, timing = payload["metrics"], payload["timing"]
@@ -270,35 +270,6 @@ def tta_row_options(method: str, dataset: str, views: int) -> dict[str, Any]:
         if count > 1 and int(count * share) == 0:
             options["tta_selection"] = 1 / count
     return options
-
-
-def eval_argv(config) -> list[Any]:
-    """The ``python -m protext.eval`` flags that run ``config`` on its own (every non-default setting;
-    the test-time options as the registry declares their flags)."""
-    from .evaluation import EvalConfig
-    from .tta import registry
-
-    flags: list[Any] = ["--dataset", config.dataset, "--root", config.root, "--method", config.method]
-    optional = [
-        ("descriptions", "--descriptions"), ("prompts", "--prompts"), ("tta", "--tta"),
-        ("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"),
-        ("precision", "--precision"), ("seed", "--seed"), ("workers", "--workers"),
-    ]
-    default = EvalConfig(dataset=config.dataset, root=config.root)
-    for name, flag in optional:
-        value = getattr(config, name)
-        if value is not None and value != getattr(default, name):
-            flags += [flag, value]
-    values = config.tta_values()
-    for flag, (opt, _) in registry.shared_flags().items():  # in the registry's order
-        key = registry.dest(flag)
-        if key not in values:
-            continue
-        if opt.type is bool:  # a --flag/--no-flag pair, or a switch that tta_values keeps only when on
-            flags.append(flag if values[key] else "--no-" + flag[2:])
-        else:
-            flags += [flag, values[key]]
-    return [*flags, "--out", config.out]
 
 
 def run(cfg: QuickstartConfig) -> list[dict]:

@@ -430,3 +430,33 @@ def test_batch_stream_update_needs_stream_runs():
         assert message.endswith("add --stream-runs N or drop it.")
     _cfg(tta="tda", stream_runs=2, tta_options={"stream_update": "batch"}).validate()
     _cfg(tta="tda", tta_options={"stream_update": "image"}).validate()
+
+
+# ------------------------------------------------------------------------------------------ command_line
+
+
+def test_command_line_names_every_non_default_setting_and_each_tta_option_once():
+    cfg = _cfg(method="prompts", prompts="ckpt.safetensors", tta="tda", model="tiny-clip", pretrained="random",
+               seed=7, out="r.json").with_tta_values({"tda_alpha": 2.0, "augmix": False, "tta_views": 8})
+    argv = [str(a) for a in cfg.command_line()]
+    # written by hand from --help: the data, the features, then each given test-time option
+    assert argv[:6] == ["--dataset", "dtd", "--root", "imgs", "--method", "prompts"]
+    assert argv[-2:] == ["--out", "r.json"]
+    pairs = argv[6:-2]
+    for flag, value in (("--prompts", "ckpt.safetensors"), ("--tta", "tda"), ("--model", "tiny-clip"),
+                        ("--pretrained", "random"), ("--seed", "7"), ("--tda-alpha", "2.0"), ("--tta-views", "8")):
+        assert pairs[pairs.index(flag) + 1] == value, flag
+    assert "--no-augmix" in pairs and "--augmix" not in pairs  # an on/off option turned off is written as its --no- form
+    assert "--descriptions" not in pairs and "--device" not in pairs  # defaults stay unsaid
+    assert len(pairs) == 2 * 7 + 1
+
+
+def test_command_line_parses_back_to_the_same_config():
+    from protext.eval import parse_config
+
+    cfg = _cfg(method="cupl", descriptions="d.jsonl", tta="tpt,zero", precision="fp32", workers=0,
+               out="x.json").with_tta_values({"tta_steps": 2, "tta_views": 16})
+    again = parse_config([str(a) for a in cfg.command_line()])
+    for field in ("dataset", "root", "method", "descriptions", "tta", "precision", "workers"):
+        assert str(getattr(again, field)) == str(getattr(cfg, field)), field
+    assert again.tta_values() == cfg.tta_values()

@@ -116,6 +116,32 @@ class EvalConfig:
                  **{key: value for key, value in values.items() if key not in fields and value is not None}}
         return replace(self, **fields, tta_options=extra or None)
 
+    def command_line(self) -> list[Any]:
+        """The ``python -m protext.eval`` flags that run this config on its own: every non-default
+        setting, and the test-time options as the registry declares their flags (what the quickstart
+        prints before each row)."""
+        flags: list[Any] = ["--dataset", self.dataset, "--root", self.root, "--method", self.method]
+        optional = [
+            ("descriptions", "--descriptions"), ("prompts", "--prompts"), ("tta", "--tta"),
+            ("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"),
+            ("precision", "--precision"), ("seed", "--seed"), ("workers", "--workers"),
+        ]
+        default = EvalConfig(dataset=self.dataset, root=self.root)
+        for name, flag in optional:
+            value = getattr(self, name)
+            if value is not None and value != getattr(default, name):
+                flags += [flag, value]
+        values = self.tta_values()
+        for flag, (opt, _) in _registry.shared_flags().items():  # in the registry's order
+            key = _registry.dest(flag)
+            if key not in values:
+                continue
+            if opt.type is bool:  # a --flag/--no-flag pair, or a switch that tta_values keeps only when on
+                flags.append(flag if values[key] else "--no-" + flag[2:])
+            else:
+                flags += [flag, values[key]]
+        return [*flags, "--out", self.out]
+
     @property
     def scenario_seed(self) -> int:
         """The seed of ``--scenario``'s draws: ``--stream-seed``, or StatA's 1."""
