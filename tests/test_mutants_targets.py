@@ -303,3 +303,69 @@ def test_the_default_cache_dir_is_used_when_none_is_given(tiny_clip, tmp_path, m
     _, stats = description_targets(tiny_clip.model, tiny_clip.tokenizer, TEXTS[:1], progress=False)
     assert stats.cache_file == tmp_path / "env" / f"{text_fingerprint(tiny_clip.model)}.safetensors"
     assert stats.cache_file.is_file()
+
+
+# -- progress: one bar of texts, cleared when done; none when asked for none or nothing is left -------------
+
+
+class _Bar:
+    """Stands in for tqdm: records how each bar was made and how far it counted."""
+
+    made: list["_Bar"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.count = kwargs, 0
+        _Bar.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        self.count += n
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    _Bar.made = []
+    monkeypatch.setattr(targets_mod, "tqdm", _Bar)
+    return lambda: [bar for bar in _Bar.made if not bar.kwargs["disable"]]
+
+
+# what the user sees: the texts still to encode, named, counted in texts, and gone once finished
+SHOWN = {"desc": "encoding descriptions", "unit": "text", "disable": False, "leave": False}
+
+
+def test_targets_show_one_bar_over_the_texts_left_to_encode(tiny_clip, tmp_path, bars):
+    model, tok = tiny_clip.model, tiny_clip.tokenizer
+    description_targets(model, tok, TEXTS[:2], cache_dir=tmp_path, progress=False)
+    assert bars() == []
+    description_targets(model, tok, TEXTS, cache_dir=tmp_path, chunk_size=2)  # progress is on by default
+    (bar,) = bars()  # the chunks' own encodings show no second bar
+    assert bar.kwargs == {"total": 3, **SHOWN}
+    assert bar.count == 3
+    _Bar.made = []
+    description_targets(model, tok, TEXTS, cache_dir=tmp_path)  # everything cached: nothing to show
+    assert bars() == []
+
+
+def test_encoding_alone_shows_its_own_bar(tiny_clip, bars):
+    texts = ["a dog.", "an ox in a field.", "a bird."]
+    encode_descriptions(tiny_clip.model, tiny_clip.tokenizer(texts), batch_size=2)
+    (bar,) = bars()
+    assert bar.kwargs == {"total": 3, **SHOWN}
+    assert bar.count == 3
+    _Bar.made = []
+    encode_descriptions(tiny_clip.model, tiny_clip.tokenizer(texts), progress=False)
+    assert bars() == []
+
+
+def test_the_truncation_warning_points_at_the_caller():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        warn_truncated(["x" * 10], [0], 5)
+    # the caller's line, not protext's own (exactly this file when run plainly; mutmut's trampoline
+    # adds a frame of its own in between, so the test asks only what holds either way)
+    assert record[0].filename != targets_mod.__file__
