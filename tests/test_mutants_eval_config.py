@@ -460,3 +460,35 @@ def test_command_line_parses_back_to_the_same_config():
     for field in ("dataset", "root", "method", "descriptions", "tta", "precision", "workers"):
         assert str(getattr(again, field)) == str(getattr(cfg, field)), field
     assert again.tta_values() == cfg.tta_values()
+
+
+def test_command_line_writes_a_switch_that_is_on_and_a_device_asked_for():
+    argv = [str(a) for a in _cfg(tta="tpt", device="cpu", tta_naive=True).command_line()]
+    assert argv[argv.index("--device") + 1] == "cpu"
+    assert "--tta-naive" in argv and "--no-tta-naive" not in argv
+
+
+# ------------------------------------------------------------------------------------------ with_tta_values
+
+
+def test_with_tta_values_puts_each_option_on_its_field_or_in_tta_options():
+    cfg = _cfg(tta="tda,dmn", tta_options={"dmn_memory": 8}).with_tta_values(
+        {"tda_alpha": 2.0, "dmn_beta": 3.0, "tda_positive_shots": 5, "dpe_shots": None, "tta_views": None})
+    assert cfg.tda_alpha == 2.0  # a flag older than the registry keeps its field
+    assert cfg.tta_options == {"dmn_memory": 8, "dmn_beta": 3.0, "tda_positive_shots": 5}  # None: not given
+    assert _cfg().with_tta_values({"tda_alpha": 1.0}).tta_options is None  # nothing extra: no empty dict
+    assert _cfg().with_tta_values({}).tta_options is None
+
+
+def test_identity_resolves_the_paths_after_a_built_in_class_list(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ident = _cfg(classes="dtd", descriptions="d.jsonl", prompts="p.pth").identity()
+    assert ident["classes"] == "dtd"
+    assert (ident["descriptions"], ident["prompts"]) == (str(tmp_path / "d.jsonl"), str(tmp_path / "p.pth"))
+
+
+def test_stream_update_batch_outside_stream_runs_says_why_in_full():
+    message = _refused("--stream-update", tta="tda", tta_options={"stream_update": "batch"})
+    assert message == ("--stream-update batch is OGA's rule for the batches of 32 of --stream-runs's orders (the "
+                       "whole batch updates the state, then is predicted), not for a plain run, --stream-seeds or "
+                       "--scenario; add --stream-runs N or drop it.")

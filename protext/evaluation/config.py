@@ -126,10 +126,9 @@ class EvalConfig:
             ("model", "--model"), ("pretrained", "--pretrained"), ("device", "--device"),
             ("precision", "--precision"), ("seed", "--seed"), ("workers", "--workers"),
         ]
-        default = EvalConfig(dataset=self.dataset, root=self.root)
         for name, flag in optional:
             value = getattr(self, name)
-            if value is not None and value != getattr(default, name):
+            if value is not None and value != self.__dataclass_fields__[name].default:
                 flags += [flag, value]
         values = self.tta_values()
         for flag, (opt, _) in _registry.shared_flags().items():  # in the registry's order

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -113,5 +112,5 @@ def name_part(text: str) -> str:
 
 
 def weights_name(pretrained: str) -> str:
-    """An open_clip tag as is; a weights file by its name."""
-    return Path(pretrained).name if Path(pretrained).suffix or os.sep in pretrained else pretrained
+    """A weights file by its name; an open_clip tag as is (it has no folder part, so its name is itself)."""
+    return Path(pretrained).name
