@@ -492,3 +492,11 @@ def test_stream_update_batch_outside_stream_runs_says_why_in_full():
     assert message == ("--stream-update batch is OGA's rule for the batches of 32 of --stream-runs's orders (the "
                        "whole batch updates the state, then is predicted), not for a plain run, --stream-seeds or "
                        "--scenario; add --stream-runs N or drop it.")
+
+
+@pytest.mark.parametrize("flag, extra", [("--stream-runs", {"stream_runs": 3}), ("--scenario", {"scenario": "low"})])
+def test_dmn_oracle_refuses_replayed_runs_naming_the_flag(flag, extra):
+    assert _refused("dmn-oracle", tta="dmn-oracle", **extra) == (
+        f"{flag}: --tta dmn-oracle picks beta2 on the test labels after one whole stream, which the replayed runs "
+        "do not do; use --tta dmn (beta2 announced) or drop the flag.")
+    _cfg(tta="dmn-oracle").validate()  # one plain stream is the oracle's own protocol
