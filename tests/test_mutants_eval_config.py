@@ -500,3 +500,26 @@ def test_dmn_oracle_refuses_replayed_runs_naming_the_flag(flag, extra):
         f"{flag}: --tta dmn-oracle picks beta2 on the test labels after one whole stream, which the replayed runs "
         "do not do; use --tta dmn (beta2 announced) or drop the flag.")
     _cfg(tta="dmn-oracle").validate()  # one plain stream is the oracle's own protocol
+
+
+# what a user reads, word for word (the checks above match key words; these pin the whole sentence)
+WHOLE_MESSAGES = [
+    ({"method": "prompts"}, "--method prompts needs --prompts CHECKPOINT (.safetensors, or a CoOp .pth)."),
+    ({"workers": -1}, "--workers must be at least 0, got -1."),
+    ({"root": ""}, "--root is empty; name the folder that holds the dataset."),
+    ({"tta": "tda", "stream_seed": 3},
+     "--stream-seed seeds the orders of --stream-runs or the draws of --scenario; add one or drop it."),
+    ({"tta": "tda", "tasks": 5}, "--tasks counts the tasks or streams of --scenario; add --scenario NAME or drop it."),
+    ({"tta": "tda", "scenario": "low", "stream_runs": 3},
+     "--scenario draws its own tasks and streams; drop --stream-runs/--stream-seeds."),
+    ({"tta": "tda", "stream_runs": 3, "stream_seeds": [1, 2]},
+     "--stream-runs and --stream-seeds are two ways to draw stream orders; use one."),
+    ({"tta": "tpt", "scenario": "low"},
+     "--scenario replays each image's encoded views, and --tta tpt tunes prompts through the text tower from the "
+     "views themselves; run it without --scenario."),
+]
+
+
+@pytest.mark.parametrize("settings, message", WHOLE_MESSAGES, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(WHOLE_MESSAGES)])
+def test_refusals_word_for_word(settings, message):
+    assert _refused(message.split()[0].rstrip(":"), **settings) == message
