@@ -643,3 +643,42 @@ def test_resolved_tta_in_the_plan_names_the_published_settings_and_the_init_and_
     # ZERO (TTA.md §1): 64 views, 30 % kept, seed 1; it has no prompt init
     assert settings[0] == "zero" and settings[-1] == "seed:1" and "views:64" in settings and "selection:0.3" in settings
     assert not any(s.startswith(("init:", "method:")) for s in settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# plan: against the survivors of its full mutmut run
+
+
+def test_computation_does_not_depend_on_the_order_settings_were_written_in():
+    def cell(tta: dict, runs: dict) -> Cell:
+        return Cell("t", "r", "dtd", "all", "clip", "coop", "{} texture.", "coop", 47, tta=tta, runs=runs)
+
+    one = cell({"method": "tda", "views": 1, "seed": 3}, {"kind": "orders", "runs": 3, "seed": 42})
+    other = cell({"seed": 3, "views": 1, "method": "tda"}, {"seed": 42, "runs": 3, "kind": "orders"})
+    assert one.computation() == other.computation()
+
+
+def test_the_plan_shows_a_views_departure_and_a_rows_own_options_in_the_settings():
+    tpt = next(ln for ln in describe_plan(ReproduceConfig("tpt-ood", "x", tta_views=8)).splitlines()
+               if ln.startswith("  tpt__imagenet_r__all:"))
+    assert "views:8" in tpt.split() and "views:64" not in tpt.split()  # the run's --tta-views, not TPT's 64
+    tda = next(ln for ln in describe_plan(ReproduceConfig("oga-runs", "x")).splitlines() if ln.startswith("  tda__dtd__all:"))
+    # OGA's TDA keeps 5 positive and 3 negative shots (TTA2.md §11), not TDA's own 3 and 2
+    assert {"tda_positive_shots:5", "tda_negative_shots:3", "stream_update:batch"} <= set(tda.split())
+
+
+def test_an_epochs_departure_is_listed_only_for_a_table_that_trains():
+    departs = "  departs: --epochs 2: every preset trained for 2 epochs, not its own"
+    assert departs in describe_plan(ReproduceConfig("protext-dg", "x", epochs=2)).splitlines()
+    assert departs not in describe_plan(ReproduceConfig("tpt-ood", "x", epochs=2)).splitlines()
+
+
+def test_only_prompts_take_their_training_template():
+    rows = (Row("Trained", "prompts", "protext", preset="text_only/imagenet"),
+            Row("Plain", "clip", "protext", preset="text_only/imagenet"))
+    protocol = _protocol(datasets=("imagenet",), rows=rows, published={}, published_averages={}, averages=())
+    cells = {c.row: c for c in plan_cells(protocol, ReproduceConfig("mini", "x"))}
+    # prompts evaluated on the dataset they were trained on keep their training template; CLIP
+    # features of a row that names a preset have no training, so they take the dataset's template
+    assert cells["Trained"].template_source == "training template (in-domain prompts)"
+    assert cells["Plain"].template_source == "protext rule"
