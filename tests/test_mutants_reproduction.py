@@ -682,3 +682,16 @@ def test_only_prompts_take_their_training_template():
     # features of a row that names a preset have no training, so they take the dataset's template
     assert cells["Trained"].template_source == "training template (in-domain prompts)"
     assert cells["Plain"].template_source == "protext rule"
+
+
+def test_a_prompt_tuner_starts_from_a_photo_of_a_unless_told_otherwise():
+    def spec(init):
+        return TTASpec("tpt", views=None, selection=None, steps=None, lr=None, init=init)
+
+    rows = (Row("Default", "clip", "tpt", tta=spec(None)), Row("Coop", "clip", "tpt", tta=spec("coop")),
+            Row("Zero", "clip", "tpt", tta=TTASpec("zero", views=None, selection=None, steps=None, lr=None, init=None)))
+    cells = {c.row: c for c in plan_cells(_protocol(rows=rows, published={}, published_averages={}),
+                                          ReproduceConfig("mini", "x")) if c.dataset == "dtd"}
+    # "a photo of a" is 4 context tokens (TPT's handcrafted init); a CoOp init brings its own
+    # context, and ZERO tunes nothing
+    assert (cells["Default"].n_ctx, cells["Coop"].n_ctx, cells["Zero"].n_ctx) == (4, None, None)
