@@ -695,3 +695,11 @@ def test_a_prompt_tuner_starts_from_a_photo_of_a_unless_told_otherwise():
     # "a photo of a" is 4 context tokens (TPT's handcrafted init); a CoOp init brings its own
     # context, and ZERO tunes nothing
     assert (cells["Default"].n_ctx, cells["Coop"].n_ctx, cells["Zero"].n_ctx) == (4, None, None)
+
+
+def test_cells_carry_their_table_and_rule_and_tpt_augments_only_fine_grained_sets():
+    cells = plan_cells(_protocol(), ReproduceConfig("mini", "x"))
+    assert {(c.table, c.row, c.template_rule) for c in cells} == {("mini", "CLIP", "coop"), ("mini", "Other", "tpt")}
+    # TPT's AugMix views on the fine-grained sets, plain crops on ImageNet's variants (PUBLISHED.md)
+    xd = next(ln for ln in describe_plan(ReproduceConfig("tpt-xd", "x")).splitlines() if ln.startswith("  tpt__dtd__all:"))
+    assert "augmix:True" in xd.split()
