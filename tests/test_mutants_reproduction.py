@@ -72,6 +72,7 @@ def _build(protocol: Protocol, values: dict, present=_DATASETS, external_problem
 def test_harmonic_mean_by_hand():
     assert harmonic_mean(80.0, 20.0) == pytest.approx(32.0)  # 2·80·20/100, not the mean 50
     assert harmonic_mean(0.0, 0.0) == 0.0
+    assert harmonic_mean(64.0, 64.0) == pytest.approx(64.0)  # equal halves: their common value
     assert harmonic_mean(0.0, 50.0) == 0.0
     assert harmonic_mean(None, 50.0) is None and harmonic_mean(50.0, None) is None
 
