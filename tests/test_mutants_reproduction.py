@@ -704,3 +704,19 @@ def test_cells_carry_their_table_and_rule_and_tpt_augments_only_fine_grained_set
     # TPT's AugMix views on the fine-grained sets, plain crops on ImageNet's variants (PUBLISHED.md)
     xd = next(ln for ln in describe_plan(ReproduceConfig("tpt-xd", "x")).splitlines() if ln.startswith("  tpt__dtd__all:"))
     assert "augmix:True" in xd.split()
+
+
+def test_a_pivot_table_without_runs_builds_and_rows_keep_their_method():
+    import dataclasses
+
+    p = dataclasses.replace(_runs_protocol(), report_runs=False)
+    config = ReproduceConfig("mini", "ROOT")
+    cells = plan_cells(p, config)
+    recs = {c.key: _record(c, 40.0) for c in cells if c.row == "Zero"}
+    table = build_table(p, config, cells, _Folder(recs), Availability(present=list(_DATASETS)), None, {})
+    # no runs, no eta: the table is still built, and shows no pivot (that layout reports runs)
+    assert "pivot" not in table and table["rows"][0]["averages"]["avg (2)"]["top1"]["ours"] == 40.0
+    tda = _protocol(rows=(Row("T", "clip", "coop", tta=TTASpec("tda", views=1, selection=None, steps=None, lr=None,
+                                                                 init=None)),), published={}, published_averages={})
+    row = _build(tda, {})[0]["rows"][0]
+    assert row["tta"]["method"] == "tda" and row["tta"]["views"] == 1
