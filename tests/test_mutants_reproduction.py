@@ -720,3 +720,20 @@ def test_a_pivot_table_without_runs_builds_and_rows_keep_their_method():
                                                                  init=None)),), published={}, published_averages={})
     row = _build(tda, {})[0]["rows"][0]
     assert row["tta"]["method"] == "tda" and row["tta"]["views"] == 1
+
+
+def test_the_table_names_its_version_its_departures_and_rounds_its_cost():
+    import protext
+
+    trained = _protocol(rows=(Row("P", "prompts", "protext", preset="text_only/imagenet"),), published={},
+                        published_averages={})
+    table, cells = _build(trained, {}, epochs=2)
+    assert table["protext_version"] == protext.__version__
+    assert table["departures"][-1] == "--epochs 2: every preset trained for 2 epochs, not its own"
+    assert trained.trains_prompts and not _protocol().trains_prompts
+    assert not any(d.startswith("--epochs") for d in _build(_protocol(), {}, epochs=2)[0]["departures"])  # trains nothing
+    config = ReproduceConfig("mini", "ROOT")
+    cells = plan_cells(_protocol(), config)
+    recs = {c.key: _record(c, 40.0, seconds=0.12345) for c in cells[:2]}
+    table = build_table(_protocol(), config, cells, _Folder(recs), Availability(present=list(_DATASETS)), None, {})
+    assert table["cost"]["evaluation_seconds"] == 0.247  # 0.2469 to the millisecond, a float

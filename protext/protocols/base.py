@@ -242,6 +242,12 @@ class Protocol:
         return list(self.departures) + list(COMMON_DEPARTURES)
 
     @property
+    def trains_prompts(self) -> bool:
+        """Whether a row trains prompts (it names a preset): only then do ``--epochs`` and ``--depth``
+        change the table's numbers, and only then are they departures."""
+        return any(row.preset for row in self.rows)
+
+    @property
     def base_to_novel(self) -> bool:
         """True when the cells are base and novel halves, with a harmonic mean per dataset."""
         return self.splits == ("base", "novel")

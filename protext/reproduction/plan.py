@@ -200,7 +200,7 @@ def describe_plan(config: ReproduceConfig) -> str:
             f"  {cell.key}: {cell.features}, {cell.n_classes} classes, template '{cell.template}' "
             f"({cell.template_source}){preset}{tta}{runs}{external}"
         )
-    lines += [f"  departs: {d}" for d in config.departures(trains=any(r.preset for r in protocol.rows))]
+    lines += [f"  departs: {d}" for d in config.departures(trains=protocol.trains_prompts)]
     lines += [f"  known departure: {d}" for d in protocol.all_departures()]
     methods = dict.fromkeys(row.tta.method for row in protocol.rows if row.tta)
     lines += [f"  {name} departs: {d}" for name in methods for d in registry.get(name).departures]

@@ -142,7 +142,7 @@ def build_table(
         "title": protocol.title,
         "protext_version": __version__,
         "run": {**config.identity(), "descriptions": config.descriptions, "root": config.root},
-        "departures": config.departures(trains=any(r.preset for r in protocol.rows)),
+        "departures": config.departures(trains=protocol.trains_prompts),
         "protocol_departures": protocol.all_departures(),
         "notes": list(protocol.notes),
         "datasets": list(protocol.datasets),
