@@ -735,5 +735,6 @@ def test_the_table_names_its_version_its_departures_and_rounds_its_cost():
     config = ReproduceConfig("mini", "ROOT")
     cells = plan_cells(_protocol(), config)
     recs = {c.key: _record(c, 40.0, seconds=0.12345) for c in cells[:2]}
-    table = build_table(_protocol(), config, cells, _Folder(recs), Availability(present=list(_DATASETS)), None, {})
-    assert table["cost"]["evaluation_seconds"] == 0.247  # 0.2469 to the millisecond, a float
+    prompts = {"a": {"cost": {"seconds": 0.12345}}, "b": {"cost": {}}}  # a record without its time counts 0
+    table = build_table(_protocol(), config, cells, _Folder(recs), Availability(present=list(_DATASETS)), None, prompts)
+    assert table["cost"] == {"evaluation_seconds": 0.247, "training_seconds": 0.123}  # to the millisecond
