@@ -738,3 +738,16 @@ def test_the_table_names_its_version_its_departures_and_rounds_its_cost():
     prompts = {"a": {"cost": {"seconds": 0.12345}}, "b": {"cost": {}}}  # a record without its time counts 0
     table = build_table(_protocol(), config, cells, _Folder(recs), Availability(present=list(_DATASETS)), None, prompts)
     assert table["cost"] == {"evaluation_seconds": 0.247, "training_seconds": 0.123}  # to the millisecond
+
+
+def test_a_given_depth_above_the_tower_is_refused_before_anything_loads(tmp_path):
+    from protext.errors import UserError
+
+    def check(**kw):
+        validate(ReproduceConfig("protext-dg", str(tmp_path), out=str(tmp_path / "out"), model="tiny-clip", **kw))
+
+    with pytest.raises(UserError) as err:
+        check(depth=3)
+    assert str(err.value) == "--depth 3: tiny-clip's text tower has only 2 blocks; pass --depth 2 or less."
+    check(depth=2)
+    check()  # the preset's depth 9 is lowered when the table trains, not refused here
