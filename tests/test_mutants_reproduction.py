@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import pytest
 
+from protext.errors import UserError
 from protext.protocols import Average, Protocol, Row, RunSpec, TTASpec
 from protext.reproduction.availability import Availability
 from protext.reproduction.config import MAX_RUNS, ReproduceConfig, ReproduceError, check_run_counts, slug, validate
@@ -741,8 +742,6 @@ def test_the_table_names_its_version_its_departures_and_rounds_its_cost():
 
 
 def test_a_given_depth_above_the_tower_is_refused_before_anything_loads(tmp_path):
-    from protext.errors import UserError
-
     def check(**kw):
         validate(ReproduceConfig("protext-dg", str(tmp_path), out=str(tmp_path / "out"), model="tiny-clip", **kw))
 
@@ -751,3 +750,13 @@ def test_a_given_depth_above_the_tower_is_refused_before_anything_loads(tmp_path
     assert str(err.value) == "--depth 3: tiny-clip's text tower has only 2 blocks; pass --depth 2 or less."
     check(depth=2)
     check()  # the preset's depth 9 is lowered when the table trains, not refused here
+
+
+@pytest.mark.parametrize("out", ["taken", None])
+def test_an_out_that_is_a_file_is_named_as_given(out, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("x")
+    (tmp_path / "reproduction").write_text("x")  # where the results go without --out
+    with pytest.raises(UserError) as err:
+        validate(ReproduceConfig("tpt-ood", str(tmp_path), out=out))
+    assert str(err.value) == f"--out {out or 'reproduction'} is a file, not a directory; give a directory."
