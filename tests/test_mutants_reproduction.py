@@ -760,3 +760,13 @@ def test_an_out_that_is_a_file_is_named_as_given(out, tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         validate(ReproduceConfig("tpt-ood", str(tmp_path), out=out))
     assert str(err.value) == f"--out {out or 'reproduction'} is a file, not a directory; give a directory."
+
+
+def test_a_cells_settings_are_its_datasets_and_only_prompts_name_a_preset():
+    tpt = TTASpec("tpt", views=None, selection=None, steps=None, lr=None, init=None, augmix=False,
+                  augmix_by_dataset=(("dtd", True),))
+    rows = (Row("T", "clip", "tpt", tta=tpt), Row("Plain", "clip", "protext", preset="text_only/imagenet"))
+    cells = {(c.row, c.dataset): c for c in plan_cells(_protocol(rows=rows, published={}, published_averages={}),
+                                                       ReproduceConfig("mini", "x"))}
+    assert (cells[("T", "dtd")].tta["augmix"], cells[("T", "eurosat")].tta["augmix"]) == (True, False)
+    assert cells[("Plain", "dtd")].preset is None and cells[("Plain", "dtd")].n_ctx is None
