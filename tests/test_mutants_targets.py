@@ -6,7 +6,6 @@ user reads, and the chunking and batching of the work. References are written by
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 
 import pytest
