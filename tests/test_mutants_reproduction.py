@@ -770,3 +770,25 @@ def test_a_cells_settings_are_its_datasets_and_only_prompts_name_a_preset():
                                                        ReproduceConfig("mini", "x"))}
     assert (cells[("T", "dtd")].tta["augmix"], cells[("T", "eurosat")].tta["augmix"]) == (True, False)
     assert cells[("Plain", "dtd")].preset is None and cells[("Plain", "dtd")].n_ctx is None
+
+
+# --------------------------------------------------------------------------------------------------
+# run folder: against the first survivors of its (partial) mutmut run
+
+
+def test_the_run_folder_records_its_run_and_refuses_a_cell_of_other_settings_or_format(tmp_path):
+    from protext.reproduction.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
+    folder.open({"model": "m"}, "mini")
+    assert json.loads((tmp_path / "out" / "run.json").read_text()) == {
+        "format": "protext-reproduce/1", "table": "mini", "identity": {"model": "m"}}
+    cell = plan_cells(_protocol(), ReproduceConfig("mini", "x"))[0]
+    other = Cell(**{**cell.settings(), "template": "another {}."})
+    for record in ({"format": "protext-reproduce-cell/1", "settings": other.settings()},  # right format, other settings
+                   {"format": "protext-reproduce-cell/0", "settings": cell.settings()}):  # right settings, other format
+        folder.write_cell(cell, record)
+        with pytest.raises(ReproduceError) as err:
+            folder.read_cell(cell)
+        assert str(err.value) == (f"{folder.cell_file(cell)} is not this table's result for {cell.key} (other settings "
+                                  "or format); delete it to recompute the cell.")
