@@ -37,10 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from device_steps import RESULT, Sizes, run_child
-
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
+from device_steps import REPO, RESULT, Sizes, run_child
 
 GFLOPS_PER_IMAGE = 35.13
 """ViT-B/16 forward at 224 px, in GFLOPs (multiply-adds counted as two)."""
@@ -167,9 +164,6 @@ def run_step(step: Step, args: argparse.Namespace, scratch: Path, remaining: flo
     error = "" if status == "ok" else (err or out)[-2000:]
     print(f"[device_check] {step.name}: {status} in {seconds:.1f} s", file=sys.stderr, flush=True)
     return StepRecord(step.name, step.what, status, seconds, timeout, results, error)
-
-
-# -------------------------------------------------------------------------------------------------- the children
 
 
 # -------------------------------------------------------------------------------------------------- the report
