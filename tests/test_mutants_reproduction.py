@@ -792,3 +792,93 @@ def test_the_run_folder_records_its_run_and_refuses_a_cell_of_other_settings_or_
             folder.read_cell(cell)
         assert str(err.value) == (f"{folder.cell_file(cell)} is not this table's result for {cell.key} (other settings "
                                   "or format); delete it to recompute the cell.")
+
+
+def test_a_damaged_or_non_object_json_file_is_refused_naming_it_and_the_way_out(tmp_path):
+    from protext.reproduction.run_folder import read_json
+
+    path = tmp_path / "cell.json"
+    path.write_text("", encoding="utf-8")  # a file cut before its first byte
+    with pytest.raises(ReproduceError) as err:
+        read_json(path, "delete it")
+    assert str(err.value) == (f"{path} is damaged or half-written (JSONDecodeError: Expecting value: line 1 column 1 "
+                              "(char 0)); delete it.")
+    path.write_text("[1, 2]\n", encoding="utf-8")
+    with pytest.raises(ReproduceError) as err:
+        read_json(path, "delete it")
+    assert str(err.value) == f"{path} is not a JSON object; delete it."
+    path.write_text('{"a": 1}', encoding="utf-8")
+    assert read_json(path, "delete it") == {"a": 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# descriptions: which datasets a table reads from CuPL's release, and the file each run keeps
+
+
+def _cell(dataset: str, features: str = "clip", preset: Optional[str] = None) -> Cell:
+    return Cell("mini", "R", dataset, "all", features, "coop", "a photo of a {}.", "coop", 2, preset=preset)
+
+
+def test_imagenet_variants_read_imagenets_cupl_file_and_others_their_own():
+    from protext.reproduction.descriptions import cupl_source
+
+    assert [cupl_source(d) for d in ("imagenet", "imagenet_a", "imagenet_sketch", "dtd", "eurosat")] == [
+        "imagenet", "imagenet", "imagenet", "dtd", "eurosat"]
+
+
+def test_gathered_descriptions_are_those_a_cell_scores_with_or_its_preset_trains_on(shared_dir):
+    from protext.reproduction.descriptions import gather_descriptions
+
+    texture = json.loads((shared_dir / "cupl" / "texture_prompts_full.json").read_text(encoding="utf-8"))
+    imagenet = json.loads((shared_dir / "classnames" / "imagenet.json").read_text(encoding="utf-8"))
+    found = Availability(present=["dtd", "eurosat", "imagenet_a"],
+                         classes={"dtd": ["gauzy", "banded"], "eurosat": ["Forest"], "imagenet_a": ["goldfish"]})
+    cells = [_cell("dtd", "cupl"),                                 # scores with descriptions: dtd's, its classes only
+             _cell("eurosat"),                                     # templates, no preset: needs none
+             _cell("oxford_pets", "cupl"),                         # not under --root: needs none
+             _cell("imagenet_a", preset="cross_dataset")]          # trained on ImageNet: all 1000 of its classes
+    got = gather_descriptions(ReproduceConfig("mini", "ROOT", descriptions=str(shared_dir / "cupl")), cells, found)
+    assert list(got) == ["dtd", "imagenet"]
+    assert got["dtd"] == {"gauzy": texture["gauzy"], "banded": texture["banded"]}
+    # keyed by class name: ImageNet's two "missile" and two "sunglasses" classes share one key each
+    assert list(got["imagenet"]) == list(dict.fromkeys(imagenet)) and len(got["imagenet"]) == 998
+    assert all(got["imagenet"][c] for c in imagenet)
+
+
+def test_an_imagenet_variant_scored_with_descriptions_reads_imagenets_file_for_its_own_classes(shared_dir):
+    from protext.reproduction.descriptions import gather_descriptions
+
+    found = Availability(present=["imagenet_r"], classes={"imagenet_r": ["goldfish", "tench"]})
+    got = gather_descriptions(ReproduceConfig("mini", "ROOT", descriptions=str(shared_dir / "cupl")),
+                              [_cell("imagenet_r", "cupl")], found)
+    assert list(got) == ["imagenet_r"] and list(got["imagenet_r"]) == ["goldfish", "tench"]
+    assert len(got["imagenet_r"]["tench"]) > 1
+
+
+def test_gathering_without_a_release_folder_names_what_needs_it():
+    from protext.reproduction.descriptions import gather_descriptions
+
+    found = Availability(present=["dtd", "eurosat"], classes={"dtd": ["banded"], "eurosat": ["Forest"]})
+    cells = [_cell("dtd", "cupl"), _cell("eurosat", preset="text_only/eurosat")]
+    with pytest.raises(ReproduceError) as err:
+        gather_descriptions(ReproduceConfig("mini", "ROOT"), cells, found)
+    assert str(err.value) == ("mini needs CuPL descriptions for dtd, eurosat: pass --descriptions DIR (CuPL's release "
+                              "folder, as published at github.com/sarahpratt/CuPL).")
+    assert gather_descriptions(ReproduceConfig("mini", "ROOT"), [_cell("dtd")], found) == {}
+
+
+def test_a_run_keeps_the_descriptions_it_began_with_and_refuses_changed_ones(tmp_path):
+    from protext.reproduction.descriptions import materialise
+    from protext.reproduction.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
+    data = {"banded": ["stripes.", "stripes."], "gauzy": ["thin cloth."]}  # a repeat is two samples
+    path = materialise("REL", "dtd", data, folder)
+    assert path == tmp_path / "out" / "descriptions" / "dtd.jsonl"
+    written = path.read_bytes()
+    assert materialise("REL", "dtd", dict(data), folder) == path and path.read_bytes() == written
+    with pytest.raises(ReproduceError) as err:
+        materialise("REL", "dtd", {**data, "gauzy": ["thick cloth."]}, folder)
+    assert str(err.value) == (f"{path} differs from CuPL's file for dtd in REL: the descriptions changed since this run "
+                              "began; pass another --out.")
+    assert path.read_bytes() == written

@@ -46,12 +46,6 @@ def classes_of(dataset: str, found: Availability) -> list[str]:
     return read_classes("imagenet")
 
 
-def _merge(first: list[str], second: list[str]) -> list[str]:
-    """``first`` then the names of ``second`` it lacks, in order."""
-    seen = set(first)
-    return first + [n for n in second if n not in seen]
-
-
 def gather_descriptions(config: ReproduceConfig, cells: list[Cell], found: Availability) -> dict[str, dict[str, list[str]]]:
     """Per dataset that needs them, its CuPL descriptions keyed by its own class names.
 
@@ -62,7 +56,7 @@ def gather_descriptions(config: ReproduceConfig, cells: list[Cell], found: Avail
     for cell in cells:
         if cell.dataset in found.present and (uses_descriptions(cell.features) or cell.preset):
             source = preset_info(cell.preset).dataset if cell.preset else cell.dataset
-            needed[source] = _merge(needed.get(source, []), classes_of(source, found))
+            needed[source] = classes_of(source, found)  # a source's classes are the same whichever cell asks
     if not needed:
         return {}
     if not config.descriptions:
