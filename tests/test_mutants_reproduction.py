@@ -882,3 +882,54 @@ def test_a_run_keeps_the_descriptions_it_began_with_and_refuses_changed_ones(tmp
     assert str(err.value) == (f"{path} differs from CuPL's file for dtd in REL: the descriptions changed since this run "
                               "began; pass another --out.")
     assert path.read_bytes() == written
+
+
+# --------------------------------------------------------------------------------------------------
+# availability: what a root holds of a table, what to place where for the rest, and --coop
+
+
+def test_availability_lists_each_dataset_found_and_says_what_is_wrong_with_the_others(tmp_path, shared_dir):
+    from synthetic_datasets import make_tree
+
+    from protext.datasets import dataset_status
+    from protext.reproduction.availability import check_datasets
+
+    made = make_tree(tmp_path, ["dtd", "eurosat"], classes_per_dataset=2, shared=shared_dir)
+    made["eurosat"].images["test"][0].path.unlink()  # listed but gone: incomplete
+    found = check_datasets(_protocol(), str(tmp_path))
+    assert found.present == ["dtd"] and list(found.classes) == ["dtd"] and len(found.classes["dtd"]) == 47
+    assert found.classes["dtd"][:2] == ["banded", "blotchy"]
+    assert found.found == {"dtd": {"layout": "coop", "folder": str(tmp_path / "dtd"), "test_images": 2,
+                                   "published_test_images": 1692}}
+    eurosat = dataset_status("eurosat", tmp_path)
+    assert eurosat.state == "incomplete" and eurosat.problem and eurosat.fix
+    assert found.missing["eurosat"] == f"incomplete: {eurosat.problem}; {eurosat.fix}"
+    assert found.missing["oxford_pets"].startswith(f"missing: nothing of it under {tmp_path}; CoOp layout: "
+                                                   f"{tmp_path / 'oxford_pets' / 'split_zhou_OxfordPets.json'}")
+    assert list(found.missing) == ["eurosat", "oxford_pets"]
+
+
+def test_a_root_with_none_of_the_tables_datasets_is_refused_with_the_first_fix(tmp_path):
+    from protext.datasets import dataset_status
+    from protext.reproduction.availability import check_datasets
+
+    with pytest.raises(ReproduceError) as err:
+        check_datasets(_protocol(), str(tmp_path))
+    dtd = dataset_status("dtd", tmp_path)
+    assert str(err.value) == (f"--root {tmp_path} holds none of mini's 3 datasets (dtd, eurosat, oxford_pets); for "
+                              f"example missing: nothing of it under {tmp_path}; {dtd.fix}")
+
+
+def test_coop_rows_run_only_from_a_coop_file_that_exists(tmp_path):
+    from protext.reproduction.availability import check_external
+
+    external = _protocol(rows=(Row("CLIP", "clip", "coop"), Row("CoOp", "clip", "coop", external="coop")))
+    coop = tmp_path / "coop.pth"
+    assert check_external(ReproduceConfig("mini", "x"), _protocol()) is None  # no row needs it
+    assert check_external(ReproduceConfig("mini", "x"), external) == (
+        "needs CoOp's 16-shot ImageNet prompts (trained on images): pass --coop FILE")
+    with pytest.raises(ReproduceError) as err:
+        check_external(ReproduceConfig("mini", "x", coop=str(coop)), external)
+    assert str(err.value) == f"--coop {coop}: no such file (CoOp's ImageNet prompt checkpoint, .pth)."
+    coop.write_bytes(b"")
+    assert check_external(ReproduceConfig("mini", "x", coop=str(coop)), external) is None

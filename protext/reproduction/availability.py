@@ -36,7 +36,7 @@ def check_datasets(protocol: Protocol, root: str) -> Availability:
     for name in protocol.datasets:
         status = dataset_status(name, root)
         if status.state != "found":
-            result.missing[name] = f"{status.state}: {status.problem + '; ' if status.problem else ''}{status.fix}"
+            result.missing[name] = f"{status.state}: {status.problem}; {status.fix}"  # every state but found has both
             continue
         result.present.append(name)
         result.classes[name] = dataset_classes(name, root)
