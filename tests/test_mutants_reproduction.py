@@ -933,3 +933,70 @@ def test_coop_rows_run_only_from_a_coop_file_that_exists(tmp_path):
     assert str(err.value) == f"--coop {coop}: no such file (CoOp's ImageNet prompt checkpoint, .pth)."
     coop.write_bytes(b"")
     assert check_external(ReproduceConfig("mini", "x", coop=str(coop)), external) is None
+
+
+def test_run_json_is_indented_json_and_a_rerun_with_the_same_flags_reuses_the_folder(tmp_path):
+    from protext.reproduction.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
+    identity = {"model": "m", "seed": 1}
+    assert folder.check(identity) is False  # nothing there yet
+    folder.open(identity, "mini")
+    run_json = tmp_path / "out" / "run.json"
+    written = ('{\n  "format": "protext-reproduce/1",\n  "table": "mini",\n  "identity": {\n    "model": "m",\n'
+               '    "seed": 1\n  }\n}\n')
+    assert run_json.read_text(encoding="utf-8") == written
+    assert folder.check(dict(identity)) is True
+    folder.open(identity, "another table")  # the same run: nothing rewritten
+    assert run_json.read_text(encoding="utf-8") == written
+
+
+def test_another_runs_folder_is_refused_naming_every_setting_that_differs(tmp_path):
+    from protext.reproduction.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
+    folder.open({"model": "m", "seed": 1, "epochs": 2}, "mini")
+    with pytest.raises(ReproduceError) as err:
+        folder.check({"model": "n", "seed": 1, "epochs": 3})
+    assert str(err.value) == (f"--out {tmp_path / 'out'} holds another run (model 'm' there, 'n' now, epochs 2 there, "
+                              "3 now); pass another --out or the same flags.")
+    for saved in ('{"format": "protext-reproduce/1"}', '{"identity": ["m"]}'):  # no identity, or not an object
+        (tmp_path / "out" / "run.json").write_text(saved, encoding="utf-8")
+        with pytest.raises(ReproduceError) as err:
+            folder.check({"model": "n"})
+        assert str(err.value) == (f"--out {tmp_path / 'out'} holds another run (model None there, 'n' now); pass "
+                                  "another --out or the same flags.")
+
+
+def test_a_damaged_run_or_cell_file_names_its_own_way_out(tmp_path):
+    from protext.reproduction.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
+    folder.open({"model": "m"}, "mini")
+    run_json = tmp_path / "out" / "run.json"
+    run_json.write_text("[]", encoding="utf-8")
+    with pytest.raises(ReproduceError) as err:
+        folder.check({"model": "m"})
+    assert str(err.value) == f"{run_json} is not a JSON object; delete the folder or pass another --out."
+    cell = plan_cells(_protocol(), ReproduceConfig("mini", "x"))[0]
+    folder.cell_file(cell).parent.mkdir(parents=True)
+    folder.cell_file(cell).write_text("[]", encoding="utf-8")
+    with pytest.raises(ReproduceError) as err:
+        folder.read_cell(cell)
+    assert str(err.value) == f"{folder.cell_file(cell)} is not a JSON object; delete that file to recompute the cell."
+
+
+def test_only_a_missing_or_empty_folder_becomes_a_run_folder(tmp_path):
+    from protext.reproduction.run_folder import RunFolder
+
+    (tmp_path / "empty").mkdir()
+    assert RunFolder(tmp_path / "empty", tmp_path / "p").check({"model": "m"}) is False
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("x", encoding="utf-8")
+    for name in ("file", "full"):
+        with pytest.raises(ReproduceError) as err:
+            RunFolder(tmp_path / name, tmp_path / "p").check({"model": "m"})
+        assert str(err.value) == (f"--out {tmp_path / name} is not empty and has no run.json: not a protext reproduce "
+                                  "folder; pass another --out.")
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "x"  # nothing touched

@@ -32,7 +32,7 @@ def read_json(path: Path, way_out: str) -> dict[str, Any]:
 
 def write_json(path: Path, payload: Any) -> None:
     """``payload`` as indented JSON, atomically (a kill leaves the old file or the new one)."""
-    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(payload, indent=2) + "\n")  # keys in the payload's order
 
 
 def write_text(path: Path, text: str) -> None:
