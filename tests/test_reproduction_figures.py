@@ -15,6 +15,7 @@ import pytest
 
 from protext.protocols import get_protocol, table_names
 from protext.reproduction.availability import Availability
+from protext.reproduction import figure_data
 from protext.reproduction.config import ReproduceConfig
 from protext.reproduction.figures import (
     cell_gflops,
@@ -393,3 +394,68 @@ def test_oga_runs_table_mean_over_the_runs_against_gflops_and_one_panel_per_data
     assert {s.row: s for s in strips["dtd"]}["Zero-shot CLIP"].kind == "once"
     fig = draw_runs_figure(table)
     assert len([ax for ax in fig.axes if ax.has_data()]) == 11
+
+
+# -- tables the protocols do not describe, and rows with nothing to draw (figure_data survivors) -----------------
+
+
+def test_a_table_protext_does_not_know_is_drawn_over_all_its_datasets():
+    protocol = get_protocol("tta-ood")
+    known = _table("tta-ood", _ood)
+    unknown = {**known, "table": "my-own"}  # e.g. a TABLE.json of a table this version does not register
+    renamed = {**known, "rows": [{**r, "averages": {"mine": r["averages"]["avg (OOD 4)"]}} for r in known["rows"]]}
+    for table in (unknown, renamed):
+        top1, ece = cost_panels(table)
+        assert (top1.average, top1.measure, top1.datasets, top1.of) == ("all datasets", "top1", DATASETS, 5)
+        assert (ece.average, ece.measure, ece.datasets) == ("all datasets", "ece", DATASETS)
+        # by hand over all five sets: no printed average to take, so the mean of the cells
+        zero = [protocol.published[("ZERO", d, "top1")] for d in DATASETS]
+        assert _points(top1)["ZERO"] == pytest.approx((18204 / 5, 306 / 5, sum(zero) / 5))
+        assert _points(top1)["TDA"][:2] == pytest.approx(((9000 + 35.5 + 36.5 + 35.0 + 37.0) / 5, 292 / 5))
+        assert _points(ece)["ZERO + Ensemble"][:2] == pytest.approx((18600 / 5, 5.0))
+        assert top1.left_out == {"C-TPT (acc / ECE)": "no GFLOPs in 1 of 5 datasets"}
+
+
+def test_a_table_with_one_row_or_none_keeps_its_average():
+    known = _table("tta-ood", _ood)
+    (top1, _ece) = cost_panels({**known, "rows": known["rows"][:1]})
+    assert top1.average == "avg (OOD 4)" and list(_points(top1)) == ["ZERO"]
+    assert _points(top1)["ZERO"][:2] == pytest.approx((9204 / 4, 59.0))
+    assert cost_panels({**known, "rows": []}) == [
+        figure_data.CostPanel("all datasets", "top1", DATASETS, 5, (), {})]  # an empty ECE panel is dropped
+
+
+def test_a_skipped_row_does_not_hide_the_rows_after_it():
+    table = {**_table("tta-ood", _ood), "rows_not_run": {"ZERO": "skipped by hand"}}
+    top1, ece = cost_panels(table)
+    assert list(_points(top1)) == list(_points(ece)) == ["ZERO + Ensemble", "TDA"]
+    assert top1.left_out == {"ZERO": "not run: skipped by hand", "C-TPT (acc / ECE)": "no GFLOPs in 1 of 4 datasets"}
+
+
+def test_an_average_whose_datasets_are_all_missing_names_every_row():
+    table = _table("tta-ood", _ood, missing=OOD4)
+    panels = cost_panels(table)
+    assert [(p.measure, p.datasets, p.points) for p in panels] == [("top1", (), ())]  # the empty ECE panel dropped
+    assert panels[0].left_out == {row: "none of the average's datasets found" for row in TOP1}
+
+
+def test_base_to_novel_with_a_dataset_missing_is_the_hm_of_the_means_over_the_rest():
+    protocol = get_protocol("protext-base2novel")
+    found = [d for d in protocol.datasets if d != "eurosat"]
+
+    def numbers(cell):
+        if (cell.row, cell.dataset, cell.split) == ("CuPL", "dtd", "novel"):
+            return None  # CuPL misses one half of one dataset
+        i = protocol.datasets.index(cell.dataset)
+        top1 = {"CLIP": 60.0, "CuPL": 70.0, "ProText": 80.0}[cell.row] + i if cell.split == "base" else 40.0 + i * i
+        return _record(cell, top1, gflops=10.0)
+
+    (hm,) = cost_panels(_table("protext-base2novel", numbers, missing=("eurosat",)))
+    assert (hm.measure, hm.datasets, hm.of) == ("hm", tuple(found), 11)
+    idx = [protocol.datasets.index(d) for d in found]
+    base, novel = sum(60.0 + i for i in idx) / 10, sum(40.0 + i * i for i in idx) / 10
+    pub_base = sum(protocol.published[("CLIP", d, "base")] for d in found) / 10
+    pub_novel = sum(protocol.published[("CLIP", d, "novel")] for d in found) / 10
+    assert _points(hm)["CLIP"] == pytest.approx(
+        (10.0, 2 * base * novel / (base + novel), 2 * pub_base * pub_novel / (pub_base + pub_novel)))
+    assert hm.left_out == {"CuPL": "9 of 10 cells"}

@@ -148,7 +148,7 @@ def _numbers(table: Mapping[str, Any], row: Mapping[str, Any], records, which: s
     for dataset in table["datasets"]:
         cells = row["cells"][dataset]
         numbers = {m: cells[m][which] for m in table["measures"]}
-        if "ece" not in numbers and "hm" not in numbers:
+        if "ece" not in numbers:  # (a base-to-novel cell has no "all" record: no ECE, no ECE panel)
             record = records.get((row["name"], dataset, "all"))
             ece = record["metrics"].get("ece") if record is not None and which == "ours" else None
             numbers["ece"] = None if ece is None else float(ece)
@@ -157,8 +157,7 @@ def _numbers(table: Mapping[str, Any], row: Mapping[str, Any], records, which: s
 
 
 def _why_left_out(measure: str, numbers, gflops: dict[str, Optional[float]], datasets: Sequence[str]) -> Optional[str]:
-    halves = ("base", "novel") if measure == "hm" else (measure,)
-    complete = sum(all(numbers[d].get(h) is not None for h in halves) for d in datasets)
+    complete = sum(numbers[d].get(measure) is not None for d in datasets)  # a dataset's HM: both halves or None
     if complete < len(datasets):
         return f"{complete} of {len(datasets)} cells"
     counted = sum(gflops[d] is not None for d in datasets)
@@ -180,7 +179,7 @@ def cost_panels(table: Mapping[str, Any]) -> list[CostPanel]:
     not_run = table["rows_not_run"]
     splits = table["splits"]
     accuracy = _accuracy_measure(table)
-    measures = [accuracy] if accuracy == "hm" else [accuracy, "ece"]
+    measures = [accuracy, "ece"]  # an ECE panel without points (base-to-novel: none per half) is dropped below
     panels = []
     for measure in measures:
         for name, group in _average_groups(table):
@@ -206,8 +205,9 @@ def cost_panels(table: Mapping[str, Any]) -> list[CostPanel]:
                     continue
                 value = _combine(measure, ours, datasets)
                 published = _combine(measure, theirs, datasets)
-                if full and measure in table["measures"]:  # what the table prints, rounded as it is
-                    entry = row["averages"][name][measure]
+                # what the table prints, rounded as it is (a table protext does not know prints no such average)
+                entry = row["averages"].get(name, {}).get(measure) if full else None
+                if entry is not None:
                     value = entry["ours"] if entry["ours"] is not None else value
                     printed = entry["published"]
                     published = printed if printed is not None else entry["mean_of_published_cells"]
