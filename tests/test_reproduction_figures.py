@@ -459,3 +459,32 @@ def test_base_to_novel_with_a_dataset_missing_is_the_hm_of_the_means_over_the_re
     assert _points(hm)["CLIP"] == pytest.approx(
         (10.0, 2 * base * novel / (base + novel), 2 * pub_base * pub_novel / (pub_base + pub_novel)))
     assert hm.left_out == {"CuPL": "9 of 10 cells"}
+
+
+def test_the_ece_of_a_table_that_reports_it_is_the_tables_own_with_the_papers_beside_it():
+    # every row with GFLOPs on every set; ImageNet-Sketch missing, so the ECE point is worked out, not printed
+    table = _table("tta-ood", lambda c: _record(c, 50.0, ece=ECE[c.row][DATASETS.index(c.dataset)], gflops=40.0),
+                   missing=("imagenet_sketch",))
+    ece = [p for p in cost_panels(table) if p.measure == "ece"][0]
+    assert ece.datasets == ("imagenet_a", "imagenet_v2", "imagenet_r")
+    # C-TPT's published ECE over A, V2, R: (8.16 + 6.23 + 1.54) / 3
+    assert _points(ece)["C-TPT (acc / ECE)"] == pytest.approx((40.0, 1.0, (8.16 + 6.23 + 1.54) / 3))
+    assert _points(ece)["TDA"] == (40.0, 2.0, None)  # the paper printed no ECE for TDA
+
+
+def test_a_point_is_the_printed_average_and_the_cells_mean_only_where_none_is_printed():
+    table = _table("tta-ood", _ood)
+    zero = table["rows"][0]["averages"]["avg (OOD 4)"]["top1"]
+    zero["ours"] = 12.34  # a payload edited by hand: the point follows what TABLE.md prints
+    assert _points(cost_panels(table)[0])["ZERO"][1] == 12.34
+    zero["ours"] = None
+    assert _points(cost_panels(table)[0])["ZERO"][1] == pytest.approx(59.0)  # (60 + 62 + 64 + 50) / 4
+
+
+def test_a_row_without_positive_gflops_has_no_point_on_the_log_axis():
+    gflops = {"ZERO": 0.0, "ZERO + Ensemble": 0.5, "TDA": 35.0, "C-TPT (acc / ECE)": -1.0}
+    table = _table("tta-ood", lambda c: _record(c, 50.0, gflops=gflops[c.row]))
+    top1 = cost_panels(table)[0]
+    assert {row: point[:2] for row, point in _points(top1).items()} == {"ZERO + Ensemble": (0.5, 50.0), "TDA": (35.0, 50.0)}
+    why = "GFLOPs per image not positive (no point on a log axis)"
+    assert top1.left_out == {"ZERO": why, "C-TPT (acc / ECE)": why}
