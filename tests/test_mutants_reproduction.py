@@ -1000,3 +1000,38 @@ def test_only_a_missing_or_empty_folder_becomes_a_run_folder(tmp_path):
         assert str(err.value) == (f"--out {tmp_path / name} is not empty and has no run.json: not a protext reproduce "
                                   "folder; pass another --out.")
     assert (tmp_path / "file").read_text(encoding="utf-8") == "x"  # nothing touched
+
+
+# --------------------------------------------------------------------------------------------------
+# render: the rest of its survivors
+
+
+def test_a_base_to_novel_table_titles_its_halves_and_the_harmonic_mean():
+    table = _table_payload()
+    half = {"base": _e(60.0), "novel": _e(40.0), "hm": _e(48.0)}
+    average = {m: _a(None) for m in half}
+    table.update(measures=["base", "novel", "hm"], datasets=["dtd"],
+                 rows=[{"name": "CLIP", "note": "", "cells": {"dtd": half}, "averages": {"avg (1)": average}}])
+    text = render_markdown(table)
+    assert "## base\n\n| method | dtd | avg (1) |" in text and "## novel\n\n" in text
+    assert "## harmonic mean\n\n| method | dtd | avg (1) |\n| --- | --- | --- |\n| CLIP | 48.00 | — |\n" in text
+
+
+def test_a_cell_shows_the_classes_it_scored_and_a_protocol_cell_leaves_out_its_fixed_tta_settings():
+    table = _table_payload()
+    table["cells"][0]["metrics"]["n_classes"] = 200  # e.g. ImageNet-A: 200 of the 1000 classes
+    table["cells"][0]["settings"]["n_classes"] = 1000
+    assert "| clip__dtd__all | clip | all | 200 | `{} texture.` (coop) |" in render_markdown(table)
+    runs = _runs_payload()
+    runs["cells"][0]["settings"]["tta"]["selection"] = 0.1
+    row = [ln for ln in render_markdown(runs).splitlines() if ln.startswith("| tda__dtd__all |")][0]
+    assert "| method tda views 1 augmix False options {'tda_alpha': 2.0} |" in row
+
+
+@pytest.mark.parametrize("gflops, text", [(35.123, "35.1"), (2304.4, "2304"), (99.96, "100"), (100.4, "100"),
+                                          (0.01234, "0.0123"), (12345.6, "12346")])
+def test_gflops_per_image_read_as_plain_numbers(gflops, text):
+    runs = _runs_payload()
+    runs["cells"][0]["cost"]["gflops_per_image"] = gflops
+    row = [ln for ln in render_markdown(runs).splitlines() if ln.startswith("| tda__dtd__all |")][0]
+    assert row.endswith(f"| 40.00 | 30.00 | 1.23 | {text} | 3.0 | cuda |")

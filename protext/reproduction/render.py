@@ -10,19 +10,19 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 
-def _fmt(entry: dict[str, Any]) -> str:
+def _fmt(entry: dict[str, Any], missing: str = "—") -> str:
+    """``ours (published, difference)``, with ``missing`` in place of a number we do not have."""
     ours, published, diff = entry["ours"], entry["published"], entry["difference"]
-    mine = "—" if ours is None else f"{ours:.2f}"
+    mine = missing if ours is None else f"{ours:.2f}"
     if published is None:
         return mine
     return f"{mine} ({published:.2f}, {diff:+.2f})" if diff is not None else f"{mine} ({published:.2f})"
 
 
 def _fmt_average(entry: dict[str, Any]) -> str:
-    text = _fmt(entry)
-    if entry["ours"] is None and entry["complete"]:
-        text = text.replace("—", f"— ({entry['complete']}/{entry['of']} cells)", 1)
-    return text
+    """An average; one not computed says how many of its cells the row has, when it has any."""
+    done = entry["complete"]
+    return _fmt(entry, f"— ({done}/{entry['of']} cells)" if done else "—")
 
 
 def _measure_table(table: dict[str, Any], measure: str) -> list[str]:
@@ -62,8 +62,15 @@ def _seconds(rec: dict[str, Any]) -> str:
     return f"= {rec['same_as']}" if rec.get("same_as") else f"{rec['cost']['seconds']:.1f}"
 
 
-def _num(value: Any, spec: str = ".2f") -> str:
-    return "?" if value is None else format(value, spec)
+def _num(value: Any) -> str:
+    return "?" if value is None else f"{value:.2f}"
+
+
+def _gflops(value: Optional[float]) -> str:
+    """GFLOPs per image in three significant digits below 100, whole numbers above (never 2.3e+03)."""
+    if value is None:
+        return "?"
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _runs_cells_table(table: dict[str, Any]) -> list[str]:
@@ -80,7 +87,7 @@ def _runs_cells_table(table: dict[str, Any]) -> list[str]:
         seconds = _seconds(rec)
         lines.append(
             f"| {rec['key']} | `{rec['template_used']}` ({s['template_rule']}) | {tta} | {what} | {m.get('n_images', '?')} | "
-            f"{_num(m.get('top1'))} | {_num(m.get('eta'))} | {_num(m.get('spread'))} | {_num(gflops, '.3g')} | "
+            f"{_num(m.get('top1'))} | {_num(m.get('eta'))} | {_num(m.get('spread'))} | {_gflops(gflops)} | "
             f"{seconds} | {rec['environment'].get('device', '?')} |"
         )
     return lines
@@ -148,7 +155,7 @@ def render_markdown(table: dict[str, Any], figures: Optional[Mapping[str, Path]]
             "rows; the number in brackets under an average is the paper's printed average.", ""]
     measures = table["measures"]
     titles = {"top1": "top-1 accuracy (%)", "ece": "expected calibration error (%)", "hm": "harmonic mean"}
-    runs = table.get("report_runs", False)
+    runs = table.get("report_runs")
     if runs:
         titles.update({"top1": "mean top-1 over the runs (%)",
                        "eta": "ETA: mean top-1 of the worst 10 % of runs (%)",
