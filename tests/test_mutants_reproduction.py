@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from synthetic_datasets import make_tree
 
+from protext.datasets import dataset_status
 from protext.errors import UserError
 from protext.protocols import Average, Protocol, Row, RunSpec, TTASpec
-from protext.reproduction.availability import Availability
+from protext.reproduction.availability import Availability, check_datasets, check_external
 from protext.reproduction.config import MAX_RUNS, ReproduceConfig, ReproduceError, check_run_counts, slug, validate
+from protext.reproduction.descriptions import cupl_source, gather_descriptions, materialise
 from protext.reproduction.plan import Cell, cell_key, describe_plan, describe_runs, plan_cells, resolved_runs
 from protext.reproduction.render import render_markdown
+from protext.reproduction.run_folder import RunFolder, read_json
 from protext.reproduction.table_math import build_table, harmonic_mean
 
 # --------------------------------------------------------------------------------------------------
@@ -40,6 +44,11 @@ def _protocol(**kw) -> Protocol:
     )
     fields.update(kw)
     return Protocol(**fields)
+
+
+def _line(text: str, start: str) -> str:
+    """The first line of ``text`` that starts with ``start``."""
+    return next(ln for ln in text.splitlines() if ln.startswith(start))
 
 
 class _Folder:
@@ -631,16 +640,14 @@ def test_a_protocol_table_without_pivot_or_published_only_has_neither_section():
 
 
 def test_resolved_tta_in_the_plan_names_the_published_settings_and_the_init_and_seed_once():
-    tpt = next(ln for ln in describe_plan(ReproduceConfig("tpt-ood", "x")).splitlines()
-               if ln.startswith("  tpt__imagenet_r__all:"))
+    tpt = _line(describe_plan(ReproduceConfig("tpt-ood", "x")), "  tpt__imagenet_r__all:")
     settings = tpt.split(" tta=", 1)[1].split()
     # TPT (PUBLISHED.md): 64 views, 10 % kept, one step at 5e-3, no AugMix off the fine-grained sets, "a photo of a"
     assert settings[0] == "tpt" and settings[-1] == "init:handcrafted"
     assert [s for s in settings if s.split(":")[0] in ("views", "selection", "steps", "lr", "augmix")] == [
         "views:64", "selection:0.1", "steps:1", "lr:0.005", "augmix:False"]
     assert sum(s.startswith("init:") for s in settings) == 1 and not any(s.startswith("method:") for s in settings)
-    zero = next(ln for ln in describe_plan(ReproduceConfig("tta-ood", "x")).splitlines()
-                if ln.startswith("  zero__imagenet__all:"))
+    zero = _line(describe_plan(ReproduceConfig("tta-ood", "x")), "  zero__imagenet__all:")
     settings = zero.split(" tta=", 1)[1].split()
     # ZERO (TTA.md §1): 64 views, 30 % kept, seed 1; it has no prompt init
     assert settings[0] == "zero" and settings[-1] == "seed:1" and "views:64" in settings and "selection:0.3" in settings
@@ -661,10 +668,9 @@ def test_computation_does_not_depend_on_the_order_settings_were_written_in():
 
 
 def test_the_plan_shows_a_views_departure_and_a_rows_own_options_in_the_settings():
-    tpt = next(ln for ln in describe_plan(ReproduceConfig("tpt-ood", "x", tta_views=8)).splitlines()
-               if ln.startswith("  tpt__imagenet_r__all:"))
+    tpt = _line(describe_plan(ReproduceConfig("tpt-ood", "x", tta_views=8)), "  tpt__imagenet_r__all:")
     assert "views:8" in tpt.split() and "views:64" not in tpt.split()  # the run's --tta-views, not TPT's 64
-    tda = next(ln for ln in describe_plan(ReproduceConfig("oga-runs", "x")).splitlines() if ln.startswith("  tda__dtd__all:"))
+    tda = _line(describe_plan(ReproduceConfig("oga-runs", "x")), "  tda__dtd__all:")
     # OGA's TDA keeps 5 positive and 3 negative shots (TTA2.md §11), not TDA's own 3 and 2
     assert {"tda_positive_shots:5", "tda_negative_shots:3", "stream_update:batch"} <= set(tda.split())
 
@@ -703,7 +709,7 @@ def test_cells_carry_their_table_and_rule_and_tpt_augments_only_fine_grained_set
     cells = plan_cells(_protocol(), ReproduceConfig("mini", "x"))
     assert {(c.table, c.row, c.template_rule) for c in cells} == {("mini", "CLIP", "coop"), ("mini", "Other", "tpt")}
     # TPT's AugMix views on the fine-grained sets, plain crops on ImageNet's variants (PUBLISHED.md)
-    xd = next(ln for ln in describe_plan(ReproduceConfig("tpt-xd", "x")).splitlines() if ln.startswith("  tpt__dtd__all:"))
+    xd = _line(describe_plan(ReproduceConfig("tpt-xd", "x")), "  tpt__dtd__all:")
     assert "augmix:True" in xd.split()
 
 
@@ -773,12 +779,10 @@ def test_a_cells_settings_are_its_datasets_and_only_prompts_name_a_preset():
 
 
 # --------------------------------------------------------------------------------------------------
-# run folder: against the first survivors of its (partial) mutmut run
+# run folder: against the survivors of its mutmut run
 
 
 def test_the_run_folder_records_its_run_and_refuses_a_cell_of_other_settings_or_format(tmp_path):
-    from protext.reproduction.run_folder import RunFolder
-
     folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
     folder.open({"model": "m"}, "mini")
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {
@@ -795,8 +799,6 @@ def test_the_run_folder_records_its_run_and_refuses_a_cell_of_other_settings_or_
 
 
 def test_a_damaged_or_non_object_json_file_is_refused_naming_it_and_the_way_out(tmp_path):
-    from protext.reproduction.run_folder import read_json
-
     path = tmp_path / "cell.json"
     path.write_text("", encoding="utf-8")  # a file cut before its first byte
     with pytest.raises(ReproduceError) as err:
@@ -811,6 +813,65 @@ def test_a_damaged_or_non_object_json_file_is_refused_naming_it_and_the_way_out(
     assert read_json(path, "delete it") == {"a": 1}
 
 
+def test_run_json_is_indented_json_and_a_rerun_with_the_same_flags_reuses_the_folder(tmp_path):
+    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
+    identity = {"model": "m", "seed": 1}
+    assert folder.check(identity) is False  # nothing there yet
+    folder.open(identity, "mini")
+    run_json = tmp_path / "out" / "run.json"
+    written = ('{\n  "format": "protext-reproduce/1",\n  "table": "mini",\n  "identity": {\n    "model": "m",\n'
+               '    "seed": 1\n  }\n}\n')
+    assert run_json.read_text(encoding="utf-8") == written
+    assert folder.check(dict(identity)) is True
+    folder.open(identity, "another table")  # the same run: nothing rewritten
+    assert run_json.read_text(encoding="utf-8") == written
+
+
+def test_another_runs_folder_is_refused_naming_every_setting_that_differs(tmp_path):
+    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
+    folder.open({"model": "m", "seed": 1, "epochs": 2}, "mini")
+    with pytest.raises(ReproduceError) as err:
+        folder.check({"model": "n", "seed": 1, "epochs": 3})
+    assert str(err.value) == (f"--out {tmp_path / 'out'} holds another run (model 'm' there, 'n' now, epochs 2 there, "
+                              "3 now); pass another --out or the same flags.")
+    for saved in ('{"format": "protext-reproduce/1"}', '{"identity": ["m"]}'):  # no identity, or not an object
+        (tmp_path / "out" / "run.json").write_text(saved, encoding="utf-8")
+        with pytest.raises(ReproduceError) as err:
+            folder.check({"model": "n"})
+        assert str(err.value) == (f"--out {tmp_path / 'out'} holds another run (model None there, 'n' now); pass "
+                                  "another --out or the same flags.")
+
+
+def test_a_damaged_run_or_cell_file_names_its_own_way_out(tmp_path):
+    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
+    folder.open({"model": "m"}, "mini")
+    run_json = tmp_path / "out" / "run.json"
+    run_json.write_text("[]", encoding="utf-8")
+    with pytest.raises(ReproduceError) as err:
+        folder.check({"model": "m"})
+    assert str(err.value) == f"{run_json} is not a JSON object; delete the folder or pass another --out."
+    cell = plan_cells(_protocol(), ReproduceConfig("mini", "x"))[0]
+    folder.cell_file(cell).parent.mkdir(parents=True)
+    folder.cell_file(cell).write_text("[]", encoding="utf-8")
+    with pytest.raises(ReproduceError) as err:
+        folder.read_cell(cell)
+    assert str(err.value) == f"{folder.cell_file(cell)} is not a JSON object; delete that file to recompute the cell."
+
+
+def test_only_a_missing_or_empty_folder_becomes_a_run_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert RunFolder(tmp_path / "empty", tmp_path / "p").check({"model": "m"}) is False
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("x", encoding="utf-8")
+    for name in ("file", "full"):
+        with pytest.raises(ReproduceError) as err:
+            RunFolder(tmp_path / name, tmp_path / "p").check({"model": "m"})
+        assert str(err.value) == (f"--out {tmp_path / name} is not empty and has no run.json: not a protext reproduce "
+                                  "folder; pass another --out.")
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "x"  # nothing touched
+
+
 # --------------------------------------------------------------------------------------------------
 # descriptions: which datasets a table reads from CuPL's release, and the file each run keeps
 
@@ -820,15 +881,11 @@ def _cell(dataset: str, features: str = "clip", preset: Optional[str] = None) ->
 
 
 def test_imagenet_variants_read_imagenets_cupl_file_and_others_their_own():
-    from protext.reproduction.descriptions import cupl_source
-
     assert [cupl_source(d) for d in ("imagenet", "imagenet_a", "imagenet_sketch", "dtd", "eurosat")] == [
         "imagenet", "imagenet", "imagenet", "dtd", "eurosat"]
 
 
 def test_gathered_descriptions_are_those_a_cell_scores_with_or_its_preset_trains_on(shared_dir):
-    from protext.reproduction.descriptions import gather_descriptions
-
     texture = json.loads((shared_dir / "cupl" / "texture_prompts_full.json").read_text(encoding="utf-8"))
     imagenet = json.loads((shared_dir / "classnames" / "imagenet.json").read_text(encoding="utf-8"))
     found = Availability(present=["dtd", "eurosat", "imagenet_a"],
@@ -846,8 +903,6 @@ def test_gathered_descriptions_are_those_a_cell_scores_with_or_its_preset_trains
 
 
 def test_an_imagenet_variant_scored_with_descriptions_reads_imagenets_file_for_its_own_classes(shared_dir):
-    from protext.reproduction.descriptions import gather_descriptions
-
     found = Availability(present=["imagenet_r"], classes={"imagenet_r": ["goldfish", "tench"]})
     got = gather_descriptions(ReproduceConfig("mini", "ROOT", descriptions=str(shared_dir / "cupl")),
                               [_cell("imagenet_r", "cupl")], found)
@@ -856,8 +911,6 @@ def test_an_imagenet_variant_scored_with_descriptions_reads_imagenets_file_for_i
 
 
 def test_gathering_without_a_release_folder_names_what_needs_it():
-    from protext.reproduction.descriptions import gather_descriptions
-
     found = Availability(present=["dtd", "eurosat"], classes={"dtd": ["banded"], "eurosat": ["Forest"]})
     cells = [_cell("dtd", "cupl"), _cell("eurosat", preset="text_only/eurosat")]
     with pytest.raises(ReproduceError) as err:
@@ -868,9 +921,6 @@ def test_gathering_without_a_release_folder_names_what_needs_it():
 
 
 def test_a_run_keeps_the_descriptions_it_began_with_and_refuses_changed_ones(tmp_path):
-    from protext.reproduction.descriptions import materialise
-    from protext.reproduction.run_folder import RunFolder
-
     folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
     data = {"banded": ["stripes.", "stripes."], "gauzy": ["thin cloth."]}  # a repeat is two samples
     path = materialise("REL", "dtd", data, folder)
@@ -889,11 +939,6 @@ def test_a_run_keeps_the_descriptions_it_began_with_and_refuses_changed_ones(tmp
 
 
 def test_availability_lists_each_dataset_found_and_says_what_is_wrong_with_the_others(tmp_path, shared_dir):
-    from synthetic_datasets import make_tree
-
-    from protext.datasets import dataset_status
-    from protext.reproduction.availability import check_datasets
-
     made = make_tree(tmp_path, ["dtd", "eurosat"], classes_per_dataset=2, shared=shared_dir)
     made["eurosat"].images["test"][0].path.unlink()  # listed but gone: incomplete
     found = check_datasets(_protocol(), str(tmp_path))
@@ -910,9 +955,6 @@ def test_availability_lists_each_dataset_found_and_says_what_is_wrong_with_the_o
 
 
 def test_a_root_with_none_of_the_tables_datasets_is_refused_with_the_first_fix(tmp_path):
-    from protext.datasets import dataset_status
-    from protext.reproduction.availability import check_datasets
-
     with pytest.raises(ReproduceError) as err:
         check_datasets(_protocol(), str(tmp_path))
     dtd = dataset_status("dtd", tmp_path)
@@ -921,8 +963,6 @@ def test_a_root_with_none_of_the_tables_datasets_is_refused_with_the_first_fix(t
 
 
 def test_coop_rows_run_only_from_a_coop_file_that_exists(tmp_path):
-    from protext.reproduction.availability import check_external
-
     external = _protocol(rows=(Row("CLIP", "clip", "coop"), Row("CoOp", "clip", "coop", external="coop")))
     coop = tmp_path / "coop.pth"
     assert check_external(ReproduceConfig("mini", "x"), _protocol()) is None  # no row needs it
@@ -933,73 +973,6 @@ def test_coop_rows_run_only_from_a_coop_file_that_exists(tmp_path):
     assert str(err.value) == f"--coop {coop}: no such file (CoOp's ImageNet prompt checkpoint, .pth)."
     coop.write_bytes(b"")
     assert check_external(ReproduceConfig("mini", "x", coop=str(coop)), external) is None
-
-
-def test_run_json_is_indented_json_and_a_rerun_with_the_same_flags_reuses_the_folder(tmp_path):
-    from protext.reproduction.run_folder import RunFolder
-
-    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
-    identity = {"model": "m", "seed": 1}
-    assert folder.check(identity) is False  # nothing there yet
-    folder.open(identity, "mini")
-    run_json = tmp_path / "out" / "run.json"
-    written = ('{\n  "format": "protext-reproduce/1",\n  "table": "mini",\n  "identity": {\n    "model": "m",\n'
-               '    "seed": 1\n  }\n}\n')
-    assert run_json.read_text(encoding="utf-8") == written
-    assert folder.check(dict(identity)) is True
-    folder.open(identity, "another table")  # the same run: nothing rewritten
-    assert run_json.read_text(encoding="utf-8") == written
-
-
-def test_another_runs_folder_is_refused_naming_every_setting_that_differs(tmp_path):
-    from protext.reproduction.run_folder import RunFolder
-
-    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
-    folder.open({"model": "m", "seed": 1, "epochs": 2}, "mini")
-    with pytest.raises(ReproduceError) as err:
-        folder.check({"model": "n", "seed": 1, "epochs": 3})
-    assert str(err.value) == (f"--out {tmp_path / 'out'} holds another run (model 'm' there, 'n' now, epochs 2 there, "
-                              "3 now); pass another --out or the same flags.")
-    for saved in ('{"format": "protext-reproduce/1"}', '{"identity": ["m"]}'):  # no identity, or not an object
-        (tmp_path / "out" / "run.json").write_text(saved, encoding="utf-8")
-        with pytest.raises(ReproduceError) as err:
-            folder.check({"model": "n"})
-        assert str(err.value) == (f"--out {tmp_path / 'out'} holds another run (model None there, 'n' now); pass "
-                                  "another --out or the same flags.")
-
-
-def test_a_damaged_run_or_cell_file_names_its_own_way_out(tmp_path):
-    from protext.reproduction.run_folder import RunFolder
-
-    folder = RunFolder(tmp_path / "out", tmp_path / "prompts")
-    folder.open({"model": "m"}, "mini")
-    run_json = tmp_path / "out" / "run.json"
-    run_json.write_text("[]", encoding="utf-8")
-    with pytest.raises(ReproduceError) as err:
-        folder.check({"model": "m"})
-    assert str(err.value) == f"{run_json} is not a JSON object; delete the folder or pass another --out."
-    cell = plan_cells(_protocol(), ReproduceConfig("mini", "x"))[0]
-    folder.cell_file(cell).parent.mkdir(parents=True)
-    folder.cell_file(cell).write_text("[]", encoding="utf-8")
-    with pytest.raises(ReproduceError) as err:
-        folder.read_cell(cell)
-    assert str(err.value) == f"{folder.cell_file(cell)} is not a JSON object; delete that file to recompute the cell."
-
-
-def test_only_a_missing_or_empty_folder_becomes_a_run_folder(tmp_path):
-    from protext.reproduction.run_folder import RunFolder
-
-    (tmp_path / "empty").mkdir()
-    assert RunFolder(tmp_path / "empty", tmp_path / "p").check({"model": "m"}) is False
-    (tmp_path / "file").write_text("x", encoding="utf-8")
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "notes.txt").write_text("x", encoding="utf-8")
-    for name in ("file", "full"):
-        with pytest.raises(ReproduceError) as err:
-            RunFolder(tmp_path / name, tmp_path / "p").check({"model": "m"})
-        assert str(err.value) == (f"--out {tmp_path / name} is not empty and has no run.json: not a protext reproduce "
-                                  "folder; pass another --out.")
-    assert (tmp_path / "file").read_text(encoding="utf-8") == "x"  # nothing touched
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1024,7 +997,7 @@ def test_a_cell_shows_the_classes_it_scored_and_a_protocol_cell_leaves_out_its_f
     assert "| clip__dtd__all | clip | all | 200 | `{} texture.` (coop) |" in render_markdown(table)
     runs = _runs_payload()
     runs["cells"][0]["settings"]["tta"]["selection"] = 0.1
-    row = [ln for ln in render_markdown(runs).splitlines() if ln.startswith("| tda__dtd__all |")][0]
+    row = _line(render_markdown(runs), "| tda__dtd__all |")
     assert "| method tda views 1 augmix False options {'tda_alpha': 2.0} |" in row
 
 
@@ -1033,5 +1006,5 @@ def test_a_cell_shows_the_classes_it_scored_and_a_protocol_cell_leaves_out_its_f
 def test_gflops_per_image_read_as_plain_numbers(gflops, text):
     runs = _runs_payload()
     runs["cells"][0]["cost"]["gflops_per_image"] = gflops
-    row = [ln for ln in render_markdown(runs).splitlines() if ln.startswith("| tda__dtd__all |")][0]
+    row = _line(render_markdown(runs), "| tda__dtd__all |")
     assert row.endswith(f"| 40.00 | 30.00 | 1.23 | {text} | 3.0 | cuda |")

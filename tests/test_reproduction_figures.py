@@ -15,9 +15,9 @@ import pytest
 
 from protext.protocols import get_protocol, table_names
 from protext.reproduction.availability import Availability
-from protext.reproduction import figure_data
 from protext.reproduction.config import ReproduceConfig
 from protext.reproduction.figures import (
+    CostPanel,
     cell_gflops,
     cell_runs,
     cost_panels,
@@ -422,7 +422,7 @@ def test_a_table_with_one_row_or_none_keeps_its_average():
     assert top1.average == "avg (OOD 4)" and list(_points(top1)) == ["ZERO"]
     assert _points(top1)["ZERO"][:2] == pytest.approx((9204 / 4, 59.0))
     assert cost_panels({**known, "rows": []}) == [
-        figure_data.CostPanel("all datasets", "top1", DATASETS, 5, (), {})]  # an empty ECE panel is dropped
+        CostPanel("all datasets", "top1", DATASETS, 5, (), {})]  # an empty ECE panel is dropped
 
 
 def test_a_skipped_row_does_not_hide_the_rows_after_it():
