@@ -56,7 +56,8 @@ def gather_descriptions(config: ReproduceConfig, cells: list[Cell], found: Avail
     for cell in cells:
         if cell.dataset in found.present and (uses_descriptions(cell.features) or cell.preset):
             source = preset_info(cell.preset).dataset if cell.preset else cell.dataset
-            needed[source] = classes_of(source, found)  # a source's classes are the same whichever cell asks
+            if source not in needed:  # a source's classes are the same whichever cell asks: read them once
+                needed[source] = classes_of(source, found)
     if not needed:
         return {}
     if not config.descriptions:
